@@ -1,0 +1,257 @@
+"""The one reader interface; backends implement only the low-level level read and metadata.
+
+Frames and units (see DESIGN.md):
+
+- ``l0_xy``: (x, y) in level-0 pixels of the slide; may be fractional for physical reads.
+- ``lvl_xy``: (x, y) in pixels of one pyramid level.
+- sizes are (width, height); arrays are indexed [row, col] and shaped (height, width, 3).
+- ``mpp``: micrometres per pixel. The slide's ``mpp`` is the level-0 value.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from wsi_toolkit.errors import ConfigError
+
+__all__ = ["SlideReader", "LevelInfo", "BACKGROUND_RGB"]
+
+#: Colour returned for pixels outside the slide (glass is white).
+BACKGROUND_RGB = (255, 255, 255)
+
+# A level whose downsample is within this relative tolerance of the wanted one is read as is.
+_EXACT_TOL = 1e-6
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    """One pyramid level: its size (width, height) and downsample from level 0."""
+
+    size: tuple[int, int]
+    downsample: float
+
+
+def snap_downsample(l0_size: tuple[int, int], lvl_size: tuple[int, int]) -> float:
+    """Downsample of a pyramid level relative to level 0.
+
+    Pyramids are written by integer reduction with the last row/column rounded up or down,
+    so a level of ``ceil(w / k)`` or ``floor(w / k)`` pixels has downsample exactly ``k``.
+    When both dimensions agree with one integer ``k`` that integer is returned; otherwise
+    the mean of the two ratios (what OpenSlide reports).
+    """
+    l0_w, l0_h = l0_size
+    w, h = lvl_size
+    ratio_w, ratio_h = l0_w / w, l0_h / h
+    k = round((ratio_w + ratio_h) / 2)
+    if k >= 1:
+        ok_w = w in (math.floor(l0_w / k), math.ceil(l0_w / k))
+        ok_h = h in (math.floor(l0_h / k), math.ceil(l0_h / k))
+        if ok_w and ok_h:
+            return float(k)
+    return (ratio_w + ratio_h) / 2
+
+
+def _as_pair(value: Sequence[float], name: str) -> tuple[float, float]:
+    try:
+        a, b = value
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name} must be a pair (x, y) or (width, height); got {value!r}") from None
+    return float(a), float(b)
+
+
+class SlideReader(ABC):
+    """A whole-slide image opened for reading. Use :func:`wsi_toolkit.slide.open_slide`.
+
+    Subclasses (backends) implement :meth:`_read_level` and fill the metadata attributes
+    in their constructor; everything else, including argument checks and physical-scale
+    resampling, lives here.
+
+    Attributes
+    ----------
+    path : Path
+    backend : str
+        ``"openslide"`` or ``"tifffile"``.
+    vendor : str
+        Format as the backend names it (``"aperio"``, ``"generic-tiff"``, ``"ome"``...).
+    levels : tuple[LevelInfo, ...]
+        Pyramid levels, level 0 first.
+    mpp : float
+        Micrometres per level-0 pixel (the mean of x and y when they differ).
+    mpp_xy : tuple[float, float]
+        Micrometres per level-0 pixel along x and y.
+    mpp_source : str
+        Where ``mpp`` came from: ``"override"`` or the metadata field that gave it.
+    mpp_metadata : tuple[float, float] | None
+        What the metadata said, kept when an override wins.
+    properties : dict[str, str]
+        Backend metadata, as strings.
+    """
+
+    path: Path
+    backend: str
+    vendor: str
+    levels: tuple[LevelInfo, ...]
+    mpp: float
+    mpp_xy: tuple[float, float]
+    mpp_source: str
+    mpp_metadata: tuple[float, float] | None = None
+    properties: dict[str, str]
+
+    @abstractmethod
+    def metadata_mpp(self) -> tuple[tuple[float, float], str] | None:
+        """((mpp_x, mpp_y), source) found in the file's metadata, or None."""
+
+    # -- low level: the only thing a backend must provide -------------------------------
+    @abstractmethod
+    def _read_level(self, level: int, lvl_xy: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+        """Pixels of ``level`` in the box starting at ``lvl_xy`` of ``size`` (w, h).
+
+        The box lies fully inside the level (the caller clips). Returns RGB uint8 (h, w, 3).
+        """
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release file handles."""
+
+    # -- metadata helpers ----------------------------------------------------------------
+    @property
+    def level_count(self) -> int:
+        return len(self.levels)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        """(width, height) of each level, level 0 first."""
+        return tuple(lv.size for lv in self.levels)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(lv.downsample for lv in self.levels)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0 in pixels."""
+        return self.levels[0].size
+
+    def level_mpp(self, level: int) -> float:
+        """Micrometres per pixel at ``level``."""
+        return self.mpp * self.levels[level].downsample
+
+    def best_level_for_mpp(self, mpp: float) -> int:
+        """The coarsest level whose pixels are no larger than ``mpp`` (so reads only shrink).
+
+        Falls back to level 0 when ``mpp`` is finer than level 0.
+        """
+        if not mpp > 0:
+            raise ConfigError(f"mpp must be positive; got {mpp!r}")
+        want_ds = mpp / self.mpp
+        best = 0
+        for i, lv in enumerate(self.levels):
+            if lv.downsample <= want_ds * (1 + _EXACT_TOL):
+                best = i
+        return best
+
+    # -- reads -----------------------------------------------------------------------------
+    def read_region(self, l0_xy: Sequence[int], level: int, size: Sequence[int]) -> np.ndarray:
+        """Read ``size`` (w, h) pixels of ``level`` whose top-left is ``l0_xy`` in level-0 px.
+
+        Same convention as OpenSlide's ``read_region``. Pixels outside the slide are white.
+        Returns RGB uint8 of shape (h, w, 3).
+        """
+        if not 0 <= int(level) < self.level_count:
+            raise ConfigError(f"level {level} does not exist in {self.path} ({self.level_count} levels)")
+        l0_x, l0_y = _as_pair(l0_xy, "l0_xy")
+        w, h = (int(v) for v in _as_pair(size, "size"))
+        if w <= 0 or h <= 0:
+            raise ConfigError(f"size must be positive; got {(w, h)}")
+        ds = self.levels[level].downsample
+        lvl_x, lvl_y = int(math.floor(l0_x / ds)), int(math.floor(l0_y / ds))
+        return self._read_level_padded(level, (lvl_x, lvl_y), (w, h))
+
+    def _read_level_padded(self, level: int, lvl_xy: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+        """Like :meth:`_read_level` but any box is allowed; outside pixels are white."""
+        lvl_x, lvl_y = lvl_xy
+        w, h = size
+        lvl_w, lvl_h = self.levels[level].size
+        x0, y0 = max(lvl_x, 0), max(lvl_y, 0)
+        x1, y1 = min(lvl_x + w, lvl_w), min(lvl_y + h, lvl_h)
+        if x0 == lvl_x and y0 == lvl_y and x1 == lvl_x + w and y1 == lvl_y + h:
+            return self._read_level(level, (lvl_x, lvl_y), (w, h))
+        out = np.empty((h, w, 3), np.uint8)
+        out[:] = BACKGROUND_RGB
+        if x1 > x0 and y1 > y0:
+            out[y0 - lvl_y : y1 - lvl_y, x0 - lvl_x : x1 - lvl_x] = self._read_level(
+                level, (x0, y0), (x1 - x0, y1 - y0)
+            )
+        return out
+
+    def read_at_mpp(self, l0_xy: Sequence[float], size_px: Sequence[int], mpp: float) -> np.ndarray:
+        """Read a box at a physical resolution.
+
+        The box starts at ``l0_xy`` (level-0 px, may be fractional) and is ``size_px`` (w, h)
+        pixels of exactly ``mpp`` um each, so it covers ``size_px * mpp / self.mpp`` level-0
+        pixels. The coarsest pyramid level not coarser than ``mpp`` is read and resampled
+        (antialiased bilinear) to exactly ``mpp``; when that level already has ``mpp`` and the
+        box is pixel-aligned, its pixels are returned unchanged. Returns RGB uint8 (h, w, 3).
+
+        Example: on a 0.226 um/px slide, ``read_at_mpp((0, 0), (96, 96), 0.972)`` reads level 2
+        (0.904 um/px) and shrinks 104.2 level-2 px to 96, giving a true PCam-scale patch.
+        """
+        if not mpp > 0:
+            raise ConfigError(f"mpp must be positive; got {mpp!r}")
+        l0_x, l0_y = _as_pair(l0_xy, "l0_xy")
+        w, h = (int(v) for v in _as_pair(size_px, "size_px"))
+        if w <= 0 or h <= 0:
+            raise ConfigError(f"size_px must be positive; got {(w, h)}")
+        level = self.best_level_for_mpp(mpp)
+        lvl_ds = self.levels[level].downsample
+        # Level pixels per output pixel (>= 1 unless mpp is finer than level 0).
+        scale = mpp / (self.mpp * lvl_ds)
+        lvl_x0, lvl_y0 = l0_x / lvl_ds, l0_y / lvl_ds
+        if abs(scale - 1) < _EXACT_TOL and _is_int(lvl_x0) and _is_int(lvl_y0):
+            return self._read_level_padded(level, (round(lvl_x0), round(lvl_y0)), (w, h))
+        lvl_x1, lvl_y1 = lvl_x0 + w * scale, lvl_y0 + h * scale
+        # Integer box with a margin for the resampling filter's support.
+        margin = int(math.ceil(max(scale, 1.0))) + 1
+        rx0, ry0 = int(math.floor(lvl_x0)) - margin, int(math.floor(lvl_y0)) - margin
+        rx1, ry1 = int(math.ceil(lvl_x1)) + margin, int(math.ceil(lvl_y1)) + margin
+        region = self._read_level_padded(level, (rx0, ry0), (rx1 - rx0, ry1 - ry0))
+        box = (lvl_x0 - rx0, lvl_y0 - ry0, lvl_x1 - rx0, lvl_y1 - ry0)
+        out = Image.fromarray(region).resize((w, h), Image.Resampling.BILINEAR, box=box)
+        return np.asarray(out)
+
+    def thumbnail(self, *, mpp: float = 8.0) -> np.ndarray:
+        """The whole slide at ``mpp`` um/px, RGB uint8.
+
+        Thumbnail pixel [r, c] covers level-0 pixels ``[c * k, (c + 1) * k)`` by
+        ``[r * k, (r + 1) * k)`` with ``k = mpp / self.mpp``; the shape is
+        ``(ceil(h0 / k), ceil(w0 / k), 3)``, the part of the last row/column beyond the slide
+        is white. So thumbnail and level-0 coordinates differ by exactly the factor ``k``.
+        """
+        k = mpp / self.mpp
+        w0, h0 = self.dimensions
+        size = (max(1, math.ceil(w0 / k - 1e-9)), max(1, math.ceil(h0 / k - 1e-9)))
+        return self.read_at_mpp((0, 0), size, mpp)
+
+    # -- context manager -------------------------------------------------------------------
+    def __enter__(self) -> "SlideReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        return (
+            f"<{type(self).__name__} {self.path.name!r} {self.vendor} {w}x{h} px, "
+            f"{self.level_count} levels, mpp={self.mpp:.4f} ({self.mpp_source})>"
+        )
+
+
+def _is_int(v: float) -> bool:
+    return abs(v - round(v)) < 1e-6

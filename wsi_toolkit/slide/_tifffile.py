@@ -1,0 +1,193 @@
+"""tifffile backend: tiled (or stripped) pyramidal TIFF, OME-TIFF and SVS that OpenSlide refuses.
+
+Reads only the tiles a region touches, decoding them with tifffile's codecs (imagecodecs for
+JPEG). Uses ``os.pread`` on its own descriptor, so one reader may serve several threads.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+from wsi_toolkit.errors import SlideFormatError, SlideReadError
+from wsi_toolkit.slide._metadata import mpp_from_aperio_description, mpp_from_tiff_resolution
+from wsi_toolkit.slide._reader import BACKGROUND_RGB, LevelInfo, SlideReader, snap_downsample
+
+__all__ = ["TiffFileReader"]
+
+_OME_UNIT_TO_UM = {"um": 1.0, "µm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
+
+
+class TiffFileReader(SlideReader):
+    """A pyramidal TIFF read with tifffile."""
+
+    backend = "tifffile"
+
+    def __init__(self, path: Path):
+        import tifffile
+
+        self.path = Path(path)
+        try:
+            self._tif = tifffile.TiffFile(self.path)
+        except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error...
+            raise SlideFormatError(
+                f"{self.path} is not a readable TIFF ({exc}); whole-slide images must be TIFF-based "
+                "(.tif, .svs, .ome.tif) or another format OpenSlide reads (.ndpi, .mrxs, .scn...)"
+            ) from exc
+        try:
+            self._pages = self._pyramid_pages()
+        except SlideFormatError:
+            self._tif.close()
+            raise
+        self._fd = os.open(self.path, os.O_RDONLY)
+        if self._tif.is_ome:
+            self.vendor = "ome"
+        elif self._tif.is_svs:
+            self.vendor = "aperio"
+        else:
+            self.vendor = "generic-tiff"
+        l0 = self._page_size(self._pages[0])
+        self.levels = tuple(
+            LevelInfo(size=self._page_size(p), downsample=snap_downsample(l0, self._page_size(p)))
+            for p in self._pages
+        )
+        page0 = self._pages[0]
+        self.properties = {f"tiff.{t.name}": str(t.value) for t in page0.tags.values() if t.code < 32768
+                           and t.name not in ("TileOffsets", "TileByteCounts", "StripOffsets",
+                                              "StripByteCounts", "JPEGTables")}
+
+    @staticmethod
+    def _page_size(page) -> tuple[int, int]:
+        return int(page.imagewidth), int(page.imagelength)
+
+    def _pyramid_pages(self) -> list:
+        tif = self._tif
+        if not tif.series:
+            raise SlideFormatError(f"{self.path} holds no image")
+        # The main image is the series with the largest level 0 (labels/macros are smaller).
+        series = max(tif.series, key=lambda s: s.levels[0].keyframe.imagewidth * s.levels[0].keyframe.imagelength)
+        pages = [lvl.keyframe for lvl in series.levels]
+        page0 = pages[0]
+        if page0.samplesperpixel not in (1, 3, 4) or page0.planarconfig != 1 and page0.samplesperpixel > 1:
+            raise SlideFormatError(
+                f"{self.path}: image with {page0.samplesperpixel} samples per pixel "
+                f"(planar config {page0.planarconfig}) is not an RGB slide"
+            )
+        if getattr(page0, "imagedepth", 1) > 1:
+            raise SlideFormatError(f"{self.path}: volumetric (z-stack) TIFFs are not supported")
+        if page0.dtype != np.uint8:
+            raise SlideFormatError(f"{self.path}: pixel type {page0.dtype} is not 8-bit")
+        # Keep levels in decreasing size (some writers append levels in other orders).
+        pages.sort(key=lambda p: -(p.imagewidth * p.imagelength))
+        return pages
+
+    def metadata_mpp(self) -> tuple[tuple[float, float], str] | None:
+        tif = self._tif
+        if tif.is_ome:
+            got = _ome_mpp(tif.ome_metadata)
+            if got is not None:
+                return got, "OME PhysicalSizeX"
+        page0 = self._pages[0]
+        if tif.is_svs:
+            m = mpp_from_aperio_description(page0.description)
+            if m is not None:
+                return (m, m), "aperio.MPP"
+        tags = page0.tags
+        if "XResolution" in tags and "ResolutionUnit" in tags:
+            xr, yr = tags["XResolution"].value, tags.get("YResolution")
+            yr = yr.value if yr is not None else xr
+            got = mpp_from_tiff_resolution(_rational(xr), _rational(yr), int(tags["ResolutionUnit"].value))
+            if got is not None:
+                unit = tags["ResolutionUnit"].value
+                name = getattr(unit, "name", str(unit)).lower()
+                return got, f"tiff.XResolution ({name})"
+        return None
+
+    def _read_level(self, level: int, lvl_xy: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+        page = self._pages[level]
+        x0, y0 = lvl_xy
+        w, h = size
+        if page.is_tiled:
+            seg_h, seg_w = page.tilelength, page.tilewidth
+        else:
+            seg_h, seg_w = page.rowsperstrip or page.imagelength, page.imagewidth
+        segs_across = math.ceil(page.imagewidth / seg_w)
+        out = np.empty((h, w, 3), np.uint8)
+        offsets, counts = page.dataoffsets, page.databytecounts
+        for ty in range(y0 // seg_h, (y0 + h - 1) // seg_h + 1):
+            for tx in range(x0 // seg_w, (x0 + w - 1) // seg_w + 1):
+                index = ty * segs_across + tx
+                seg = self._decode_segment(page, index, offsets[index], counts[index], (seg_h, seg_w))
+                # Intersection of the segment with the wanted box, in level pixels.
+                sy0, sx0 = ty * seg_h, tx * seg_w
+                iy0, ix0 = max(y0, sy0), max(x0, sx0)
+                iy1, ix1 = min(y0 + h, sy0 + seg_h), min(x0 + w, sx0 + seg_w)
+                out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = seg[iy0 - sy0 : iy1 - sy0, ix0 - sx0 : ix1 - sx0]
+        return out
+
+    def _decode_segment(self, page, index: int, offset: int, count: int, seg_hw: tuple[int, int]) -> np.ndarray:
+        seg_h, seg_w = seg_hw
+        if count == 0:  # sparse tile: nothing was scanned there
+            tile = np.empty((seg_h, seg_w, 3), np.uint8)
+            tile[:] = BACKGROUND_RGB
+            return tile
+        try:
+            data = os.pread(self._fd, count, offset)
+            if len(data) != count:
+                raise OSError(f"read {len(data)} of {count} bytes")
+            arr, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+        except Exception as exc:
+            raise SlideReadError(
+                f"{self.path}: tile {index} of a {page.imagewidth}x{page.imagelength} level could not be "
+                f"decoded ({exc}); the slide's pixel data is damaged, copy or download it again"
+            ) from exc
+        arr = arr.reshape(arr.shape[-3:])  # (1, 1, h, w, s) -> (h, w, s)
+        if arr.shape[-1] == 1:
+            arr = np.repeat(arr, 3, axis=-1)
+        elif arr.shape[-1] == 4:
+            arr = arr[..., :3]
+        if arr.shape[0] < seg_h or arr.shape[1] < seg_w:  # last strip can be short
+            full = np.empty((seg_h, seg_w, 3), np.uint8)
+            full[:] = BACKGROUND_RGB
+            full[: arr.shape[0], : arr.shape[1]] = arr
+            arr = full
+        return arr
+
+    def close(self) -> None:
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+        self._tif.close()
+
+
+def _rational(v) -> float | None:
+    if isinstance(v, tuple):
+        num, den = v
+        return num / den if den else None
+    return float(v) if v is not None else None
+
+
+def _ome_mpp(ome_xml: str | None) -> tuple[float, float] | None:
+    if not ome_xml:
+        return None
+    try:
+        root = ET.fromstring(ome_xml)
+    except ET.ParseError:
+        return None
+    for el in root.iter():
+        if re.sub(r"^\{.*\}", "", el.tag) == "Pixels" and "PhysicalSizeX" in el.attrib:
+            try:
+                sx = float(el.attrib["PhysicalSizeX"])
+                sy = float(el.attrib.get("PhysicalSizeY", sx))
+            except ValueError:
+                return None
+            f = _OME_UNIT_TO_UM.get(el.attrib.get("PhysicalSizeXUnit", "µm"), None)
+            if f is None or sx <= 0 or sy <= 0:
+                return None
+            return sx * f, sy * f
+    return None
