@@ -1,0 +1,29 @@
+"""Shared fixtures: small SYNTHETIC slides written once per test session."""
+
+from __future__ import annotations
+
+import pytest
+
+from wsi_toolkit.synthetic import make_spec, write_synthetic_slide
+
+
+@pytest.fixture(scope="session")
+def small_spec():
+    """A ~1 mm^2 specimen: two sections with tumours, a faint section and pen marks."""
+    return make_spec(tissue_mm2=1.0, n_tumours=2, faint=True, pen=True, seed=3)
+
+
+@pytest.fixture(scope="session")
+def synthetic_slides(tmp_path_factory, small_spec):
+    """Factory: ``synthetic_slides(mpp=0.243, flavour="tiff")`` -> SyntheticSlide, cached per session."""
+    cache: dict = {}
+    root = tmp_path_factory.mktemp("synthetic")
+
+    def make(mpp: float = 0.243, flavour: str = "tiff"):
+        key = (mpp, flavour)
+        if key not in cache:
+            cache[key] = write_synthetic_slide(root / f"slide_{mpp:g}_{flavour}.tif", small_spec, mpp=mpp,
+                                               flavour=flavour, tile=256)
+        return cache[key]
+
+    return make
