@@ -277,8 +277,6 @@ def test_read_at_mpp_rejects_bad_arguments(make_slide, kwargs):
             slide.read_at_mpp((0, 0), **kwargs)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: read_at_mpp/thumbnail return a read-only array (np.asarray of a "
-                   "PIL image, _reader.py line 226) when they resample, a writeable one on the exact path")
 def test_resampled_reads_are_writeable_like_read_region(make_slide):
     with open_slide(make_slide(0.243, "tiff"), backend="tifffile") as slide:
         assert slide.read_region((0, 0), 0, (8, 8)).flags.writeable
@@ -390,6 +388,12 @@ def test_mpp_override_on_file_without_metadata(make_slide, backend):
 def test_invalid_mpp_override_is_a_config_error(make_slide, bad):
     with pytest.raises(ConfigError):
         open_slide(make_slide(0.243, "tiff"), mpp=bad)
+
+
+@pytest.mark.parametrize("value", [np.float32(0.243), np.int64(1)], ids=["float32", "int64"])
+def test_numpy_scalar_mpp_override_is_accepted(make_slide, value):
+    with open_slide(make_slide(0.243, "tiff-nores"), mpp=value) as slide:
+        assert slide.mpp == pytest.approx(float(value)) and slide.mpp_source == "override"
 
 
 def test_unknown_backend_is_a_config_error(make_slide):
@@ -504,14 +508,63 @@ def test_plain_picture_renamed_tif(tmp_path, backend, fmt):
     assert not isinstance(err, SlideReadError)
 
 
+@pytest.mark.parametrize("fraction", [0.05, 0.6, 0.9])
 @pytest.mark.parametrize("flavour", ["tiff", "svs"])
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_truncated_slide(make_slide, tmp_path, backend, flavour):
+def test_truncated_slide(make_slide, tmp_path, backend, flavour, fraction):
     data = make_slide(0.243, flavour).read_bytes()
     path = tmp_path / f"truncated.{flavour}"
-    path.write_bytes(data[: int(len(data) * 0.6)])
+    path.write_bytes(data[: int(len(data) * fraction)])
     err = assert_open_fails(path, backend, SlideReadError, "truncated")
     assert isinstance(err, OSError)
+
+
+def structural_cut(path, where: str) -> int:
+    """A byte count at which to cut ``path``, placed relative to the file's TIFF structure."""
+    with tifffile.TiffFile(path) as tif:
+        ifd_offsets = [page.offset for page in tif.pages]
+        page0 = tif.pages[0]
+        if where == "inside-ifd0-tile-offsets":  # IFD 0 complete, its TileOffsets array cut
+            return page0.tags["TileOffsets"].valueoffset + 8
+        if where == "end-of-level0-data":  # level 0 complete; IFD 1 and the other levels missing
+            return max(o + c for o, c in zip(page0.dataoffsets, page0.databytecounts))
+        if where == "inside-ifd1":
+            return ifd_offsets[1] + 10
+        if where == "inside-last-ifd":
+            return ifd_offsets[-1] + 10
+    raise ValueError(where)
+
+
+# Cuts at the TIFF structure, each once a bug: tifffile silently drops tags past EOF, stops the
+# directory chain at a bad next-IFD offset (a 1-level "pyramid"), or raises a bare TiffFileError.
+STRUCTURAL_CUTS = ["inside-ifd0-tile-offsets", "end-of-level0-data", "inside-ifd1", "inside-last-ifd"]
+
+
+@pytest.mark.parametrize(
+    "where", STRUCTURAL_CUTS
+)
+@pytest.mark.parametrize("flavour", ["tiff", "svs"])
+@pytest.mark.parametrize("backend", ["auto", "tifffile"])
+def test_truncated_slide_at_structural_boundaries(make_slide, tmp_path, backend, flavour, where):
+    """Cuts at or inside the TIFF directories, not only inside pixel data: still 'truncated'."""
+    src = make_slide(0.243, flavour)
+    path = tmp_path / f"cut_{where}.{flavour}"
+    path.write_bytes(src.read_bytes()[: structural_cut(src, where)])
+    with pytest.raises(SlideReadError) as info:
+        with open_slide(path, backend=backend) as slide:
+            slide.thumbnail(mpp=8.0)
+            slide.read_region((0, 0), 0, (16, 16))
+    assert path.name in str(info.value) and "truncated" in str(info.value)
+
+
+@pytest.mark.parametrize("where", STRUCTURAL_CUTS)
+@pytest.mark.parametrize("flavour", ["tiff", "svs"])
+def test_truncated_slide_openslide_refuses_structural_cuts(make_slide, tmp_path, flavour, where):
+    # OpenSlide does not recognise any of these files: a SlideFormatError naming the file.
+    src = make_slide(0.243, flavour)
+    path = tmp_path / f"cut_{where}.{flavour}"
+    path.write_bytes(src.read_bytes()[: structural_cut(src, where)])
+    assert_open_fails(path, "openslide", (SlideFormatError, SlideReadError))
 
 
 def garble_level0_tile(src, dst, tile_index: int, *, keep_header: bool) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import os
 from pathlib import Path
 from typing import Literal
@@ -57,7 +58,8 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: Ba
         No resolution metadata and no ``mpp`` given.
     """
     path = Path(path)
-    if mpp is not None and not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
+    if mpp is not None and not (isinstance(mpp, numbers.Real) and not isinstance(mpp, bool)
+                                and math.isfinite(mpp) and mpp > 0):
         raise ConfigError(f"mpp override must be a positive number of micrometres per pixel; got {mpp!r}")
     if backend not in ("auto", "openslide", "tifffile"):
         raise ConfigError(f"backend must be 'auto', 'openslide' or 'tifffile'; got {backend!r}")
@@ -107,7 +109,8 @@ def _resolve_mpp(reader: SlideReader, override: float | None) -> None:
     if override is not None:
         if found is not None and abs(found[0][0] - override) / override > 0.01:
             log.warning("%s: --mpp %.4f overrides metadata %.4f um/px (%s)", reader.path, override, found[0][0], found[1])
-        reader.mpp_xy = (float(override), float(override))
+        override = float(override)
+        reader.mpp_xy = (override, override)
         reader.mpp_source = "override"
     elif found is not None:
         reader.mpp_xy, reader.mpp_source = found

@@ -103,30 +103,92 @@ def mpp_from_aperio_description(description: str) -> float | None:
     return _float(m.group(1)) if m else None
 
 
-def check_tiff_integrity(path: Path) -> None:
-    """Raise :class:`SlideReadError` when a TIFF's tile/strip data runs past the end of file.
+_TIFF_TYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 1, 7: 1, 8: 2, 9: 4, 10: 8, 11: 4, 12: 8, 13: 4,
+                    16: 8, 17: 8, 18: 8}
 
-    A truncated copy (interrupted download or transfer) usually still opens, since the
-    directories sit early in the file, and only fails deep inside a run. This checks every
-    directory's data offsets against the file size, which costs a directory parse, no decoding.
-    Non-TIFF files are ignored.
+
+def _walk_ifds(fh, size: int) -> str | None:
+    """Follow a TIFF's directory chain; return why it is damaged, or None when every directory
+    and every out-of-line tag value lies inside the file. Non-TIFF files return None."""
+    import struct
+
+    fh.seek(0)
+    head = fh.read(16)
+    if len(head) < 8 or head[:2] not in (b"II", b"MM"):
+        return None
+    bo = "<" if head[:2] == b"II" else ">"
+    version = struct.unpack(bo + "H", head[2:4])[0]
+    if version == 42:
+        offset = struct.unpack(bo + "I", head[4:8])[0]
+        cnt_fmt, cnt_size, entry_size, off_fmt, off_size = "H", 2, 12, "I", 4
+    elif version == 43 and len(head) >= 16:
+        offset = struct.unpack(bo + "Q", head[8:16])[0]
+        cnt_fmt, cnt_size, entry_size, off_fmt, off_size = "Q", 8, 20, "Q", 8
+    else:
+        return None
+    seen = set()
+    i = 0
+    while offset:
+        if offset in seen:
+            return f"image directory {i} loops back to an earlier one"
+        seen.add(offset)
+        if offset + cnt_size > size:
+            return f"image directory {i} starts at byte {offset:,}, past the end"
+        fh.seek(offset)
+        (n,) = struct.unpack(bo + cnt_fmt, fh.read(cnt_size))
+        end = offset + cnt_size + n * entry_size + off_size
+        if end > size:
+            return f"image directory {i} ends at byte {end:,}, past the end"
+        entries = fh.read(n * entry_size)
+        for e in range(n):
+            ent = entries[e * entry_size : (e + 1) * entry_size]
+            typ = struct.unpack(bo + "H", ent[2:4])[0]
+            count = struct.unpack(bo + off_fmt, ent[4 : 4 + off_size])[0]
+            nbytes = _TIFF_TYPE_SIZES.get(typ, 1) * count
+            if nbytes > off_size:
+                (val_off,) = struct.unpack(bo + off_fmt, ent[4 + off_size : 4 + 2 * off_size])
+                if val_off + nbytes > size:
+                    tag = struct.unpack(bo + "H", ent[0:2])[0]
+                    return f"tag {tag} of image directory {i} has values up to byte {val_off + nbytes:,}, past the end"
+        (offset,) = struct.unpack(bo + off_fmt, fh.read(off_size))
+        i += 1
+    return None
+
+
+def check_tiff_integrity(path: Path) -> None:
+    """Raise :class:`SlideReadError` when a TIFF is truncated or its structure is damaged.
+
+    A truncated copy (interrupted download or transfer) often still opens, since directories
+    may sit early in the file, and then fails deep inside a run or silently loses pyramid
+    levels. This walks the directory chain (every directory and out-of-line tag value must lie
+    inside the file) and checks every directory's pixel data offsets against the file size:
+    a directory parse, no decoding. Files that are not TIFF are left to the backends.
     """
     import tifffile
 
     size = path.stat().st_size
-    try:
-        with tifffile.TiffFile(path) as tif:
-            for i, page in enumerate(tif.pages):
-                offsets, counts = page.dataoffsets, page.databytecounts
-                if not offsets:
-                    continue
-                end = max(o + c for o, c in zip(offsets, counts))
-                if end > size:
-                    raise SlideReadError(
-                        f"{path} is truncated: image directory {i} has pixel data up to byte {end:,} "
-                        f"but the file has {size:,} bytes; copy or download the slide again"
-                    )
-    except SlideReadError:
-        raise
-    except Exception:  # not a TIFF, or a layout tifffile cannot parse: the backend decides
-        return
+    with open(path, "rb") as fh:
+        problem = _walk_ifds(fh, size)
+    if problem is None:
+        try:
+            with tifffile.TiffFile(path) as tif:
+                for i, page in enumerate(tif.pages):
+                    offsets, counts = page.dataoffsets, page.databytecounts
+                    if not offsets:
+                        problem = f"image directory {i} has no pixel data offsets"
+                        break
+                    end = max(o + c for o, c in zip(offsets, counts))
+                    if end > size:
+                        problem = f"image directory {i} has pixel data up to byte {end:,}"
+                        break
+        except tifffile.TiffFileError as exc:
+            with open(path, "rb") as fh:
+                is_tiff = fh.read(2) in (b"II", b"MM")
+            if not is_tiff:
+                return  # not a TIFF: the backends decide
+            problem = f"its TIFF structure is damaged ({exc})"
+    if problem is not None:
+        raise SlideReadError(
+            f"{path} is truncated or damaged: {problem} (the file has {size:,} bytes); "
+            "copy or download the slide again"
+        )

@@ -223,7 +223,7 @@ class SlideReader(ABC):
         region = self._read_level_padded(level, (rx0, ry0), (rx1 - rx0, ry1 - ry0))
         box = (lvl_x0 - rx0, lvl_y0 - ry0, lvl_x1 - rx0, lvl_y1 - ry0)
         out = Image.fromarray(region).resize((w, h), Image.Resampling.BILINEAR, box=box)
-        return np.asarray(out)
+        return np.array(out)  # a writeable copy, like every other read
 
     def thumbnail(self, *, mpp: float = 8.0) -> np.ndarray:
         """The whole slide at ``mpp`` um/px, RGB uint8.
