@@ -685,3 +685,23 @@ def test_reader_repr_and_context_manager(make_slide, tmp_path):
     with open_slide(path, backend="tifffile") as slide:
         text = repr(slide)
     assert "copy.tif" in text and "2048x1536" in text and "0.2430" in text
+
+
+def test_ome_tiff_pyramid_in_subifds_reads_through_tifffile(tmp_path):
+    # OME-TIFF keeps its pyramid in SubIFDs; OpenSlide would see one level and no mpp.
+    a = np.full((1024, 1536, 3), 240, np.uint8)
+    a[200:400, 500:800] = (200, 30, 30)  # red box: x 500..800, y 200..400 (level-0 px)
+    path = tmp_path / "slide.ome.tif"
+    with tifffile.TiffWriter(path, ome=True) as tw:
+        tw.write(a, subifds=2, tile=(256, 256), compression="zlib", photometric="rgb",
+                 metadata={"axes": "YXS", "PhysicalSizeX": 0.25, "PhysicalSizeY": 0.25,
+                           "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"})
+        for k in (2, 4):
+            tw.write(a[::k, ::k], subfiletype=1, tile=(256, 256), compression="zlib", photometric="rgb")
+    with open_slide(path) as slide:
+        assert slide.backend == "tifffile" and slide.vendor == "ome"
+        assert slide.mpp == pytest.approx(0.25) and "OME" in slide.mpp_source
+        assert slide.level_dimensions == ((1536, 1024), (768, 512), (384, 256))
+        assert slide.best_level_for_mpp(1.0) == 2
+        patch = slide.read_at_mpp((500, 200), (75, 50), 1.0)  # the red box at 1 um/px = 75 x 50 px
+    assert (np.abs(patch.astype(int) - (200, 30, 30)) <= 2).all()

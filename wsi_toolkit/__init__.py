@@ -4,6 +4,7 @@ from wsi_toolkit.errors import (
     AnnotationError,
     ConfigError,
     MissingMppError,
+    ModelPackageError,
     SlideFormatError,
     SlideNotFoundError,
     SlideReadError,
@@ -23,5 +24,6 @@ __all__ = [
     "MissingMppError",
     "ConfigError",
     "AnnotationError",
+    "ModelPackageError",
     "__version__",
 ]

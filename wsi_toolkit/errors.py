@@ -7,6 +7,8 @@ value and say how to fix it.
 
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "WsiToolkitError",
     "SlideNotFoundError",
@@ -15,6 +17,7 @@ __all__ = [
     "MissingMppError",
     "ConfigError",
     "AnnotationError",
+    "ModelPackageError",
 ]
 
 
@@ -44,3 +47,23 @@ class ConfigError(WsiToolkitError, ValueError):
 
 class AnnotationError(WsiToolkitError, ValueError):
     """An annotation file (ASAP XML, GeoJSON) is malformed."""
+
+
+class ModelPackageError(WsiToolkitError, ValueError):
+    """A model package (``config.json`` + ``torchscript_model.pt``) is missing, malformed or
+    inconsistent. ``field`` names the offending config field (``"transform[2].arguments.mean"``)
+    and ``source`` the file, when known; both appear in the message."""
+
+    def __init__(self, problem: str, *, field: str | None = None, source: str | os.PathLike | None = None):
+        self.problem = problem
+        self.field = field
+        self.source = None if source is None else str(source)
+        head = [p for p in (self.source, f"field {field!r}" if field else None) if p]
+        super().__init__(": ".join(head + [problem]))
+
+    def _located(self, *, source: str | os.PathLike | None = None, prefix: str | None = None) -> ModelPackageError:
+        """The same problem, with the file named and/or the field nested under ``prefix``."""
+        fld = self.field
+        if prefix:
+            fld = prefix if not fld else (f"{prefix}{fld}" if fld.startswith("[") else f"{prefix}.{fld}")
+        return ModelPackageError(self.problem, field=fld, source=source if source is not None else self.source)

@@ -44,7 +44,7 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: Ba
         Micrometres per level-0 pixel. Overrides the metadata (``mpp_source == "override"``);
         required when the slide has none.
     backend
-        ``"auto"`` tries OpenSlide, then tifffile.
+        ``"auto"`` tries OpenSlide, then tifffile; OME-TIFFs go to tifffile directly.
 
     Raises
     ------
@@ -69,8 +69,11 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: Ba
         raise SlideNotFoundError(f"{path} is a folder, not a slide file; pass the slide file itself")
     if path.stat().st_size == 0:
         raise SlideFormatError(f"{path} is empty (0 bytes); copy or download the slide again")
-    check_tiff_integrity(path)
-
+    tiff_flavour = check_tiff_integrity(path)
+    if backend == "auto" and tiff_flavour == "ome":
+        # OpenSlide reads an OME-TIFF as a one-level generic TIFF (its pyramid sits in SubIFDs)
+        # without the OME physical size: tifffile reads the pyramid and the metadata.
+        backend = "tifffile"
     reader = _open_backend(path, backend)
     try:
         _resolve_mpp(reader, mpp)

@@ -155,8 +155,10 @@ def _walk_ifds(fh, size: int) -> str | None:
     return None
 
 
-def check_tiff_integrity(path: Path) -> None:
+def check_tiff_integrity(path: Path) -> str | None:
     """Raise :class:`SlideReadError` when a TIFF is truncated or its structure is damaged.
+
+    Returns the TIFF flavour tifffile sees (``"ome"``, ``"svs"``, ``"tiff"``), None for non-TIFF.
 
     A truncated copy (interrupted download or transfer) often still opens, since directories
     may sit early in the file, and then fails deep inside a run or silently loses pyramid
@@ -169,9 +171,11 @@ def check_tiff_integrity(path: Path) -> None:
     size = path.stat().st_size
     with open(path, "rb") as fh:
         problem = _walk_ifds(fh, size)
+    flavour = None
     if problem is None:
         try:
             with tifffile.TiffFile(path) as tif:
+                flavour = "ome" if tif.is_ome else "svs" if tif.is_svs else "tiff"
                 for i, page in enumerate(tif.pages):
                     offsets, counts = page.dataoffsets, page.databytecounts
                     if not offsets:
@@ -185,10 +189,11 @@ def check_tiff_integrity(path: Path) -> None:
             with open(path, "rb") as fh:
                 is_tiff = fh.read(2) in (b"II", b"MM")
             if not is_tiff:
-                return  # not a TIFF: the backends decide
+                return None  # not a TIFF: the backends decide
             problem = f"its TIFF structure is damaged ({exc})"
     if problem is not None:
         raise SlideReadError(
             f"{path} is truncated or damaged: {problem} (the file has {size:,} bytes); "
             "copy or download the slide again"
         )
+    return flavour

@@ -1,0 +1,160 @@
+"""Tumour regions of a heatmap: polygons in level-0 px with measurements; GeoJSON and ASAP XML.
+
+A region is an 8-connected component of the predicted cells with ``prob >= threshold``. Its
+outline follows the cell edges (:func:`wsi_toolkit.tissue.mask_to_polygons` scaled by
+``cell_l0``), so the polygon is exactly the union of its cells' level-0 squares.
+
+Measurements
+------------
+- ``max_prob``, ``mean_prob``: over the component's cells (unweighted mean).
+- ``area_mm2``: polygon area (level-0 px^2) x ``l0_mpp**2`` / 1e6.
+- ``longest_diameter_um``: the largest distance between two vertices of the polygon's convex
+  hull (the region's caliper diameter, as Camelyon16's "longest axis"), x ``l0_mpp``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import shapely
+import shapely.affinity
+from scipy.spatial.distance import pdist
+from skimage import measure
+
+from wsi_toolkit.annotations import Annotation, write_asap_xml, write_geojson
+from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.heatmap import Heatmap
+from wsi_toolkit.tissue import mask_to_polygons
+
+__all__ = ["TumourRegion", "tumour_regions", "write_regions_geojson", "write_regions_asap", "TUMOUR_GROUP"]
+
+#: Group / QuPath classification of the written regions.
+TUMOUR_GROUP = "Tumor"
+
+
+@dataclass(frozen=True)
+class TumourRegion:
+    """One tumour region of a heatmap.
+
+    Attributes
+    ----------
+    polygon_l0 : shapely.Polygon or shapely.MultiPolygon
+        Outline in level-0 px ``(x, y)``, following heatmap cell edges; holes kept.
+        A MultiPolygon when cells touch only at corners.
+    max_prob, mean_prob : float
+        Maximum and mean probability over the region's cells.
+    area_mm2 : float
+        Area in mm^2.
+    longest_diameter_um : float
+        Largest distance between two points of the region (convex hull vertices), um.
+    """
+
+    polygon_l0: shapely.Polygon | shapely.MultiPolygon
+    max_prob: float
+    mean_prob: float
+    area_mm2: float
+    longest_diameter_um: float
+
+    def measurements(self) -> dict[str, float]:
+        """QuPath-style measurements, as written to GeoJSON."""
+        return {
+            "max_probability": self.max_prob,
+            "mean_probability": self.mean_prob,
+            "area_mm2": self.area_mm2,
+            "longest_diameter_um": self.longest_diameter_um,
+        }
+
+
+def _longest_diameter_l0(geom: shapely.Geometry) -> float:
+    hull = geom.convex_hull
+    xy = shapely.get_coordinates(hull)
+    if len(xy) < 2:
+        return 0.0
+    return float(pdist(xy).max())
+
+
+def tumour_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: float = 0.0) -> list[TumourRegion]:
+    """Tumour regions: 8-connected components of predicted cells with ``prob >= threshold``.
+
+    Parameters
+    ----------
+    heatmap : Heatmap
+    threshold : float
+        Probability in [0, 1] a cell needs to be tumour.
+    min_area_um2 : float
+        Regions smaller than this (um^2) are dropped.
+
+    Returns
+    -------
+    list of TumourRegion
+        Sorted by ``max_prob`` descending (ties: larger area first).
+    """
+    if not (isinstance(threshold, (int, float, np.integer, np.floating)) and 0 <= threshold <= 1):
+        raise ConfigError(f"threshold must be a probability in [0, 1]; got {threshold!r}")
+    if not (isinstance(min_area_um2, (int, float, np.integer, np.floating)) and math.isfinite(min_area_um2)
+            and min_area_um2 >= 0):
+        raise ConfigError(f"min_area_um2 must be a number >= 0 (square micrometres); got {min_area_um2!r}")
+    mask = heatmap.predicted & (heatmap.prob >= np.float32(threshold))
+    if not mask.any():
+        return []
+    labels = measure.label(mask, connectivity=2)
+    cell_l0, l0_mpp = heatmap.cell_l0, heatmap.l0_mpp
+    regions: list[TumourRegion] = []
+    for props in measure.regionprops(labels):
+        r0, c0, r1, c1 = props.bbox
+        component = labels[r0:r1, c0:c1] == props.label
+        poly = mask_to_polygons(component, scale=cell_l0)
+        poly = shapely.affinity.translate(poly, xoff=c0 * cell_l0, yoff=r0 * cell_l0)
+        if len(poly.geoms) == 1:
+            poly = poly.geoms[0]
+        area_um2 = poly.area * l0_mpp**2
+        if area_um2 < min_area_um2:
+            continue
+        cell_probs = heatmap.prob[r0:r1, c0:c1][component].astype(np.float64)
+        regions.append(
+            TumourRegion(
+                polygon_l0=poly,
+                max_prob=float(cell_probs.max()),
+                mean_prob=float(cell_probs.mean()),
+                area_mm2=area_um2 / 1e6,
+                longest_diameter_um=_longest_diameter_l0(poly) * l0_mpp,
+            )
+        )
+    regions.sort(key=lambda reg: (-reg.max_prob, -reg.area_mm2))
+    return regions
+
+
+def _annotations(regions: list[TumourRegion], *, slide_name: str = "", measurements: bool) -> list[Annotation]:
+    out = []
+    for index, reg in enumerate(regions, start=1):
+        props: dict = {}
+        if measurements:
+            props["measurements"] = reg.measurements()
+            if slide_name:
+                props["metadata"] = {"slide": slide_name}
+        out.append(Annotation(polygon=reg.polygon_l0, group=TUMOUR_GROUP, name=f"Tumour region {index}",
+                              properties=props))
+    return out
+
+
+def write_regions_geojson(path: str | os.PathLike[str], regions: list[TumourRegion], *, slide_name: str = "") -> None:
+    """Write regions as a QuPath-importable GeoJSON FeatureCollection (level-0 px), atomically.
+
+    Each region is a Feature with classification ``{"name": "Tumor"}``, name
+    ``"Tumour region <i>"`` (1 = highest max probability), ``measurements`` (``max_probability``,
+    ``mean_probability``, ``area_mm2``, ``longest_diameter_um``) and, when ``slide_name`` is
+    given, ``metadata: {"slide": slide_name}``. An empty list writes an empty collection.
+    """
+    write_geojson(path, _annotations(list(regions), slide_name=slide_name, measurements=True))
+
+
+def write_regions_asap(path: str | os.PathLike[str], regions: list[TumourRegion]) -> None:
+    """Write regions as ASAP / Camelyon16 XML, group ``Tumor`` (level-0 px), atomically.
+
+    ASAP has no holes: a region's holes are written as group ``_2`` (Camelyon16's exclusion
+    group), as :func:`wsi_toolkit.annotations.write_asap_xml` does for tumour groups.
+    """
+    write_asap_xml(path, _annotations(list(regions), measurements=False))

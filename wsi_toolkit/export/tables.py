@@ -1,0 +1,126 @@
+"""CSV and JSON outputs: per-patch table (WSInfer's columns), per-run summary, JSON documents.
+
+All writes are atomic (:mod:`wsi_toolkit.export._atomic`).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.export._atomic import write_text_atomic
+from wsi_toolkit.tiling import PatchGrid
+
+__all__ = ["SUMMARY_COLUMNS", "write_tiles_csv", "write_summary_csv", "write_json_atomic", "to_jsonable"]
+
+#: Columns of ``summary.csv``, in order; extra keys of the rows follow them.
+SUMMARY_COLUMNS: tuple[str, ...] = ("slide", "status", "error", "slide_score", "tumor_area_mm2", "n_patches", "seconds")
+
+
+def write_tiles_csv(path: str | os.PathLike[str], grid: PatchGrid, probs_by_class: Mapping[str, np.ndarray]) -> None:
+    """Write one row per patch, in grid order, with WSInfer's columns.
+
+    Columns: ``minx, miny, width, height`` -- the patch's top-left and size in level-0 px,
+    rounded to integers (``np.rint``, half to even; patches at the slide border may start at
+    a negative position) -- then ``prob_<class>`` for each class in the mapping's order, with 6
+    decimals.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    grid : PatchGrid
+    probs_by_class : mapping of str to array-like, float, (len(grid),)
+        e.g. ``{"notumor": p0, "tumor": p1}``; values finite.
+    """
+    if not probs_by_class:
+        raise ConfigError("probs_by_class is empty; pass at least one class, e.g. {'tumor': probs}")
+    columns = []
+    for name, values in probs_by_class.items():
+        if not isinstance(name, str) or not name:
+            raise ConfigError(f"class names must be non-empty strings; got {name!r}")
+        arr = np.asarray(values, dtype=np.float64)
+        if arr.shape != (len(grid),):
+            raise ConfigError(
+                f"probs_by_class[{name!r}] must have shape ({len(grid)},), one value per patch; got {arr.shape}"
+            )
+        if arr.size and not np.all(np.isfinite(arr)):
+            raise ConfigError(f"probs_by_class[{name!r}] has non-finite values")
+        columns.append(arr)
+    xy = np.rint(grid.patch_l0_xy()).astype(np.int64)
+    side = int(np.rint(grid.patch_l0))
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["minx", "miny", "width", "height", *(f"prob_{name}" for name in probs_by_class)])
+    probs = np.column_stack(columns) if columns else np.zeros((len(grid), 0))
+    for (x, y), row in zip(xy.tolist(), probs.tolist()):
+        writer.writerow([x, y, side, side, *(f"{v:.6f}" for v in row)])
+    write_text_atomic(path, buf.getvalue())
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return "" if not math.isfinite(value) else f"{float(value):.6g}"
+    return str(value)
+
+
+def write_summary_csv(path: str | os.PathLike[str], rows: list[Mapping[str, Any]]) -> None:
+    """Write ``summary.csv``: one row per slide, columns :data:`SUMMARY_COLUMNS`.
+
+    Missing keys, ``None`` and NaN are written empty; floats with 6 significant digits. Keys
+    beyond the standard columns are appended as extra columns (first-seen order), not dropped.
+    """
+    columns = list(SUMMARY_COLUMNS)
+    for row in rows:
+        columns.extend(k for k in row if k not in columns)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(col)) for col in columns])
+    write_text_atomic(path, buf.getvalue())
+
+
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` with numpy scalars/arrays, paths, tuples, sets and dataclasses turned into JSON
+    types; non-finite floats become ``None`` (JSON has no NaN)."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(asdict(obj))
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return [to_jsonable(v) for v in sorted(obj, key=repr)]
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON: {obj!r}")
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented UTF-8 JSON (see :func:`to_jsonable`), atomically."""
+    text = json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False)
+    write_text_atomic(Path(path), text + "\n")
