@@ -705,3 +705,46 @@ def test_ome_tiff_pyramid_in_subifds_reads_through_tifffile(tmp_path):
         assert slide.best_level_for_mpp(1.0) == 2
         patch = slide.read_at_mpp((500, 200), (75, 50), 1.0)  # the red box at 1 um/px = 75 x 50 px
     assert (np.abs(patch.astype(int) - (200, 30, 30)) <= 2).all()
+
+
+def _pyramid_with_size(tmp_path, name, l0_size):
+    w, h = l0_size
+
+    def tiles(k, lvl_x, lvl_y, tile):
+        return np.full((tile, tile, 3), 200, np.uint8)
+
+    path = tmp_path / name
+    write_pyramidal_tiff(path, tiles, l0_size=l0_size, mpp=0.25, tile=256, min_level_size=256)
+    return path
+
+
+def test_auto_backend_prefers_pixel_exact_reads(tmp_path):
+    # 2048 x 1024: every level halves exactly -> OpenSlide's downsamples are integers, it reads.
+    exact = _pyramid_with_size(tmp_path, "exact.tif", (2048, 1024))
+    with open_slide(exact) as slide:
+        assert slide.backend == "openslide"
+    # 2049 x 1023: level sizes are rounded, OpenSlide's downsamples become e.g. 1.9995: tifffile reads.
+    rounded = _pyramid_with_size(tmp_path, "rounded.tif", (2049, 1023))
+    with open_slide(rounded) as slide:
+        assert slide.backend == "tifffile"
+        assert slide.level_downsamples[:3] == (1.0, 2.0, 4.0)
+    with open_slide(rounded, backend="openslide") as slide:  # still available when asked for
+        assert slide.backend == "openslide"
+
+
+def test_tifffile_tile_cache_decodes_each_tile_once(make_slide, monkeypatch):
+    from wsi_toolkit.slide._tifffile import TiffFileReader
+
+    with open_slide(make_slide(0.243, "tiff"), backend="tifffile") as slide:
+        calls = []
+        real = TiffFileReader._decode_segment
+
+        def spy(self, page, index, *args):
+            calls.append(index)
+            return real(self, page, index, *args)
+
+        monkeypatch.setattr(TiffFileReader, "_decode_segment", spy)
+        first = slide.read_region((0, 0), 0, (300, 300))  # 2 x 2 tiles of 256
+        again = slide.read_region((10, 10), 0, (290, 290))
+    assert sorted(calls) == sorted(set(calls)) and len(calls) == 4
+    assert np.array_equal(first[10:, 10:], again)

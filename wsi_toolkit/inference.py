@@ -25,8 +25,9 @@ from tqdm import tqdm
 from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.model_package import ModelPackage, Preprocess
 from wsi_toolkit.slide import open_slide
+from wsi_toolkit.tiling import PatchGrid
 
-__all__ = ["InferenceConfig", "InferenceResult", "PatchBatches", "resolve_device", "run_inference"]
+__all__ = ["InferenceConfig", "InferenceResult", "PatchBlocks", "plan_blocks", "resolve_device", "run_inference"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class InferenceConfig:
 
     ``workers=None`` picks ``min(4, cpu_count - 1)`` reader processes (0 = read in this process).
     ``precision="auto"`` is fp32 on CPU/MPS and bf16 (else fp16) autocast on CUDA.
+    ``block_cells``: patches of a ``block_cells`` x ``block_cells`` block of grid cells are cut
+    from one region read (see :func:`plan_blocks`).
     """
 
     batch_size: int = 64
@@ -46,12 +49,15 @@ class InferenceConfig:
     device: str = "auto"
     precision: Precision = "auto"
     progress: bool = True
+    block_cells: int = 8
 
     def __post_init__(self) -> None:
         if not (isinstance(self.batch_size, int) and self.batch_size > 0):
             raise ConfigError(f"batch_size must be a positive integer; got {self.batch_size!r}")
         if self.workers is not None and not (isinstance(self.workers, int) and self.workers >= 0):
             raise ConfigError(f"workers must be a non-negative integer; got {self.workers!r}")
+        if not (isinstance(self.block_cells, int) and self.block_cells > 0):
+            raise ConfigError(f"block_cells must be a positive integer; got {self.block_cells!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16; got {self.precision!r}")
         resolve_device(self.device)  # validates
@@ -101,25 +107,68 @@ def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-class PatchBatches(torch.utils.data.Dataset):
-    """Dataset whose item ``i`` is batch ``i``: (uint8 (B, H, W, 3) tensor, index tensor, read seconds).
+@dataclass(frozen=True)
+class _Block:
+    """Patches read from one region: indices into the patch list, offsets in model px."""
+
+    index: np.ndarray  # int64 (n,)
+    region_l0_xy: tuple[float, float]  # top-left of the region in level-0 px
+    region_px: tuple[int, int]  # (w, h) in model px
+    offsets_px: np.ndarray  # int64 (n, 2): (x, y) of each patch inside the region
+
+
+def plan_blocks(grid: PatchGrid, *, block_cells: int = 8) -> list[_Block]:
+    """Group the grid's patches into blocks of up to ``block_cells`` x ``block_cells`` cells.
+
+    Each block is read as ONE region at the model's um/px covering its patches' bounding box;
+    patches are then cut from it in memory at integer offsets (``stride_px`` apart), so pixels
+    shared by overlapping patches (9 patches each at PCam stride 32) are read and decoded once.
+    The lattice makes this exact: patch (r, c) starts at ``(c * stride - offset) * l0_per_px``.
+    Blocks are in row-major block order; patches keep grid order within a block.
+    """
+    cfg = grid.config
+    rc = grid.grid_rc
+    if len(rc) == 0:
+        return []
+    keys = (rc[:, 0] // block_cells) * (int(rc[:, 1].max()) // block_cells + 1) + rc[:, 1] // block_cells
+    order = np.argsort(keys, kind="stable")
+    bounds = np.flatnonzero(np.diff(keys[order])) + 1
+    blocks = []
+    for idx in np.split(order, bounds):
+        sub = rc[idx]
+        r0, c0 = sub.min(axis=0)
+        r1, c1 = sub.max(axis=0)
+        region_l0_xy = tuple(float(v) for v in grid.patch_l0_xy(np.array([[r0, c0]]))[0])
+        region_px = (int((c1 - c0) * cfg.stride_px + cfg.patch_px), int((r1 - r0) * cfg.stride_px + cfg.patch_px))
+        offsets = np.column_stack([(sub[:, 1] - c0) * cfg.stride_px, (sub[:, 0] - r0) * cfg.stride_px]).astype(np.int64)
+        blocks.append(_Block(idx.astype(np.int64), region_l0_xy, region_px, offsets))
+    return blocks
+
+
+def _single_patch_blocks(patch_l0_xy: np.ndarray, patch_px: int) -> list[_Block]:
+    xy = np.asarray(patch_l0_xy, np.float64)
+    return [_Block(np.array([i]), (float(x), float(y)), (patch_px, patch_px), np.zeros((1, 2), np.int64))
+            for i, (x, y) in enumerate(xy)]
+
+
+class PatchBlocks(torch.utils.data.Dataset):
+    """Dataset whose item ``i`` is block ``i``: (uint8 (n, H, W, 3) tensor, index tensor, read seconds).
 
     Each worker opens its own slide handle on first use (handles are not shared across processes).
     """
 
-    def __init__(self, slide_path: str | Path, patch_l0_xy: np.ndarray, *, patch_px: int, spacing_um_px: float,
-                 batch_size: int, mpp: float | None = None, backend: str = "auto"):
+    def __init__(self, slide_path: str | Path, blocks: list[_Block], *, patch_px: int, spacing_um_px: float,
+                 mpp: float | None = None, backend: str = "auto"):
         self.slide_path = str(slide_path)
-        self.patch_l0_xy = np.asarray(patch_l0_xy, np.float64)
+        self.blocks = blocks
         self.patch_px = int(patch_px)
         self.spacing_um_px = float(spacing_um_px)
-        self.batch_size = int(batch_size)
         self.mpp = mpp
         self.backend = backend
         self._slide = None
 
     def __len__(self) -> int:
-        return math.ceil(len(self.patch_l0_xy) / self.batch_size)
+        return len(self.blocks)
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -130,12 +179,13 @@ class PatchBatches(torch.utils.data.Dataset):
         t0 = time.perf_counter()
         if self._slide is None:
             self._slide = open_slide(self.slide_path, mpp=self.mpp, backend=self.backend)
-        lo, hi = i * self.batch_size, min((i + 1) * self.batch_size, len(self.patch_l0_xy))
-        out = np.empty((hi - lo, self.patch_px, self.patch_px, 3), np.uint8)
-        size = (self.patch_px, self.patch_px)
-        for j, (x, y) in enumerate(self.patch_l0_xy[lo:hi]):
-            out[j] = self._slide.read_at_mpp((x, y), size, self.spacing_um_px)
-        return torch.from_numpy(out), torch.arange(lo, hi), time.perf_counter() - t0
+        b = self.blocks[i]
+        region = self._slide.read_at_mpp(b.region_l0_xy, b.region_px, self.spacing_um_px)
+        p = self.patch_px
+        out = np.empty((len(b.index), p, p, 3), np.uint8)
+        for j, (x, y) in enumerate(b.offsets_px):
+            out[j] = region[y : y + p, x : x + p]
+        return torch.from_numpy(out), torch.from_numpy(b.index), time.perf_counter() - t0
 
 
 @dataclass
@@ -179,7 +229,7 @@ def _probabilities(logits: torch.Tensor) -> torch.Tensor:
 
 def run_inference(
     slide_path: str | Path,
-    patch_l0_xy: np.ndarray,
+    patches: PatchGrid | np.ndarray,
     package: ModelPackage,
     *,
     config: InferenceConfig = InferenceConfig(),
@@ -187,24 +237,35 @@ def run_inference(
     backend: str = "auto",
     desc: str = "patches",
 ) -> InferenceResult:
-    """Predict every patch whose level-0 top-left is in ``patch_l0_xy`` (float (N, 2)).
+    """Predict every patch of ``patches``: a :class:`PatchGrid` (read in shared regions, see
+    :func:`plan_blocks`) or level-0 top-left corners, float (N, 2) (each patch read alone).
 
-    Patches are ``package.config.patch_size_pixels`` px at ``package.config.spacing_um_px``.
-    Returns class probabilities (softmax; sigmoid for a one-output model) in input order.
+    Patches are ``package.config.patch_size_pixels`` px at ``package.config.spacing_um_px``
+    (a grid must have been made with that patch size and spacing). Returns class probabilities
+    (softmax; sigmoid for a one-output model) in the patches' order.
     """
     t_start = time.perf_counter()
     device = resolve_device(config.device)
     amp_dtype = _autocast_dtype(device, config.precision)
     precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     cfg = package.config
-    n = len(patch_l0_xy)
+    if isinstance(patches, PatchGrid):
+        if (patches.config.patch_px, patches.config.spacing_um_px) != (cfg.patch_size_pixels, cfg.spacing_um_px):
+            raise ConfigError(
+                f"grid of {patches.config.patch_px} px at {patches.config.spacing_um_px} um/px does not match the "
+                f"model's {cfg.patch_size_pixels} px at {cfg.spacing_um_px} um/px")
+        blocks = plan_blocks(patches, block_cells=config.block_cells)
+        n = len(patches)
+    else:
+        blocks = _single_patch_blocks(patches, cfg.patch_size_pixels)
+        n = len(blocks)
     model = package.model.to(device).eval()
     preprocess = Preprocess(cfg).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     workers = config.n_workers() if n > config.batch_size else 0
-    dataset = PatchBatches(slide_path, patch_l0_xy, patch_px=cfg.patch_size_pixels, spacing_um_px=cfg.spacing_um_px,
-                           batch_size=config.batch_size, mpp=mpp, backend=backend)
+    dataset = PatchBlocks(slide_path, blocks, patch_px=cfg.patch_size_pixels, spacing_um_px=cfg.spacing_um_px,
+                          mpp=mpp, backend=backend)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if workers else None,
@@ -213,27 +274,42 @@ def run_inference(
     read_s = wait_s = model_s = 0.0
     bar = tqdm(total=n, desc=desc, unit="patch", disable=not config.progress or None, leave=False)
     t_wait = time.perf_counter()
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    n_pending = 0
+
+    def predict(batch: torch.Tensor, index: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        x = batch.to(device, non_blocking=True)
+        x = preprocess(x)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        if amp_dtype is not None:
+            with torch.autocast(device_type=device.type, dtype=amp_dtype):
+                logits = model(x)
+        else:
+            logits = model(x)
+        p = _probabilities(logits).cpu().numpy()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        probs[index.numpy()] = p
+        bar.update(len(index))
+        return time.perf_counter() - t0
+
     with torch.inference_mode():
-        for patches, index, seconds in loader:
+        for block, index, seconds in loader:
             wait_s += time.perf_counter() - t_wait
             read_s += float(seconds)
-            t0 = time.perf_counter()
-            x = patches.to(device, non_blocking=True)
-            x = preprocess(x)
-            if device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            if amp_dtype is not None:
-                with torch.autocast(device_type=device.type, dtype=amp_dtype):
-                    logits = model(x)
-            else:
-                logits = model(x)
-            p = _probabilities(logits).cpu().numpy()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            model_s += time.perf_counter() - t0
-            probs[index.numpy()] = p
-            bar.update(len(index))
+            pending.append((block, index))
+            n_pending += len(index)
+            # Blocks vary in size: re-batch to exactly batch_size patches per forward pass.
+            while n_pending >= config.batch_size:
+                batch, idx = torch.cat([b for b, _ in pending]), torch.cat([i for _, i in pending])
+                model_s += predict(batch[: config.batch_size], idx[: config.batch_size])
+                rest = (batch[config.batch_size :], idx[config.batch_size :])
+                pending, n_pending = ([rest] if len(rest[1]) else []), len(rest[1])
             t_wait = time.perf_counter()
+        if n_pending:
+            model_s += predict(torch.cat([b for b, _ in pending]), torch.cat([i for _, i in pending]))
     bar.close()
     return InferenceResult(
         probs=probs, device=str(device), precision=precision, n_patches=n,

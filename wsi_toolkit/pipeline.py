@@ -142,7 +142,7 @@ def run_slide(slide_path: str | Path, package: ModelPackage, out_dir: str | Path
                          mask_l0_per_px=tissue.l0_per_px)
         seconds_tissue = time.perf_counter() - t
         l0_mpp = slide.mpp
-    result = run_inference(slide_path, grid.patch_l0_xy(), package, config=config.inference, mpp=config.mpp,
+    result = run_inference(slide_path, grid, package, config=config.inference, mpp=config.mpp,
                            backend=config.backend, desc=slide_path.name)
     tumour_idx = package.config.tumour_index()
     p_tumour = result.probs[:, tumour_idx] if result.probs.shape[1] > 1 else result.probs[:, 0]

@@ -44,7 +44,10 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: Ba
         Micrometres per level-0 pixel. Overrides the metadata (``mpp_source == "override"``);
         required when the slide has none.
     backend
-        ``"auto"`` tries OpenSlide, then tifffile; OME-TIFFs go to tifffile directly.
+        ``"auto"`` tries OpenSlide, then tifffile. TIFF-based slides go to tifffile when OpenSlide
+        would not read them pixel-exactly: OME-TIFF (pyramid in SubIFDs, which OpenSlide does not
+        see) and pyramids whose level sizes are rounded (OpenSlide then maps coordinates through a
+        non-integer downsample such as 3.99896 and interpolates a fraction of a pixel).
 
     Raises
     ------
@@ -75,6 +78,14 @@ def open_slide(path: str | os.PathLike, *, mpp: float | None = None, backend: Ba
         # without the OME physical size: tifffile reads the pyramid and the metadata.
         backend = "tifffile"
     reader = _open_backend(path, backend)
+    if backend == "auto" and tiff_flavour is not None and not getattr(reader, "pixel_exact", True):
+        # OpenSlide maps level-0 coordinates through its mean-ratio downsample (e.g. 3.99896), so
+        # reads on such a level are shifted by a fraction of a pixel and interpolated; tifffile
+        # reads the level's own pixels. Same file, exact geometry.
+        log.debug("%s: OpenSlide level downsamples %s are not integers; reading with tifffile",
+                  path, reader.level_downsamples)
+        reader.close()
+        reader = _open_backend(path, "tifffile")
     try:
         _resolve_mpp(reader, mpp)
     except BaseException:

@@ -50,8 +50,10 @@ class OpenSlideReader(SlideReader):
         self.levels = tuple(
             LevelInfo(size=tuple(d), downsample=snap_downsample(l0, d)) for d in self._osr.level_dimensions
         )
-        # OpenSlide maps level-0 coordinates with its own (mean-ratio) downsamples.
+        # OpenSlide maps level-0 coordinates with its own (mean-ratio) downsamples; where those
+        # are not integers its reads are shifted by a fraction of a pixel and interpolated.
         self._os_downsamples = tuple(self._osr.level_downsamples)
+        self.pixel_exact = all(abs(d - round(d)) < 1e-9 for d in self._os_downsamples)
 
     def metadata_mpp(self) -> tuple[tuple[float, float], str] | None:
         return mpp_from_openslide_properties(self.properties)

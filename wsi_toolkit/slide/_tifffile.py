@@ -10,6 +10,7 @@ import math
 import os
 import re
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +25,15 @@ _OME_UNIT_TO_UM = {"um": 1.0, "µm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m":
 
 
 class TiffFileReader(SlideReader):
-    """A pyramidal TIFF read with tifffile."""
+    """A pyramidal TIFF read with tifffile.
+
+    Decoded tiles are kept in a small LRU cache (``cache_bytes``, default 64 MiB), so reads of
+    neighbouring regions (overlapping patches, adjacent blocks) decode each tile once.
+    """
 
     backend = "tifffile"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, cache_bytes: int = 64 * 2**20):
         import tifffile
 
         self.path = Path(path)
@@ -45,6 +50,9 @@ class TiffFileReader(SlideReader):
             self._tif.close()
             raise
         self._fd = os.open(self.path, os.O_RDONLY)
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = int(cache_bytes)
+        self._cached = 0
         if self._tif.is_ome:
             self.vendor = "ome"
         elif self._tif.is_svs:
@@ -122,13 +130,27 @@ class TiffFileReader(SlideReader):
         for ty in range(y0 // seg_h, (y0 + h - 1) // seg_h + 1):
             for tx in range(x0 // seg_w, (x0 + w - 1) // seg_w + 1):
                 index = ty * segs_across + tx
-                seg = self._decode_segment(page, index, offsets[index], counts[index], (seg_h, seg_w))
+                seg = self._cache.get((level, index))
+                if seg is None:
+                    seg = self._decode_segment(page, index, offsets[index], counts[index], (seg_h, seg_w))
+                    self._remember((level, index), seg)
+                else:
+                    self._cache.move_to_end((level, index))
                 # Intersection of the segment with the wanted box, in level pixels.
                 sy0, sx0 = ty * seg_h, tx * seg_w
                 iy0, ix0 = max(y0, sy0), max(x0, sx0)
                 iy1, ix1 = min(y0 + h, sy0 + seg_h), min(x0 + w, sx0 + seg_w)
                 out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = seg[iy0 - sy0 : iy1 - sy0, ix0 - sx0 : ix1 - sx0]
         return out
+
+    def _remember(self, key: tuple[int, int], seg: np.ndarray) -> None:
+        if seg.nbytes > self._cache_bytes:
+            return
+        self._cache[key] = seg
+        self._cached += seg.nbytes
+        while self._cached > self._cache_bytes:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= old.nbytes
 
     def _decode_segment(self, page, index: int, offset: int, count: int, seg_hw: tuple[int, int]) -> np.ndarray:
         seg_h, seg_w = seg_hw
