@@ -1,0 +1,234 @@
+"""Benchmark wsi-infer end to end on a large SYNTHETIC slide with a ResNet50 TorchScript package.
+
+What it measures (one JSON line each, then a summary line):
+- ``decode_floor``: every level-2 JPEG tile of the slide decoded once on one core (imagecodecs,
+  libjpeg-turbo): megapixels/s, the physical floor of reading.
+- ``read_only``: the inference reader alone (region reads, patches cut in memory, DataLoader
+  workers), no model: patches/s and megapixels/s per reading core.
+- ``wsi_infer``: the ``wsi-infer`` command as a new process at stride 96 and stride 32:
+  seconds, patches/s, reading vs model split (from run.json), peak RSS of the process tree.
+- with ``--wsinfer BIN``: WSInfer 0.6.x on the same slide and package, and the ratio.
+
+The package is a ResNet50 with RANDOM weights (timing only; its probabilities mean nothing),
+96 px input at 0.972 um/px. Run from the repository root:
+
+    python scripts/bench_infer.py [--data bench_data] [--strides 96 32] [--precision auto fp32]
+        [--device cpu|cuda] [--workers N] [--batch-size N] [--wsinfer PATH/TO/wsinfer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+def _rss_tree_kb(pid: int) -> int:
+    """Resident memory of ``pid`` and all its descendants, in kB (Linux /proc)."""
+    total, stack = 0, [pid]
+    while stack:
+        p = stack.pop()
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        total += int(line.split()[1])
+                        break
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    stack.extend(int(c) for c in f.read().split())
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return total
+
+
+def run_measured(cmd: list[str], env: dict | None = None) -> dict:
+    """Run ``cmd``; wall seconds and peak RSS of its process tree (sampled every 0.1 s)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    peak = 0
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_tree_kb(proc.pid))
+            time.sleep(0.1)
+
+    th = threading.Thread(target=sample, daemon=True)
+    th.start()
+    out, _ = proc.communicate()
+    done.set()
+    th.join()
+    return {"returncode": proc.returncode, "seconds": time.perf_counter() - t0, "peak_rss_mb": round(peak / 1024, 1),
+            "output_tail": out[-2000:]}
+
+
+def decode_floor(slide_path: Path, level: int = 2) -> dict:
+    """Decode every tile of one pyramid level once, single thread."""
+    import tifffile
+
+    with tifffile.TiffFile(slide_path) as tif:
+        page = tif.series[0].levels[level].keyframe
+        fh = tif.filehandle
+        data = []
+        for off, cnt in zip(page.dataoffsets, page.databytecounts):
+            fh.seek(off)
+            data.append(fh.read(cnt))
+        t0 = time.perf_counter()
+        px = 0
+        for i, d in enumerate(data):
+            arr, _, _ = page.decode(d, i, jpegtables=page.jpegtables)
+            px += arr.shape[-3] * arr.shape[-2]
+        dt = time.perf_counter() - t0
+    return {"bench": "decode_floor", "level": level, "tiles": len(data), "megapixels": round(px / 1e6, 2),
+            "seconds": round(dt, 3), "mp_per_s_one_core": round(px / 1e6 / dt, 1),
+            "patches96_per_s_one_core": round(px / (96 * 96) / dt, 0)}
+
+
+def read_only(slide_path: Path, stride_px: int, workers: int) -> dict:
+    """The inference reader alone: grid over tissue, blocks read and cut, no model."""
+    import numpy as np
+    import torch
+
+    from wsi_toolkit.inference import PatchBlocks, plan_blocks
+    from wsi_toolkit.slide import open_slide
+    from wsi_toolkit.tiling import GridConfig, make_grid
+    from wsi_toolkit.tissue import detect_tissue
+
+    with open_slide(slide_path) as slide:
+        tissue = detect_tissue(slide.thumbnail(mpp=8.0), l0_mpp=slide.mpp)
+        grid = make_grid(l0_size=slide.dimensions, l0_mpp=slide.mpp, config=GridConfig(stride_px=stride_px),
+                         tissue_mask=tissue.mask, mask_l0_per_px=tissue.l0_per_px)
+    blocks = plan_blocks(grid)
+    ds = PatchBlocks(slide_path, blocks, patch_px=96, spacing_um_px=0.972)
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+                                         prefetch_factor=4 if workers else None)
+    t0 = time.perf_counter()
+    n, read_cpu, region_px = 0, 0.0, 0
+    from wsi_toolkit.inference import cut_patches
+
+    for region, index, offsets, seconds in loader:
+        patches = cut_patches(region.numpy(), offsets.numpy(), 96)
+        n += len(patches)
+        read_cpu += float(seconds)
+    dt = time.perf_counter() - t0
+    region_px = sum(b.region_px[0] * b.region_px[1] for b in blocks)
+    cores = max(workers, 1)
+    return {"bench": "read_only", "stride_px": stride_px, "workers": workers, "patches": n,
+            "seconds": round(dt, 3), "patches_per_s": round(n / dt, 1),
+            "patches_per_s_per_core": round(n / dt / cores, 1),
+            "read_mp_per_s_per_core": round(region_px / 1e6 / dt / cores, 1),
+            "read_seconds_per_patch_ms": round(read_cpu / n * 1000, 4),
+            "region_megapixels": round(region_px / 1e6, 2), "blocks": len(blocks)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=Path("bench_data"))
+    ap.add_argument("--tissue-mm2", type=float, default=40.0)
+    ap.add_argument("--strides", type=int, nargs="+", default=[96, 32])
+    ap.add_argument("--precision", nargs="+", default=["auto"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--input-size", type=int, default=96, help="model input px (96 native, 224 the article's)")
+    ap.add_argument("--skip-infer", action="store_true", help="only the decode floor and the reader")
+    ap.add_argument("--wsinfer", default=None, help="path to a WSInfer 0.6.x `wsinfer` executable")
+    args = ap.parse_args()
+
+    import torch
+    import torchvision
+
+    from wsi_toolkit.model_package import pcam_config, save_model_package
+    from wsi_toolkit.synthetic import make_spec, write_synthetic_slide
+
+    args.data.mkdir(parents=True, exist_ok=True)
+    slide = args.data / f"synthetic_{args.tissue_mm2:g}mm2_0.243.tif"
+    if not slide.exists():
+        t = time.perf_counter()
+        write_synthetic_slide(slide, make_spec(tissue_mm2=args.tissue_mm2, seed=7), mpp=0.243)
+        print(json.dumps({"made_slide": str(slide), "seconds": round(time.perf_counter() - t, 1)}), flush=True)
+    pkg = args.data / f"resnet50_random_{args.input_size}"
+    if not (pkg / "config.json").exists():
+        torch.manual_seed(0)
+        net = torchvision.models.resnet50(weights=None, num_classes=2)
+        cfg = pcam_config(architecture="resnet50", input_size=args.input_size,
+                          extra={"synthetic": True, "description": "RANDOM weights, for timing only"})
+        save_model_package(pkg, net, cfg, overwrite=True)
+    machine = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
+               "python": platform.python_version(), "torch": torch.__version__,
+               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    print(json.dumps({"bench": "setup", "slide": str(slide), "package": str(pkg), **machine}), flush=True)
+    print(json.dumps(decode_floor(slide)), flush=True)
+    workers = args.workers if args.workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1))
+    for stride in args.strides:
+        print(json.dumps(read_only(slide, stride, workers)), flush=True)
+    if args.skip_infer:
+        return 0
+    exe = shutil.which("wsi-infer", path=str(Path(sys.executable).parent)) or "wsi-infer"
+    results = {}
+    for precision in args.precision:
+        for stride in args.strides:
+            out = args.data / f"out_s{stride}_{precision}"
+            cmd = [exe, str(slide), "--model", str(pkg), "--out", str(out), "--stride-px", str(stride),
+                   "--precision", precision, "--device", args.device, "--batch-size", str(args.batch_size),
+                   "--overwrite", "--no-progress", "--workers", str(workers)]
+            m = run_measured(cmd)
+            run_json = out / slide.stem / "run.json"
+            timings = json.loads(run_json.read_text())["timings"] if run_json.exists() else {}
+            rec = {"bench": "wsi_infer", "stride_px": stride, "precision": precision, "device": args.device,
+                   "returncode": m["returncode"], "seconds_wall": round(m["seconds"], 2),
+                   "peak_rss_mb": m["peak_rss_mb"], **{k: timings.get(k) for k in (
+                       "n_patches", "patches_per_s", "seconds_total", "seconds_read_cpu",
+                       "seconds_wait_for_reads", "seconds_model", "precision", "workers")}}
+            if timings.get("n_patches"):
+                rec["read_ms_per_patch"] = round(1000 * timings["seconds_read_cpu"] / timings["n_patches"], 4)
+                rec["end_to_end_patches_per_s"] = round(timings["n_patches"] / m["seconds"], 1)
+            if m["returncode"]:
+                rec["output_tail"] = m["output_tail"]
+            results[(precision, stride)] = rec
+            print(json.dumps(rec), flush=True)
+    if args.wsinfer:
+        # WSInfer 0.6.x reads level 0 for every patch; it fetches its model registry at start-up,
+        # so run it offline with an empty registry (see BENCHMARKS.md).
+        env = dict(os.environ, HF_HUB_OFFLINE="1")
+        reg = Path.home() / ".wsinfer-zoo" / "wsinfer-zoo-registry.json"
+        if not reg.exists():
+            reg.parent.mkdir(parents=True, exist_ok=True)
+            reg.write_text(json.dumps({"models": {}}))
+        wdir = args.data / "wsinfer_in"
+        wdir.mkdir(exist_ok=True)
+        link = wdir / slide.name
+        if not link.exists():
+            link.symlink_to(slide.resolve())
+        wout = args.data / "wsinfer_out"
+        shutil.rmtree(wout, ignore_errors=True)
+        m = run_measured([args.wsinfer, "run", "--wsi-dir", str(wdir), "--results-dir", str(wout),
+                          "--model-path", str(pkg / "torchscript_model.pt"), "--config", str(pkg / "config.json"),
+                          "--batch-size", str(args.batch_size), "--num-workers", str(workers)], env=env)
+        rec = {"bench": "wsinfer", "returncode": m["returncode"], "seconds_wall": round(m["seconds"], 2),
+               "peak_rss_mb": m["peak_rss_mb"]}
+        csvs = list((wout / "model-outputs-csv").glob("*.csv")) if wout.exists() else []
+        if csvs:
+            rec["n_patches"] = sum(1 for _ in open(csvs[0])) - 1
+            rec["patches_per_s"] = round(rec["n_patches"] / m["seconds"], 1)
+        if m["returncode"]:
+            rec["output_tail"] = m["output_tail"]
+        print(json.dumps(rec), flush=True)
+        for (precision, stride), r in results.items():
+            if stride == 96 and r.get("seconds_wall"):
+                print(json.dumps({"bench": "ratio_vs_wsinfer", "precision": precision, "stride_px": 96,
+                                  "speedup": round(m["seconds"] / r["seconds_wall"], 2)}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The inference reader (region blocks, patch cutting) and device/precision resolution."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.inference import InferenceConfig, cut_patches, plan_blocks, resolve_device, run_inference
+from wsi_toolkit.model_package import load_model_package
+from wsi_toolkit.slide import open_slide
+from wsi_toolkit.synthetic_model import make_colour_rule_package
+from wsi_toolkit.tiling import GridConfig, make_grid
+
+
+def _grid(slide, stride_px=32):
+    mask = np.zeros((60, 80), bool)
+    mask[5:50, 10:70] = True  # a rectangle of "tissue" at 8 um/px
+    return make_grid(l0_size=slide.dimensions, l0_mpp=slide.mpp, config=GridConfig(stride_px=stride_px),
+                     tissue_mask=mask, mask_l0_per_px=8.0 / slide.mpp)
+
+
+@pytest.mark.parametrize("block_cells", [1, 3, 8])
+def test_blocks_cover_every_patch_once_and_contain_it(synthetic_slides, block_cells):
+    with open_slide(synthetic_slides(0.226, "tiff").path) as slide:
+        grid = _grid(slide)
+    blocks = plan_blocks(grid, block_cells=block_cells)
+    idx = np.concatenate([b.index for b in blocks])
+    assert sorted(idx.tolist()) == list(range(len(grid)))
+    scale = grid.l0_per_px
+    for b in blocks:
+        w, h = b.region_px
+        assert (b.offsets_px >= 0).all() and (b.offsets_px[:, 0] + 96 <= w).all() and (b.offsets_px[:, 1] + 96 <= h).all()
+        # Offset (model px) * l0_per_px + region origin == the patch's own level-0 corner.
+        l0 = np.asarray(b.region_l0_xy) + b.offsets_px * scale
+        assert np.allclose(l0, grid.patch_l0_xy()[b.index])
+
+
+@pytest.mark.parametrize("mpp,backend", [(0.243, "openslide"), (0.243, "tifffile"), (0.226, "tifffile")])
+def test_patches_cut_from_regions_equal_patches_read_alone(synthetic_slides, mpp, backend):
+    with open_slide(synthetic_slides(mpp, "tiff").path, backend=backend) as slide:
+        grid = _grid(slide)
+        (b, *_) = [b for b in plan_blocks(grid, block_cells=6) if len(b.index) > 20]
+        region = slide.read_at_mpp(b.region_l0_xy, b.region_px, 0.972)
+        cut = cut_patches(region, b.offsets_px, 96)
+        alone = np.stack([slide.read_at_mpp(xy, (96, 96), 0.972) for xy in grid.patch_l0_xy()[b.index]])
+    diff = np.abs(cut.astype(int) - alone.astype(int))
+    if mpp == 0.243:
+        assert diff.max() == 0  # level 2 is the model's resolution: plain pixel copies
+    else:
+        assert diff.max() <= 1 and diff.mean() < 0.01  # resampled: float rounding at most
+
+
+def test_block_size_does_not_change_probabilities(synthetic_slides, tmp_path):
+    s = synthetic_slides(0.243, "tiff")
+    pkg = load_model_package(make_colour_rule_package(tmp_path / "m", input_size=96).path)
+    with open_slide(s.path) as slide:
+        grid = _grid(slide)
+    runs = [run_inference(s.path, grid, pkg, config=InferenceConfig(workers=0, progress=False, block_cells=k,
+                                                                    batch_size=50)).probs
+            for k in (1, 5)]
+    alone = run_inference(s.path, grid.patch_l0_xy(), pkg, config=InferenceConfig(workers=0, progress=False)).probs
+    assert np.array_equal(runs[0], runs[1]) and np.array_equal(runs[0], alone)
+
+
+def test_workers_give_the_same_result(synthetic_slides, tmp_path):
+    s = synthetic_slides(0.243, "tiff")
+    pkg = load_model_package(make_colour_rule_package(tmp_path / "m", input_size=96).path)
+    with open_slide(s.path) as slide:
+        grid = _grid(slide)
+    a = run_inference(s.path, grid, pkg, config=InferenceConfig(workers=0, progress=False))
+    b = run_inference(s.path, grid, pkg, config=InferenceConfig(workers=2, progress=False, batch_size=16))
+    assert b.workers == 2
+    assert np.array_equal(a.probs, b.probs)
+    assert b.seconds_read > 0 and b.seconds_model > 0 and b.patches_per_s > 0
+
+
+def test_grid_for_another_model_is_refused(synthetic_slides, tmp_path):
+    s = synthetic_slides(0.243, "tiff")
+    pkg = load_model_package(make_colour_rule_package(tmp_path / "m", input_size=96).path)
+    with open_slide(s.path) as slide:
+        grid = make_grid(l0_size=slide.dimensions, l0_mpp=slide.mpp, config=GridConfig(patch_px=224, spacing_um_px=0.5))
+    with pytest.raises(ConfigError, match="does not match"):
+        run_inference(s.path, grid, pkg, config=InferenceConfig(workers=0, progress=False))
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type in ("cpu", "cuda", "mps")
+    for bad in ("gpu", "cuda:x", "tpu"):
+        with pytest.raises(ConfigError):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("kwargs", [dict(batch_size=0), dict(workers=-1), dict(precision="fp8"), dict(block_cells=0)])
+def test_bad_inference_config(kwargs):
+    with pytest.raises(ConfigError):
+        InferenceConfig(**kwargs)
