@@ -1,0 +1,496 @@
+"""Cut a PCam-style patch set from annotated whole-slide images (``wsi-patches``).
+
+What PCam is, and what this reproduces
+--------------------------------------
+PatchCamelyon patches are 96 x 96 px at 0.972 um/px (level 2 of a 0.243 um/px Camelyon16
+slide); the label is 1 when at least one tumour pixel lies in the centre 32 x 32 region. The
+candidates here are the cells of the toolkit's own PCam grid (:func:`wsi_toolkit.tiling.make_grid`,
+stride 32 px over the tissue of :func:`wsi_toolkit.tissue.detect_tissue`), so a candidate's
+centre region is exactly one heatmap cell, and overlapping candidates are sampled without
+replacement. Tumour comes from ASAP XML (Camelyon16's format; groups ``_0``/``_1``/``Tumor``
+minus exclusion ``_2``, see :func:`wsi_toolkit.annotations.tumour_region`).
+
+Splits are by slide (never by patch): a slide's patches are all in one split, so valid/test
+numbers are not inflated by near-duplicate patches of training slides.
+
+Output (``out/``), the PCam layout plus provenance
+--------------------------------------------------
+- ``camelyonpatch_level_2_split_{split}_{x,y}.h5`` (see :func:`patch_model.data.write_pcam_h5`)
+- ``camelyonpatch_level_2_split_{split}_meta.csv``: ``slide,l0_x,l0_y,label,split``, one row per
+  patch in the same order; ``l0_x, l0_y`` is the patch's top-left in level-0 px (2 decimals),
+  read with ``read_at_mpp((l0_x, l0_y), (96, 96), 0.972)``. Rows are grouped by slide;
+  shuffle when training.
+- ``patches_summary.json``: settings, per-split and per-slide counts, failed slides and their
+  errors, ``"synthetic": true`` when any source slide is a SYNTHETIC test slide.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import zlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+import shapely
+from tqdm.auto import tqdm
+
+from patch_model.data import PCAM_MPP, PCAM_PATCH_PX, PCAM_SPLITS, _PCamWriter
+from wsi_toolkit.annotations import read_asap_xml, tumour_region
+from wsi_toolkit.errors import ConfigError, WsiToolkitError
+from wsi_toolkit.slide import open_slide
+from wsi_toolkit.tiling import GridConfig, make_grid
+from wsi_toolkit.tissue import TissueConfig, detect_tissue
+
+__all__ = ["patch_label", "cut_pcam_patches", "DEFAULT_SPLIT_FRACTIONS"]
+
+logger = logging.getLogger(__name__)
+
+#: Default share of slides per split (by slide count, not patch count).
+DEFAULT_SPLIT_FRACTIONS: Mapping[str, float] = MappingProxyType({"train": 0.7, "valid": 0.15, "test": 0.15})
+
+_SUMMARY = "patches_summary.json"
+_META = "camelyonpatch_level_2_split_{split}_meta.csv"
+
+
+# --------------------------------------------------------------------------------------------
+# Labels
+# --------------------------------------------------------------------------------------------
+
+
+def _centre_boxes(l0_xy: np.ndarray, patch_l0: float) -> np.ndarray:
+    """Shapely boxes of the centre third of each patch (top-left ``l0_xy`` (N, 2), side ``patch_l0``)."""
+    third = patch_l0 / 3.0
+    x0, y0 = l0_xy[:, 0] + third, l0_xy[:, 1] + third
+    return shapely.box(x0, y0, x0 + third, y0 + third)
+
+
+def _patch_labels(tumour_l0: Any, l0_xy: np.ndarray, *, patch_l0: float) -> np.ndarray:
+    """Vectorised :func:`patch_label`: int64 (N,) for patch top-lefts ``l0_xy`` (N, 2)."""
+    l0_xy = np.asarray(l0_xy, np.float64).reshape(-1, 2)
+    out = np.zeros(len(l0_xy), np.int64)
+    if tumour_l0 is None or tumour_l0.is_empty or not len(l0_xy):
+        return out
+    boxes = _centre_boxes(l0_xy, patch_l0)
+    shapely.prepare(tumour_l0)
+    hit = shapely.intersects(tumour_l0, boxes)
+    if hit.any():
+        # Touching along an edge or at a point is no tumour pixel: require some area.
+        area = shapely.area(shapely.intersection(tumour_l0, boxes[hit]))
+        out[np.flatnonzero(hit)] = area > 0
+    return out
+
+
+def patch_label(tumour_geometry_l0: Any, patch_l0_xy: Sequence[float], *, patch_l0: float) -> int:
+    """PCam label of one patch: 1 iff tumour covers some area of the patch's centre third.
+
+    Parameters
+    ----------
+    tumour_geometry_l0
+        Shapely (Multi)Polygon of tumour in level-0 px (e.g. :func:`tumour_region`); empty or
+        None means no tumour.
+    patch_l0_xy
+        Top-left ``(x, y)`` of the patch in level-0 px.
+    patch_l0
+        Side of the patch in level-0 px: ``96 * 0.972 / l0_mpp`` (384 at 0.243 um/px,
+        412.9 at 0.226).
+
+    The centre region is the square ``[x + patch_l0/3, x + 2*patch_l0/3]`` (and the same in y),
+    i.e. PCam's centre 32 x 32 px. A tumour that only touches its border (zero-area overlap)
+    gives 0.
+
+    >>> tumour = shapely.box(250, 250, 300, 300)
+    >>> patch_label(tumour, (0, 0), patch_l0=384.0), patch_label(tumour, (-200, -200), patch_l0=384.0)
+    (1, 0)
+    """
+    if not (isinstance(patch_l0, (int, float, np.integer, np.floating)) and math.isfinite(patch_l0) and patch_l0 > 0):
+        raise ConfigError(f"patch_l0 must be a positive number of level-0 px; got {patch_l0!r}")
+    return int(_patch_labels(tumour_geometry_l0, np.asarray([patch_l0_xy], np.float64), patch_l0=float(patch_l0))[0])
+
+
+# --------------------------------------------------------------------------------------------
+# Planning: candidates per slide, slide -> split, how many patches of each
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SlidePlan:
+    path: Path
+    stem: str
+    annotation: Path | None = None
+    mpp: float = math.nan
+    synthetic: bool = False
+    tumour_mm2: float = 0.0
+    cand_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
+    cand_label: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    split: str | None = None
+    take_pos: int = 0
+    take_neg: int = 0
+    error: str | None = None
+
+    @property
+    def n_pos(self) -> int:
+        return int(self.cand_label.sum())
+
+    @property
+    def n_neg(self) -> int:
+        return int(len(self.cand_label) - self.cand_label.sum())
+
+    @property
+    def is_tumour(self) -> bool:
+        return self.n_pos > 0
+
+
+def _is_synthetic(properties: Mapping[str, str]) -> bool:
+    keys = ("description", "title", "comment")
+    return any("SYNTHETIC" in str(v) for k, v in properties.items() if any(w in k.lower() for w in keys))
+
+
+def _find_annotation(slide: Path, annotations: Path | None) -> Path | None:
+    folder = slide.parent if annotations is None else annotations
+    xml = folder / f"{slide.stem}.xml"
+    return xml if xml.is_file() else None
+
+
+def _plan_slide(path: Path, *, annotations: Path | None, mpp: float | None, min_tissue_fraction: float) -> _SlidePlan:
+    """Open the slide, find tissue, list the PCam grid candidates and label them (no patch reads)."""
+    plan = _SlidePlan(path=path, stem=path.stem)
+    plan.annotation = _find_annotation(path, annotations)
+    if plan.annotation is None and path.stem.lower().startswith("tumor"):
+        # Camelyon16 naming: a tumour slide without its XML would give mislabelled negatives.
+        raise ConfigError(f"{path.name} is named like a Camelyon16 tumour slide but has no annotation "
+                          f"{path.stem}.xml in {annotations or path.parent}; its patches cannot be labelled")
+    tumour = tumour_region(read_asap_xml(plan.annotation)) if plan.annotation else shapely.Polygon()
+    tissue_cfg = TissueConfig()
+    with open_slide(path, mpp=mpp) as slide:
+        plan.mpp = slide.mpp
+        plan.synthetic = _is_synthetic(slide.properties)
+        thumb = slide.thumbnail(mpp=tissue_cfg.thumb_mpp)
+        tissue = detect_tissue(thumb, l0_mpp=slide.mpp, config=tissue_cfg)
+        grid = make_grid(l0_size=slide.dimensions, l0_mpp=slide.mpp,
+                         config=GridConfig(min_tissue_fraction=min_tissue_fraction),
+                         tissue_mask=tissue.mask, mask_l0_per_px=tissue.l0_per_px)
+        plan.cand_xy = grid.patch_l0_xy()
+        plan.cand_label = _patch_labels(tumour, plan.cand_xy, patch_l0=grid.patch_l0)
+    plan.tumour_mm2 = float(tumour.area) * plan.mpp**2 / 1e6
+    if plan.annotation is not None and not tumour.is_empty and plan.n_pos == 0:
+        logger.warning("%s: annotated tumour (%.3f mm2) covers no centre region of a tissue patch; "
+                       "its patches are all negatives", path.name, plan.tumour_mm2)
+    return plan
+
+
+def _allocate(n: int, fractions: Mapping[str, float]) -> dict[str, int]:
+    """Split ``n`` items over splits in proportion to ``fractions`` (integers summing to ``n``).
+
+    When ``n`` is at least the number of splits with a positive fraction, each gets at least one;
+    with fewer items, the largest fractions get one each.
+    """
+    active = [s for s in PCAM_SPLITS if fractions.get(s, 0) > 0]
+    counts = {s: 0 for s in active}
+    if n < len(active):
+        for s in sorted(active, key=lambda s: (-fractions[s], PCAM_SPLITS.index(s)))[:n]:
+            counts[s] = 1
+        return counts
+    counts = {s: 1 for s in active}
+    for _ in range(n - len(active)):
+        s = max(active, key=lambda s: (fractions[s] * n - counts[s], -PCAM_SPLITS.index(s)))
+        counts[s] += 1
+    return counts
+
+
+def _assign_splits(plans: list[_SlidePlan], fractions: Mapping[str, float], explicit: Mapping[str, str],
+                   seed: int) -> None:
+    """Slide -> split: explicit first; the rest by fractions, tumour and normal slides separately."""
+    rng = np.random.default_rng(seed)
+    rest: list[_SlidePlan] = []
+    for p in plans:
+        if p.stem in explicit:
+            p.split = explicit[p.stem]
+        else:
+            rest.append(p)
+    for group in ([p for p in rest if p.is_tumour], [p for p in rest if not p.is_tumour]):
+        group = sorted(group, key=lambda p: p.stem)
+        order = rng.permutation(len(group))
+        counts = _allocate(len(group), fractions)
+        it = iter(order.tolist())
+        for split, k in counts.items():
+            for _ in range(k):
+                group[next(it)].split = split
+
+
+def _water_fill(budget: int, capacity: list[int]) -> list[int]:
+    """Share ``budget`` as evenly as possible over bins of ``capacity`` (total <= budget)."""
+    take = [0] * len(capacity)
+    left = budget
+    open_bins = [i for i, c in enumerate(capacity) if c > 0]
+    while left > 0 and open_bins:
+        share = max(1, left // len(open_bins))
+        for i in list(open_bins):
+            add = min(share, capacity[i] - take[i], left)
+            take[i] += add
+            left -= add
+            if take[i] >= capacity[i]:
+                open_bins.remove(i)
+            if left == 0:
+                break
+    return take
+
+
+def _plan_counts(plans: list[_SlidePlan], *, per_slide: int, balance: bool) -> None:
+    """How many positives and negatives each slide gives (``take_pos``, ``take_neg``)."""
+    half = per_slide // 2
+    for split in PCAM_SPLITS:
+        members = [p for p in plans if p.split == split]
+        if not members:
+            continue
+        if not balance:
+            for p in members:
+                n = min(per_slide, len(p.cand_label))
+                frac_pos = p.n_pos / max(len(p.cand_label), 1)
+                p.take_pos = min(p.n_pos, round(n * frac_pos))
+                p.take_neg = min(p.n_neg, n - p.take_pos)
+            continue
+        for p in members:
+            p.take_pos = min(half, p.n_pos)
+        budget = sum(p.take_pos for p in members)
+        if budget == 0:
+            logger.warning("split %r has no tumour slide: it holds negatives only (%d slides)", split, len(members))
+            for p in members:
+                p.take_neg = min(half, p.n_neg)
+            continue
+        # Negatives: as many as the split's positives, shared evenly over all its slides
+        # (normal slides too), each slide capped at per_slide patches.
+        takes = _water_fill(budget, [min(p.n_neg, per_slide - p.take_pos) for p in members])
+        for p, k in zip(members, takes):
+            p.take_neg = k
+        if sum(takes) < budget:
+            logger.warning("split %r: only %d negatives for %d positives", split, sum(takes), budget)
+
+
+def _sample(plan: _SlidePlan, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Chosen (l0_xy (n, 2), label (n,)), sorted by (y, x) for read locality; seeded per slide."""
+    rng = np.random.default_rng([seed, zlib.crc32(plan.stem.encode())])
+    pos = np.flatnonzero(plan.cand_label == 1)
+    neg = np.flatnonzero(plan.cand_label == 0)
+    idx = np.concatenate([rng.choice(pos, plan.take_pos, replace=False),
+                          rng.choice(neg, plan.take_neg, replace=False)]).astype(np.int64)
+    xy = plan.cand_xy[idx]
+    order = np.lexsort((xy[:, 0], xy[:, 1]))
+    return xy[order], plan.cand_label[idx][order]
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------
+
+
+def _check_settings(split_fractions: Mapping[str, float], splits: Mapping[str, str] | None, per_slide: int,
+                    min_tissue_fraction: float, mpp: float | None) -> dict[str, float]:
+    unknown = set(split_fractions) - set(PCAM_SPLITS)
+    if unknown:
+        raise ConfigError(f"split_fractions keys must be among {PCAM_SPLITS}; got {sorted(unknown)}")
+    fr = {k: float(v) for k, v in split_fractions.items()}
+    if any(not (math.isfinite(v) and v >= 0) for v in fr.values()) or sum(fr.values()) <= 0:
+        raise ConfigError(f"split_fractions must be non-negative with a positive sum; got {dict(split_fractions)!r}")
+    total = sum(fr.values())
+    fr = {k: v / total for k, v in fr.items()}
+    for stem, s in (splits or {}).items():
+        if s not in PCAM_SPLITS:
+            raise ConfigError(f"splits[{stem!r}] must be one of {PCAM_SPLITS}; got {s!r}")
+    if not (isinstance(per_slide, (int, np.integer)) and not isinstance(per_slide, bool) and per_slide >= 2):
+        raise ConfigError(f"per_slide must be an integer >= 2; got {per_slide!r}")
+    if not 0 <= min_tissue_fraction <= 1:
+        raise ConfigError(f"min_tissue_fraction must be in [0, 1]; got {min_tissue_fraction!r}")
+    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+        raise ConfigError(f"mpp must be a positive number of um/px; got {mpp!r}")
+    return fr
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def cut_pcam_patches(
+    slides: Sequence[Path],
+    *,
+    annotations: Path | None,
+    out: Path,
+    split_fractions: Mapping[str, float] = DEFAULT_SPLIT_FRACTIONS,
+    per_slide: int = 1000,
+    balance: bool = True,
+    seed: int = 0,
+    mpp: float | None = None,
+    min_tissue_fraction: float = 0.5,
+    splits: Mapping[str, str] | None = None,
+) -> dict:
+    """Cut a PCam-style, slide-split patch set from annotated slides; returns the summary.
+
+    Parameters
+    ----------
+    slides
+        Slide files (any format :func:`wsi_toolkit.slide.open_slide` reads).
+    annotations
+        Folder holding ``<slide-stem>.xml`` (ASAP). A slide without one is a normal slide
+        (negatives only), except one named ``tumor*`` (Camelyon16), which is recorded as failed.
+        None: look for the XML next to each slide.
+    out
+        Output folder (created); see the module docstring for the files.
+    split_fractions
+        Share of *slides* per split; tumour and normal slides are distributed separately, and
+        with at least 3 tumour slides every split with a positive share gets one.
+    per_slide
+        At most this many patches per slide. With ``balance``: up to ``per_slide // 2``
+        positives per tumour slide, and per split as many negatives as positives, shared
+        evenly over the split's slides (normal slides included). A split without tumour
+        slides gets up to ``per_slide // 2`` negatives per slide.
+        Without ``balance``: up to ``per_slide`` per slide at the slide's own tumour prevalence.
+    seed
+        Seeds the slide -> split assignment and the sampling (per slide, so one slide's sample
+        does not change when others are added).
+    mpp
+        Level-0 um/px override for slides without resolution metadata.
+    min_tissue_fraction
+        A candidate's centre 32 x 32 cell must be at least this fraction tissue.
+    splits
+        Explicit ``{slide stem: split}``; other slides are assigned automatically.
+
+    Raises
+    ------
+    ConfigError
+        A setting is invalid.
+    WsiToolkitError
+        No slide could be used (each slide's error is in the message); a failing slide
+        otherwise is recorded in the summary and the others continue.
+    """
+    fractions = _check_settings(split_fractions, splits, per_slide, min_tissue_fraction, mpp)
+    out = Path(out)
+    ann_dir = None if annotations is None else Path(annotations)
+    if ann_dir is not None and not ann_dir.is_dir():
+        raise ConfigError(f"annotations folder {ann_dir} does not exist; pass the folder of <slide-stem>.xml files")
+    paths = [Path(p) for p in slides]
+    stems = [p.stem for p in paths]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise ConfigError(f"slide names must be unique (they key annotations and splits); repeated: {dup}")
+    if not paths:
+        raise ConfigError("no slides given")
+
+    plans: list[_SlidePlan] = []
+    failed: dict[str, dict[str, str]] = {}
+    for path in tqdm(paths, desc="wsi-patches: finding tissue", unit="slide"):
+        try:
+            plans.append(_plan_slide(path, annotations=ann_dir, mpp=mpp, min_tissue_fraction=min_tissue_fraction))
+        except Exception as exc:  # noqa: BLE001 - one bad slide must not stop a batch; recorded below
+            logger.error("%s: skipped (%s: %s)", path, type(exc).__name__, exc)
+            logger.debug("traceback", exc_info=True)
+            failed[path.stem] = {"path": str(path), "error": f"{type(exc).__name__}: {exc}"}
+    if not plans:
+        details = "; ".join(f"{k}: {v['error']}" for k, v in failed.items())
+        raise WsiToolkitError(f"no slide could be used, nothing written ({details})")
+
+    _assign_splits(plans, fractions, dict(splits or {}), seed)
+    for split, share in fractions.items():
+        if share > 0 and not any(p.split == split for p in plans):
+            logger.warning("split %r gets no slide (%d usable slides); it is not written", split, len(plans))
+    _plan_counts(plans, per_slide=per_slide, balance=balance)
+
+    out.mkdir(parents=True, exist_ok=True)
+    total = sum(p.take_pos + p.take_neg for p in plans)
+    written: dict[str, dict[str, int]] = {}
+    with tqdm(total=total, desc="wsi-patches: reading patches", unit="patch") as bar:
+        for split in PCAM_SPLITS:
+            members = [p for p in plans if p.split == split and p.take_pos + p.take_neg > 0]
+            if not members:
+                continue
+            written[split] = _write_split(out, split, members, seed=seed, mpp=mpp, bar=bar, failed=failed)
+
+    summary = _summary(plans, failed, written, out=out, settings=dict(
+        split_fractions=fractions, per_slide=int(per_slide), balance=bool(balance), seed=int(seed),
+        mpp=mpp, min_tissue_fraction=float(min_tissue_fraction), explicit_splits=dict(splits or {}),
+        annotations=None if ann_dir is None else str(ann_dir), patch_px=PCAM_PATCH_PX, spacing_um_px=PCAM_MPP,
+        tissue=TissueConfig().to_dict(),
+    ))
+    _write_text_atomic(out / _SUMMARY, json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _write_split(out: Path, split: str, members: list[_SlidePlan], *, seed: int, mpp: float | None, bar,
+                 failed: dict) -> dict[str, int]:
+    """Read and write one split; a slide whose patches cannot be read is dropped and recorded."""
+    writer = _PCamWriter(out, split, expected=sum(p.take_pos + p.take_neg for p in members))
+    rows: list[tuple[str, float, float, int]] = []
+    try:
+        for plan in members:
+            xy, labels = _sample(plan, seed)
+            try:
+                patches = np.empty((len(xy), PCAM_PATCH_PX, PCAM_PATCH_PX, 3), np.uint8)
+                with open_slide(plan.path, mpp=mpp) as slide:
+                    for i, (x, y) in enumerate(xy):
+                        patches[i] = slide.read_at_mpp((x, y), (PCAM_PATCH_PX, PCAM_PATCH_PX), PCAM_MPP)
+                        bar.update(1)
+            except Exception as exc:  # noqa: BLE001 - recorded; the other slides continue
+                logger.error("%s: reading patches failed, slide dropped (%s: %s)", plan.path, type(exc).__name__, exc)
+                failed[plan.stem] = {"path": str(plan.path), "error": f"{type(exc).__name__}: {exc}"}
+                plan.take_pos = plan.take_neg = 0
+                continue
+            writer.append(patches, labels)
+            rows.extend((plan.stem, float(x), float(y), int(lab)) for (x, y), lab in zip(xy, labels))
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["slide", "l0_x", "l0_y", "label", "split"])
+    for stem, x, y, lab in rows:
+        w.writerow([stem, f"{x:.2f}", f"{y:.2f}", lab, split])
+    _write_text_atomic(out / _META.format(split=split), buf.getvalue())
+    n_pos = sum(r[3] for r in rows)
+    return {"n": len(rows), "n_pos": n_pos, "n_neg": len(rows) - n_pos}
+
+
+def _summary(plans: list[_SlidePlan], failed: dict, written: dict, *, out: Path, settings: dict) -> dict:
+    slides: dict[str, Any] = {}
+    for p in plans:
+        if p.stem in failed:
+            continue
+        slides[p.stem] = {
+            "path": str(p.path), "split": p.split, "annotation": None if p.annotation is None else str(p.annotation),
+            "mpp": p.mpp, "tumour_mm2": round(p.tumour_mm2, 6), "synthetic": p.synthetic,
+            "candidates": len(p.cand_label), "candidates_pos": p.n_pos,
+            "n_pos": p.take_pos, "n_neg": p.take_neg,
+        }
+    split_info: dict[str, Any] = {}
+    for split, counts in written.items():
+        n = counts["n"]
+        split_info[split] = {
+            **counts,
+            "pos_fraction": round(counts["n_pos"] / n, 4) if n else None,
+            "slides": sorted(s for s, v in slides.items() if v["split"] == split and v["n_pos"] + v["n_neg"]),
+            "tumour_slides": sorted(s for s, v in slides.items() if v["split"] == split and v["n_pos"]),
+            "x": f"camelyonpatch_level_2_split_{split}_x.h5",
+            "y": f"camelyonpatch_level_2_split_{split}_y.h5",
+            "meta": _META.format(split=split),
+        }
+    synthetic = any(p.synthetic for p in plans)
+    return {
+        "format": "PCam HDF5 (camelyonpatch_level_2_split_{split}_{x,y}.h5) + meta CSV",
+        "label": "1 iff annotated tumour covers part of the patch's centre 32x32 px (PCam convention)",
+        "split_by": "slide",
+        "synthetic": synthetic,
+        "out": str(out),
+        "settings": settings,
+        "splits": split_info,
+        "slides": slides,
+        "failed": failed,
+    }
