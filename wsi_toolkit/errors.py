@@ -18,6 +18,7 @@ __all__ = [
     "ConfigError",
     "AnnotationError",
     "ModelPackageError",
+    "DetectionFileError",
 ]
 
 
@@ -47,6 +48,10 @@ class ConfigError(WsiToolkitError, ValueError):
 
 class AnnotationError(WsiToolkitError, ValueError):
     """An annotation file (ASAP XML, GeoJSON) is malformed."""
+
+
+class DetectionFileError(WsiToolkitError, ValueError):
+    """A detection CSV (``prob,x,y`` per line, Camelyon16's submission format) is malformed."""
 
 
 class ModelPackageError(WsiToolkitError, ValueError):
