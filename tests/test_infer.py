@@ -20,19 +20,11 @@ from wsi_toolkit.annotations import rasterize, read_asap_xml, read_geojson
 from wsi_toolkit.cli.infer import main
 from wsi_toolkit.model_package import Preprocess, load_model_package
 from wsi_toolkit.slide import open_slide
-from wsi_toolkit.synthetic import Blob, SyntheticSpec, write_synthetic_slide
+from wsi_toolkit.synthetic import ALIGNMENT_SPEC, write_synthetic_slide
 from wsi_toolkit.synthetic_model import make_colour_rule_package
 from wsi_toolkit.tiling import GridConfig, make_grid
 
-# One large tumour inside one tissue section: big enough that the IoU at 31 um/px is meaningful.
-# At 0.243 um/px the level-0 size (10700 x 8228 px) is divisible by 4, so OpenSlide's level-2
-# downsample is exactly 4 and its reads there are pixel-exact.
-ALIGN_SPEC = SyntheticSpec(
-    size_um=(2600.0, 1999.3),
-    tissue=(Blob((1300.0, 1000.0), (1050.0, 780.0), angle_deg=10, wobble=0.1, lobes=5, phase=0.3),),
-    tumours=(Blob((1150.0, 950.0), (380.0, 290.0), angle_deg=30, wobble=0.15, lobes=4, phase=1.0),),
-    seed=11,
-)
+ALIGN_SPEC = ALIGNMENT_SPEC  # level 0 at 0.243 um/px divides by 4: OpenSlide reads level 2 pixel-exactly
 
 
 @pytest.fixture(scope="module")

@@ -38,6 +38,7 @@ __all__ = [
     "write_synthetic_slide",
     "write_pyramidal_tiff",
     "SYNTHETIC_LABEL",
+    "ALIGNMENT_SPEC",
 ]
 
 SYNTHETIC_LABEL = "SYNTHETIC slide made by wsi_toolkit.synthetic - not patient data"
@@ -213,6 +214,17 @@ def make_spec(
         ]
         height = y + 150 + 400.0
     return SyntheticSpec((width, height), tuple(blobs), tuple(tumours), tuple(faint_blobs), tuple(strokes), seed)
+
+
+#: One large tumour in one tissue section: big enough that the IoU of a heatmap at 31 um/px with
+#: the truth is meaningful (tests/test_infer.py, scripts/bench_alignment.py). At 0.243 um/px its
+#: level 0 (10700 x 8228 px) divides by 4, so OpenSlide's level-2 downsample is exactly 4.
+ALIGNMENT_SPEC = SyntheticSpec(
+    size_um=(2600.0, 1999.3),
+    tissue=(Blob((1300.0, 1000.0), (1050.0, 780.0), angle_deg=10, wobble=0.1, lobes=5, phase=0.3),),
+    tumours=(Blob((1150.0, 950.0), (380.0, 290.0), angle_deg=30, wobble=0.15, lobes=4, phase=1.0),),
+    seed=11,
+)
 
 
 # --------------------------------------------------------------------------------------------
