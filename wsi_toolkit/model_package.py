@@ -563,7 +563,7 @@ def _resize(x: torch.Tensor, size: int, *, exact: bool = False) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _quiet_torchscript_deprecation():
+def quiet_torchscript_deprecation():
     """TorchScript is WSInfer's format, so its FutureWarnings ("torch.jit.* is deprecated") are
     expected here; silence only those, only around our own jit calls."""
     with warnings.catch_warnings():
@@ -679,7 +679,7 @@ def load_model_package(path: str | os.PathLike, *, device: str | torch.device = 
             f"sha256 {sha} does not match {recorded} recorded in {CONFIG_NAME} ({NAMESPACE}.sha256); "
             "the weights changed after export", source=pt_path)
     try:
-        with _quiet_torchscript_deprecation():
+        with quiet_torchscript_deprecation():
             model = torch.jit.load(str(pt_path), map_location=device)
     except Exception as e:  # noqa: BLE001 - torch raises RuntimeError/ValueError/... for bad archives
         first_line = (str(e).splitlines() or [""])[0]
@@ -703,7 +703,7 @@ def _to_torchscript(model: torch.nn.Module, example: torch.Tensor) -> tuple[torc
     with torch.no_grad():
         expected = model(check)
         try:
-            with _quiet_torchscript_deprecation():
+            with quiet_torchscript_deprecation():
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 traced = torch.jit.trace(model, example, check_trace=False)
             got = traced(check)
@@ -714,7 +714,7 @@ def _to_torchscript(model: torch.nn.Module, example: torch.Tensor) -> tuple[torc
         except Exception as e:  # noqa: BLE001
             errors.append(f"trace: {type(e).__name__}: {e}")
         try:
-            with _quiet_torchscript_deprecation():
+            with quiet_torchscript_deprecation():
                 return torch.jit.script(model), "script"
         except Exception as e:  # noqa: BLE001
             errors.append(f"script: {type(e).__name__}: {e}")
@@ -767,7 +767,7 @@ def save_model_package(
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
     try:
         pt = tmp / TORCHSCRIPT_NAME
-        with _quiet_torchscript_deprecation():
+        with quiet_torchscript_deprecation():
             scripted.save(str(pt))
         sha = _sha256(pt)
         export = {"torchscript": method, "example_size": size, "torch_version": torch.__version__}

@@ -31,7 +31,7 @@ from wsi_toolkit.model_package import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ModelPackage,
-    _quiet_torchscript_deprecation,
+    quiet_torchscript_deprecation,
     load_model_package,
     pcam_config,
     save_model_package,
@@ -85,7 +85,7 @@ def make_colour_rule_package(path: str | Path, *, input_size: int = 96, overwrit
             "rule": {"channel": "green", "region": "centre third", "threshold": THRESHOLD, "gain": GAIN},
         },
     )
-    with _quiet_torchscript_deprecation():
+    with quiet_torchscript_deprecation():
         net = torch.jit.script(ColourRuleNet().eval())
     save_model_package(path, net, config, overwrite=overwrite)
     return load_model_package(path)
