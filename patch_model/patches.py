@@ -149,11 +149,6 @@ class _SlidePlan:
         return self.n_pos > 0
 
 
-def _is_synthetic(properties: Mapping[str, str]) -> bool:
-    keys = ("description", "title", "comment")
-    return any("SYNTHETIC" in str(v) for k, v in properties.items() if any(w in k.lower() for w in keys))
-
-
 def _find_annotation(slide: Path, annotations: Path | None) -> Path | None:
     folder = slide.parent if annotations is None else annotations
     xml = folder / f"{slide.stem}.xml"
@@ -172,7 +167,7 @@ def _plan_slide(path: Path, *, annotations: Path | None, mpp: float | None, min_
     tissue_cfg = TissueConfig()
     with open_slide(path, mpp=mpp) as slide:
         plan.mpp = slide.mpp
-        plan.synthetic = _is_synthetic(slide.properties)
+        plan.synthetic = slide.is_synthetic
         thumb = slide.thumbnail(mpp=tissue_cfg.thumb_mpp)
         tissue = detect_tissue(thumb, l0_mpp=slide.mpp, config=tissue_cfg)
         grid = make_grid(l0_size=slide.dimensions, l0_mpp=slide.mpp,

@@ -133,7 +133,7 @@ def run_slide(slide_path: str | Path, package: ModelPackage, out_dir: str | Path
             "path": str(slide_path), "backend": slide.backend, "vendor": slide.vendor, "mpp": slide.mpp,
             "mpp_source": slide.mpp_source, "mpp_metadata": slide.mpp_metadata, "level0_size": list(slide.dimensions),
             "level_count": slide.level_count,
-            "synthetic": "SYNTHETIC" in " ".join(v for k, v in slide.properties.items() if "Description" in k),
+            "synthetic": slide.is_synthetic,
         }
         t = time.perf_counter()
         thumb = slide.thumbnail(mpp=tissue_cfg.thumb_mpp)

@@ -53,11 +53,6 @@ class SlideReport:
         return asdict(self)
 
 
-def _is_synthetic(slide: SlideReader) -> bool:
-    text = " ".join(v for k, v in slide.properties.items() if "Description" in k or k.endswith(".Title"))
-    return "SYNTHETIC" in text
-
-
 def inspect_slide(
     path: str | Path,
     *,
@@ -77,7 +72,7 @@ def inspect_slide(
     try:
         with open_slide(path, mpp=mpp, backend=backend) as slide:
             report.backend, report.vendor = slide.backend, slide.vendor
-            report.synthetic = _is_synthetic(slide)
+            report.synthetic = slide.is_synthetic
             report.mpp, report.mpp_source = slide.mpp, slide.mpp_source
             report.mpp_metadata = slide.mpp_metadata[0] if slide.mpp_metadata else None
             report.level0_size = list(slide.dimensions)

@@ -138,6 +138,13 @@ class SlideReader(ABC):
         """(width, height) of level 0 in pixels."""
         return self.levels[0].size
 
+    @property
+    def is_synthetic(self) -> bool:
+        """True when the file's description/title says SYNTHETIC (slides made by
+        :mod:`wsi_toolkit.synthetic`), so outputs made from it can say so."""
+        keys = ("description", "title", "comment")
+        return any("SYNTHETIC" in str(v) for k, v in self.properties.items() if any(w in k.lower() for w in keys))
+
     def level_mpp(self, level: int) -> float:
         """Micrometres per pixel at ``level``."""
         return self.mpp * self.levels[level].downsample
