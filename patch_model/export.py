@@ -3,7 +3,8 @@
 The package holds the whole fastai model (body + head) as TorchScript, in eval mode, mapping
 ``(N, 3, S, S)`` normalised float32 to the 2 class **logits** (no softmax inside: the inference
 path applies softmax), and a WSInfer config whose ``transform`` list is the preprocessing the
-learner's validation DataLoader applies (``Resize`` 96 -> S when S != 96, ``ToTensor``,
+learner's validation DataLoader applies (``Resize`` to S - kept at S = 96 for WSInfer, which reads
+level 0 - ``ToTensor``,
 ``Normalize`` with the backbone's statistics), so probabilities through
 :mod:`wsi_toolkit.inference` equal the learner's ``get_preds`` (to float rounding).
 

@@ -141,7 +141,12 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--input-size", type=int, default=96, help="model input px (96 native, 224 the article's)")
     ap.add_argument("--skip-infer", action="store_true", help="only the decode floor and the reader")
+    ap.add_argument("--only", nargs="+", choices=["floor", "read", "infer", "wsinfer"], default=None,
+                    help="run only these parts (default: all; wsinfer needs --wsinfer)")
     ap.add_argument("--wsinfer", default=None, help="path to a WSInfer 0.6.x `wsinfer` executable")
+    ap.add_argument("--wsinfer-args", nargs="*", default=[],
+                    help="extra `wsinfer run` options (default: none, i.e. WSInfer's defaults: batch 32, "
+                         "min(cpus, 8) workers)")
     args = ap.parse_args()
 
     import torch
@@ -157,25 +162,32 @@ def main() -> int:
         write_synthetic_slide(slide, make_spec(tissue_mm2=args.tissue_mm2, seed=7), mpp=0.243)
         print(json.dumps({"made_slide": str(slide), "seconds": round(time.perf_counter() - t, 1)}), flush=True)
     pkg = args.data / f"resnet50_random_{args.input_size}"
-    if not (pkg / "config.json").exists():
+    cfg = pcam_config(architecture="resnet50", input_size=args.input_size,
+                      extra={"synthetic": True, "description": "RANDOM weights, for timing only"})
+    cfg_path = pkg / "config.json"
+    # Re-made when the config changed (e.g. packages before the always-present Resize step, which
+    # WSInfer needs to bring its level-0 reads to the model's input size).
+    old = json.loads(cfg_path.read_text()).get("transform") if cfg_path.exists() else None
+    if old != cfg.to_dict()["transform"]:
         torch.manual_seed(0)
         net = torchvision.models.resnet50(weights=None, num_classes=2)
-        cfg = pcam_config(architecture="resnet50", input_size=args.input_size,
-                          extra={"synthetic": True, "description": "RANDOM weights, for timing only"})
         save_model_package(pkg, net, cfg, overwrite=True)
     machine = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
                "python": platform.python_version(), "torch": torch.__version__,
                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     print(json.dumps({"bench": "setup", "slide": str(slide), "package": str(pkg), **machine}), flush=True)
-    print(json.dumps(decode_floor(slide)), flush=True)
-    workers = args.workers if args.workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1))
-    for stride in args.strides:
-        print(json.dumps(read_only(slide, stride, workers)), flush=True)
+    parts = set(args.only or ["floor", "read", "infer", "wsinfer"])
     if args.skip_infer:
-        return 0
+        parts -= {"infer", "wsinfer"}
+    if "floor" in parts:
+        print(json.dumps(decode_floor(slide)), flush=True)
+    workers = args.workers if args.workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1))
+    if "read" in parts:
+        for stride in args.strides:
+            print(json.dumps(read_only(slide, stride, workers)), flush=True)
     exe = shutil.which("wsi-infer", path=str(Path(sys.executable).parent)) or "wsi-infer"
     results = {}
-    for precision in args.precision:
+    for precision in args.precision if "infer" in parts else []:
         for stride in args.strides:
             out = args.data / f"out_s{stride}_{precision}"
             cmd = [exe, str(slide), "--model", str(pkg), "--out", str(out), "--stride-px", str(stride),
@@ -196,7 +208,7 @@ def main() -> int:
                 rec["output_tail"] = m["output_tail"]
             results[(precision, stride)] = rec
             print(json.dumps(rec), flush=True)
-    if args.wsinfer:
+    if args.wsinfer and "wsinfer" in parts:
         # WSInfer 0.6.x reads level 0 for every patch; it fetches its model registry at start-up,
         # so run it offline with an empty registry (see BENCHMARKS.md).
         env = dict(os.environ, HF_HUB_OFFLINE="1")
@@ -213,8 +225,8 @@ def main() -> int:
         shutil.rmtree(wout, ignore_errors=True)
         m = run_measured([args.wsinfer, "run", "--wsi-dir", str(wdir), "--results-dir", str(wout),
                           "--model-path", str(pkg / "torchscript_model.pt"), "--config", str(pkg / "config.json"),
-                          "--batch-size", str(args.batch_size), "--num-workers", str(workers)], env=env)
-        rec = {"bench": "wsinfer", "returncode": m["returncode"], "seconds_wall": round(m["seconds"], 2),
+                          *args.wsinfer_args], env=env)
+        rec = {"bench": "wsinfer", "args": args.wsinfer_args or "defaults", "returncode": m["returncode"], "seconds_wall": round(m["seconds"], 2),
                "peak_rss_mb": m["peak_rss_mb"]}
         csvs = list((wout / "model-outputs-csv").glob("*.csv")) if wout.exists() else []
         if csvs:

@@ -100,3 +100,94 @@ def test_device_resolution():
 def test_bad_inference_config(kwargs):
     with pytest.raises(ConfigError):
         InferenceConfig(**kwargs)
+
+
+class _SmallCnn(torch.nn.Module):
+    """conv + batchnorm (non-trivial statistics) + residual add + relu: what the CPU fuser fuses."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = torch.nn.BatchNorm2d(8)
+        self.conv2 = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = torch.nn.BatchNorm2d(8)
+        self.fc = torch.nn.Linear(8, 2)
+        for bn in (self.bn1, self.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.data.uniform_(0.5, 1.5)
+        self.fc.weight.data *= 20  # spread the logits so patches get visibly different probabilities
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)) + y)
+        return self.fc(y.mean(dim=(2, 3)))
+
+
+def _small_cnn_package(tmp_path):
+    from wsi_toolkit.model_package import pcam_config, save_model_package
+
+    save_model_package(tmp_path / "cnn", _SmallCnn().eval(), pcam_config(architecture="smallcnn", input_size=96),
+                       overwrite=True)
+    return load_model_package(tmp_path / "cnn")
+
+
+def _xy(s, n=40):
+    """``n`` patches spread over the slide's tissue (tissue and background, stain and pen)."""
+    from wsi_toolkit.tissue import detect_tissue
+
+    with open_slide(s.path) as slide:
+        t = detect_tissue(slide.thumbnail(mpp=8.0), l0_mpp=slide.mpp)
+        grid = make_grid(l0_size=slide.dimensions, l0_mpp=slide.mpp, config=GridConfig(stride_px=96),
+                         tissue_mask=t.mask, mask_l0_per_px=t.l0_per_px)
+    xy = grid.patch_l0_xy()
+    return xy[np.linspace(0, len(xy) - 1, n).astype(int)]
+
+
+def test_cpu_fp32_graph_is_fused_and_matches_the_plain_model(synthetic_slides, tmp_path):
+    s = synthetic_slides(0.243, "tiff")
+    pkg = _small_cnn_package(tmp_path)
+    xy = _xy(s)
+    was = torch.jit.onednn_fusion_enabled()
+    fast = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8,
+                                                                 device="cpu", precision="fp32"))
+    plain = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8,
+                                                                  device="cpu", precision="fp32", optimize=False))
+    assert fast.extra["model_path"] == "frozen+onednn-fusion"
+    assert plain.extra["model_path"] == "plain"
+    assert torch.jit.onednn_fusion_enabled() == was  # the process-wide switch is restored
+    p = plain.probs[:, 1]
+    assert p.std() > 1e-3  # probabilities that vary, so the comparison means something
+    assert np.abs(fast.probs - plain.probs).max() < 1e-5
+
+
+def test_cpu_graph_falls_back_when_the_fused_graph_fails(synthetic_slides, tmp_path, monkeypatch, caplog):
+    from wsi_toolkit import inference
+
+    s = synthetic_slides(0.243, "tiff")
+    pkg = _small_cnn_package(tmp_path)
+    xy = _xy(s)
+    real_freeze = torch.jit.freeze
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            raise RuntimeError("unsupported partition (simulated)")
+
+    calls = []
+
+    def freeze_once_broken(m, *a, **k):
+        calls.append(1)
+        return Broken() if len(calls) == 1 else real_freeze(m, *a, **k)
+
+    monkeypatch.setattr(inference.torch.jit, "freeze", freeze_once_broken)
+    was = torch.jit.onednn_fusion_enabled()
+    got = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8, device="cpu",
+                                                                precision="fp32"))
+    monkeypatch.setattr(inference.torch.jit, "freeze", real_freeze)
+    plain = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8,
+                                                                  device="cpu", precision="fp32", optimize=False))
+    assert got.extra["model_path"] == "frozen+optimize_for_inference"
+    assert "oneDNN-fused graph failed" in caplog.text
+    assert torch.jit.onednn_fusion_enabled() == was
+    assert np.abs(got.probs - plain.probs).max() < 1e-5

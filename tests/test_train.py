@@ -298,8 +298,8 @@ def test_valid_dataloader_equals_inference_preprocess(tiny_pcam, size):
     patches, labels = _valid_patches(tiny_pcam)
     learn = build_learner(data, resolve_arch("resnet18"), pretrained=False)
     config = learner_config(learn, arch="resnet18", size=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    assert [s.name for s in config.transform] == (["ToTensor", "Normalize"] if size == 96 else
-                                                  ["Resize", "ToTensor", "Normalize"])
+    assert [s.name for s in config.transform] == ["Resize", "ToTensor", "Normalize"]
+    assert config.transform[0].arguments == {"size": size}
     ref = Preprocess(config)(torch.from_numpy(patches[:32]))
     assert float((torch.as_tensor(xb) - ref).abs().max()) <= 1e-5
     assert torch.equal(torch.as_tensor(yb), torch.from_numpy(labels[:32]))

@@ -471,15 +471,15 @@ def pcam_config(
     centre 32x32 region (``label_semantics="centre"``), upsampled to ``input_size`` (the article's
     recipe: 224) and normalised with ``mean``/``std`` (ImageNet's by default).
 
-    The transform is WSInfer's ``[Resize(input_size), ToTensor, Normalize]``; without Resize when
-    ``input_size`` is 96. For two classes the tumour class is ``class_names[1]`` (PCam label 1).
+    The transform is WSInfer's ``[Resize(input_size), ToTensor, Normalize]``, Resize included even
+    at the native 96 px: WSInfer reads every patch at level 0 (384 px on a 0.243 um/px slide) and
+    only its Resize step brings it to the model's input (without it WSInfer would run the network on
+    384 px patches, 16x the work). Our :class:`Preprocess` skips a Resize to the size it already has.
+    For two classes the tumour class is ``class_names[1]`` (PCam label 1).
     """
     if not (_is_int(input_size) and input_size > 0):
         raise ModelPackageError(f"input_size must be a positive integer; got {input_size!r}", field="input_size")
-    steps = []
-    if input_size != PCAM_PATCH_PX:
-        steps.append(TransformStep("Resize", {"size": input_size}))
-    steps.append(TransformStep("ToTensor"))
+    steps = [TransformStep("Resize", {"size": input_size}), TransformStep("ToTensor")]
     steps.append(TransformStep("Normalize", {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}))
     class_names = tuple(class_names)
     return ModelConfig(
