@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from wsi_toolkit.errors import ConfigError
-from wsi_toolkit.inference import InferenceConfig, cut_patches, plan_blocks, resolve_device, run_inference
+from wsi_toolkit.inference import (
+    InferenceConfig,
+    cut_patches,
+    plan_blocks,
+    resolve_device,
+    run_inference,
+    worker_order,
+)
 from wsi_toolkit.model_package import load_model_package
 from wsi_toolkit.slide import open_slide
 from wsi_toolkit.synthetic_model import make_colour_rule_package
@@ -96,7 +103,8 @@ def test_device_resolution():
             resolve_device("cuda:0")
 
 
-@pytest.mark.parametrize("kwargs", [dict(batch_size=0), dict(workers=-1), dict(precision="fp8"), dict(block_cells=0)])
+@pytest.mark.parametrize("kwargs", [dict(batch_size=0), dict(workers=-1), dict(precision="fp8"), dict(block_cells=0),
+                                    dict(block_px=0)])
 def test_bad_inference_config(kwargs):
     with pytest.raises(ConfigError):
         InferenceConfig(**kwargs)
@@ -191,3 +199,57 @@ def test_cpu_graph_falls_back_when_the_fused_graph_fails(synthetic_slides, tmp_p
     assert "oneDNN-fused graph failed" in caplog.text
     assert torch.jit.onednn_fusion_enabled() == was
     assert np.abs(got.probs - plain.probs).max() < 1e-5
+
+
+@pytest.mark.parametrize("n,workers", [(0, 2), (1, 3), (7, 1), (10, 2), (11, 3), (102, 4), (5, 8)])
+def test_worker_order_gives_each_worker_a_contiguous_run(n, workers):
+    order = worker_order(n, workers)
+    assert sorted(order.tolist()) == list(range(n))  # a permutation: every block read once
+    for w in range(max(workers, 1)):
+        mine = order[w::max(workers, 1)]  # what a DataLoader hands worker w
+        assert (np.diff(mine) == 1).all()  # one run of neighbouring blocks, in order
+    sizes = [len(order[w::workers]) for w in range(workers)] if workers > 1 else [n]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_block_size_follows_the_stride():
+    cfg = InferenceConfig()
+    assert cfg.cells_per_block(patch_px=96, stride_px=96) == 8  # 768 px regions
+    assert cfg.cells_per_block(patch_px=96, stride_px=32) == 22  # 21 * 32 + 96 = 768 px
+    assert cfg.cells_per_block(patch_px=1024, stride_px=512) == 1
+    assert InferenceConfig(block_cells=3).cells_per_block(patch_px=96, stride_px=32) == 3
+
+
+def test_cut_patches_refuses_offsets_outside_the_region():
+    region = np.zeros((100, 120, 3), np.uint8)
+    assert cut_patches(region, np.array([[24, 4]]), 96).shape == (1, 96, 96, 3)
+    for bad in ([[25, 0]], [[0, 5]], [[-1, 0]]):
+        with pytest.raises(ValueError, match="outside"):
+            cut_patches(region, np.array(bad), 96)
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+def test_tile_cache_is_sized_for_rows_of_the_level_read(synthetic_slides, backend):
+    with open_slide(synthetic_slides(0.243, "tiff").path, backend=backend) as slide:
+        level = slide.best_level_for_mpp(0.972)
+        tw, th = slide.tile_size(level)
+        across = -(-slide.levels[level].size[0] // tw)
+        px_bytes = 4 if backend == "openslide" else 3
+        before = slide.read_at_mpp((1000, 2000), (300, 200), 0.972)
+        got = slide.reserve_tile_cache(0.972, rows=3, min_bytes=1, max_bytes=2**40)
+        assert got == across * tw * th * px_bytes * 3
+        assert slide.reserve_tile_cache(0.972, min_bytes=1, max_bytes=1000) == 1000  # clamped
+        assert np.array_equal(slide.read_at_mpp((1000, 2000), (300, 200), 0.972), before)  # tiny cache still reads
+
+
+def test_tifffile_tile_cache_decodes_shared_tiles_once(synthetic_slides, monkeypatch):
+    with open_slide(synthetic_slides(0.243, "tiff").path, backend="tifffile") as slide:
+        slide.reserve_tile_cache(0.972)
+        decoded = []
+        real = slide._decode_segment
+        monkeypatch.setattr(slide, "_decode_segment", lambda *a, **k: decoded.append(a[1]) or real(*a, **k))
+        slide.read_at_mpp((0, 0), (700, 700), 0.972)
+        first = len(decoded)
+        slide.read_at_mpp((400, 400), (700, 700), 0.972)  # overlaps the first read
+        assert first > 0 and len(decoded) - first < first
+        assert len(decoded) == len(set(decoded))  # no tile decoded twice

@@ -3,9 +3,12 @@
 Reading is the bottleneck of slide inference, so it runs in DataLoader worker processes, each
 with its own slide handle, reading at the model's um/px through
 :meth:`wsi_toolkit.slide.SlideReader.read_at_mpp` (the pyramid level closest to the model,
-never level 0 for a ~1 um/px model). Batches travel as uint8 (4x less than float) in pinned
-memory; resizing and normalisation run on the device (:class:`wsi_toolkit.model_package.Preprocess`).
-On CUDA the model runs under autocast (bf16 where supported, else fp16) in channels_last.
+never level 0 for a ~1 um/px model). Workers read regions of many patches (each pixel decoded
+once, each worker sweeping its own band of the slide) and send the region, not its patches;
+patches are cut in the main process. Batches go to the device as uint8 (4x less than float),
+pinned on CUDA; resizing and normalisation run on the device
+(:class:`wsi_toolkit.model_package.Preprocess`). On CUDA the model runs under autocast (bf16
+where supported, else fp16) in channels_last; on the CPU see :class:`_CpuGraph`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from wsi_toolkit.model_package import ModelPackage, Preprocess, quiet_torchscrip
 from wsi_toolkit.slide import open_slide
 from wsi_toolkit.tiling import PatchGrid
 
-__all__ = ["InferenceConfig", "InferenceResult", "PatchBlocks", "cut_patches", "plan_blocks", "resolve_device", "run_inference"]
+__all__ = ["InferenceConfig", "InferenceResult", "PatchBlocks", "cut_patches", "keep_numpy", "plan_blocks",
+           "resolve_device", "run_inference", "worker_order"]
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +47,9 @@ class InferenceConfig:
     bf16 (AVX512-BF16/AMX) bf16 autocast, else fp32; fp32 on MPS. ``fp32`` gives exact parity.
     ``optimize``: on CPU, freeze a TorchScript model and apply ``optimize_for_inference``
     (conv-batchnorm folding, oneDNN layouts); results differ from the plain model by float rounding.
-    ``block_cells``: patches of a ``block_cells`` x ``block_cells`` block of grid cells are cut
-    from one region read (see :func:`plan_blocks`).
+    ``block_px``: patches are cut from region reads about ``block_px`` model px on a side (blocks
+    of ``(block_px - patch_px) // stride_px + 1`` cells; at least one), see :func:`plan_blocks`;
+    ``block_cells`` sets the number of cells directly instead.
     """
 
     batch_size: int = 64
@@ -52,7 +57,8 @@ class InferenceConfig:
     device: str = "auto"
     precision: Precision = "auto"
     progress: bool = True
-    block_cells: int = 8
+    block_cells: int | None = None
+    block_px: int = 768
     optimize: bool = True
 
     def __post_init__(self) -> None:
@@ -60,11 +66,19 @@ class InferenceConfig:
             raise ConfigError(f"batch_size must be a positive integer; got {self.batch_size!r}")
         if self.workers is not None and not (isinstance(self.workers, int) and self.workers >= 0):
             raise ConfigError(f"workers must be a non-negative integer; got {self.workers!r}")
-        if not (isinstance(self.block_cells, int) and self.block_cells > 0):
-            raise ConfigError(f"block_cells must be a positive integer; got {self.block_cells!r}")
+        if self.block_cells is not None and not (isinstance(self.block_cells, int) and self.block_cells > 0):
+            raise ConfigError(f"block_cells must be a positive integer or None; got {self.block_cells!r}")
+        if not (isinstance(self.block_px, int) and self.block_px > 0):
+            raise ConfigError(f"block_px must be a positive integer; got {self.block_px!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16; got {self.precision!r}")
         resolve_device(self.device)  # validates
+
+    def cells_per_block(self, *, patch_px: int, stride_px: int) -> int:
+        """``block_cells``, or the number of cells whose patches fill about ``block_px`` px."""
+        if self.block_cells is not None:
+            return self.block_cells
+        return max(1, (self.block_px - patch_px) // stride_px + 1)
 
     def n_workers(self) -> int:
         if self.workers is not None:
@@ -164,17 +178,45 @@ def plan_blocks(grid: PatchGrid, *, block_cells: int = 8) -> list[_Block]:
     return blocks
 
 
+def worker_order(n: int, workers: int) -> np.ndarray:
+    """A permutation of ``range(n)`` that gives each DataLoader worker a contiguous run of items.
+
+    A map-style DataLoader hands item ``i`` to worker ``i % workers``; with blocks in row-major
+    order that interleaves neighbours between workers, and each worker then decodes the tiles its
+    neighbour's blocks share with its own. Item ``i`` here is element ``i // workers`` of chunk
+    ``i % workers`` of the row-major order, so worker ``w`` sweeps chunk ``w`` (a band of the slide)
+    on its own and finds shared tiles in its tile cache.
+    """
+    if workers <= 1 or n <= 1:
+        return np.arange(n)
+    i = np.arange(n)
+    w, k = i % workers, i // workers
+    sizes = np.array([len(range(v, n, workers)) for v in range(workers)])
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return starts[w] + k
+
+
 def _single_patch_blocks(patch_l0_xy: np.ndarray, patch_px: int) -> list[_Block]:
     xy = np.asarray(patch_l0_xy, np.float64)
     return [_Block(np.array([i]), (float(x), float(y)), (patch_px, patch_px), np.zeros((1, 2), np.int64))
             for i, (x, y) in enumerate(xy)]
 
 
+def keep_numpy(item):
+    """DataLoader ``collate_fn`` that leaves items as they are: numpy arrays travel to the main
+    process pickled through the worker's pipe, which costs less than torch's shared-memory
+    tensors (one file descriptor, mmap and page faults per tensor; 3x slower at stride 32)."""
+    return item
+
+
 class PatchBlocks(torch.utils.data.Dataset):
     """Dataset whose item ``i`` is block ``i``: (region uint8 (H, W, 3), patch indices (n,),
-    patch offsets (n, 2) in the region, read seconds); :func:`cut_patches` cuts the patches.
+    patch offsets (n, 2) in the region, read seconds), numpy arrays (load with
+    ``collate_fn=keep_numpy``); :func:`cut_patches` cuts the patches.
 
-    Each worker opens its own slide handle on first use (handles are not shared across processes).
+    Each worker opens its own slide handle on first use (handles are not shared across processes),
+    with a tile cache sized to hold a few rows of the level it reads
+    (:meth:`~wsi_toolkit.slide.SlideReader.reserve_tile_cache`).
     """
 
     def __init__(self, slide_path: str | Path, blocks: list[_Block], *, patch_px: int, spacing_um_px: float,
@@ -199,19 +241,27 @@ class PatchBlocks(torch.utils.data.Dataset):
         t0 = time.perf_counter()
         if self._slide is None:
             self._slide = open_slide(self.slide_path, mpp=self.mpp, backend=self.backend)
+            self._slide.reserve_tile_cache(self.spacing_um_px)
         b = self.blocks[i]
         region = self._slide.read_at_mpp(b.region_l0_xy, b.region_px, self.spacing_um_px)
         # The region travels to the main process (shared memory), not its patches: at stride 32
         # the patches hold every pixel 9 times.
-        return torch.from_numpy(region), torch.from_numpy(b.index), torch.from_numpy(b.offsets_px), \
-            time.perf_counter() - t0
+        return region, b.index, b.offsets_px, time.perf_counter() - t0
 
 
 def cut_patches(region: np.ndarray, offsets_px: np.ndarray, patch_px: int) -> np.ndarray:
     """Patches (n, p, p, 3) of ``region`` (H, W, 3) at (x, y) ``offsets_px``, in one gather."""
-    windows = np.lib.stride_tricks.sliding_window_view(region, (patch_px, patch_px), axis=(0, 1))
-    # windows[y, x] is (3, p, p); gather then move channels last.
-    return np.ascontiguousarray(windows[offsets_px[:, 1], offsets_px[:, 0]].transpose(0, 2, 3, 1))
+    region = np.ascontiguousarray(region)
+    h, w, c = region.shape
+    offsets_px = np.asarray(offsets_px)
+    if len(offsets_px) and ((offsets_px < 0).any() or (offsets_px[:, 0] + patch_px > w).any()
+                            or (offsets_px[:, 1] + patch_px > h).any()):
+        raise ValueError(f"patch offsets fall outside the {w}x{h} region")
+    sy, sx, sc = region.strides
+    # windows[y, x] is the (p, p, c) patch at (x, y), channels last: the gather copies rows.
+    windows = np.lib.stride_tricks.as_strided(region, (h - patch_px + 1, w - patch_px + 1, patch_px, patch_px, c),
+                                              (sy, sx, sy, sx, sc), writeable=False)
+    return windows[offsets_px[:, 1], offsets_px[:, 0]]
 
 
 @dataclass
@@ -367,7 +417,8 @@ def run_inference(
             raise ConfigError(
                 f"grid of {patches.config.patch_px} px at {patches.config.spacing_um_px} um/px does not match the "
                 f"model's {cfg.patch_size_pixels} px at {cfg.spacing_um_px} um/px")
-        blocks = plan_blocks(patches, block_cells=config.block_cells)
+        blocks = plan_blocks(patches, block_cells=config.cells_per_block(
+            patch_px=patches.config.patch_px, stride_px=patches.config.stride_px))
         n = len(patches)
     else:
         blocks = _single_patch_blocks(patches, cfg.patch_size_pixels)
@@ -376,10 +427,11 @@ def run_inference(
                            optimize=config.optimize and n >= 2 * config.batch_size)
     preprocess = Preprocess(cfg).to(device)
     workers = config.n_workers() if n > config.batch_size else 0
+    blocks = [blocks[i] for i in worker_order(len(blocks), workers)]
     dataset = PatchBlocks(slide_path, blocks, patch_px=cfg.patch_size_pixels, spacing_um_px=cfg.spacing_um_px,
                           mpp=mpp, backend=backend)
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
+        dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=keep_numpy,
         persistent_workers=False, prefetch_factor=4 if workers else None,
     )
     probs = np.zeros((n, cfg.num_classes if cfg.num_classes > 1 else 1), np.float32)
@@ -391,6 +443,8 @@ def run_inference(
 
     def predict(batch: torch.Tensor, index: torch.Tensor) -> float:
         t0 = time.perf_counter()
+        if device.type == "cuda":
+            batch = batch.pin_memory()
         x = batch.to(device, non_blocking=True)
         x = preprocess(x)
         if device.type == "cuda":
@@ -412,9 +466,9 @@ def run_inference(
             wait_s += time.perf_counter() - t_wait
             read_s += float(seconds)
             t0 = time.perf_counter()
-            block = torch.from_numpy(cut_patches(region.numpy(), offsets.numpy(), cfg.patch_size_pixels))
+            block = torch.from_numpy(cut_patches(region, offsets, cfg.patch_size_pixels))
             cut_s += time.perf_counter() - t0
-            pending.append((block, index))
+            pending.append((block, torch.from_numpy(index)))
             n_pending += len(index)
             # Blocks vary in size: re-batch to exactly batch_size patches per forward pass.
             while n_pending >= config.batch_size:

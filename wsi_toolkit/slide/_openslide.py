@@ -71,6 +71,26 @@ class OpenSlideReader(SlideReader):
             ) from exc
         return _rgba_to_rgb(rgba)
 
+    _cache_px_bytes = 4  # OpenSlide caches decoded tiles as ARGB
+
+    def tile_size(self, level: int) -> tuple[int, int] | None:
+        try:
+            return (int(self.properties[f"openslide.level[{level}].tile-width"]),
+                    int(self.properties[f"openslide.level[{level}].tile-height"]))
+        except (KeyError, ValueError):
+            return None
+
+    def set_tile_cache(self, nbytes: int) -> None:
+        """A private OpenSlide tile cache of ``nbytes`` (OpenSlide >= 4.0 and openslide-python >= 1.3;
+        older ones keep their shared 32 MiB cache)."""
+        cache_cls = getattr(self._openslide, "OpenSlideCache", None)
+        if cache_cls is None or not hasattr(self._osr, "set_cache"):
+            return
+        try:
+            self._osr.set_cache(cache_cls(int(nbytes)))
+        except self._openslide.OpenSlideError:  # pragma: no cover - library without cache support
+            pass
+
     def close(self) -> None:
         self._osr.close()
 

@@ -119,6 +119,35 @@ class SlideReader(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release file handles."""
 
+    # -- decoded-tile cache (optional; backends that have one override these) --------------
+    #: bytes per cached pixel (RGB 3, OpenSlide's ARGB 4)
+    _cache_px_bytes = 3
+
+    def tile_size(self, level: int) -> tuple[int, int] | None:
+        """(width, height) of the stored tiles (or strips) of ``level``; None when unknown."""
+        return None
+
+    def set_tile_cache(self, nbytes: int) -> None:  # noqa: B027 - optional hook
+        """Give this handle a decoded-tile cache of ``nbytes`` (no-op for backends without one)."""
+
+    def reserve_tile_cache(self, mpp: float, *, rows: int = 3, min_bytes: int = 64 * 2**20,
+                           max_bytes: int = 256 * 2**20) -> int:
+        """Size the tile cache for reads at ``mpp`` that sweep the slide row by row: ``rows`` full
+        rows of tiles of the level those reads use, clamped to [``min_bytes``, ``max_bytes``].
+        A block read then finds the tiles it shares with the block above it (and the one to its
+        left) still decoded. Returns the size set."""
+        level = self.best_level_for_mpp(mpp)
+        tile = self.tile_size(level)
+        if tile is None:
+            nbytes = min_bytes
+        else:
+            tw, th = tile
+            across = math.ceil(self.levels[level].size[0] / tw)
+            nbytes = across * tw * th * self._cache_px_bytes * rows
+        nbytes = int(min(max(nbytes, min_bytes), max_bytes))
+        self.set_tile_cache(nbytes)
+        return nbytes
+
     # -- metadata helpers ----------------------------------------------------------------
     @property
     def level_count(self) -> int:

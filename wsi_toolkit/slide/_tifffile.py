@@ -143,6 +143,18 @@ class TiffFileReader(SlideReader):
                 out[iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = seg[iy0 - sy0 : iy1 - sy0, ix0 - sx0 : ix1 - sx0]
         return out
 
+    def tile_size(self, level: int) -> tuple[int, int] | None:
+        page = self._pages[level]
+        if page.is_tiled:
+            return int(page.tilewidth), int(page.tilelength)
+        return int(page.imagewidth), int(page.rowsperstrip or page.imagelength)
+
+    def set_tile_cache(self, nbytes: int) -> None:
+        self._cache_bytes = int(nbytes)
+        while self._cached > self._cache_bytes and self._cache:
+            _, old = self._cache.popitem(last=False)
+            self._cached -= old.nbytes
+
     def _remember(self, key: tuple[int, int], seg: np.ndarray) -> None:
         if seg.nbytes > self._cache_bytes:
             return
