@@ -1,19 +1,24 @@
 """Benchmark wsi-infer end to end on a large SYNTHETIC slide with a ResNet50 TorchScript package.
 
-What it measures (one JSON line each, then a summary line):
+What it measures (one JSON line each):
 - ``decode_floor``: every level-2 JPEG tile of the slide decoded once on one core (imagecodecs,
-  libjpeg-turbo): megapixels/s, the physical floor of reading.
-- ``read_only``: the inference reader alone (region reads, patches cut in memory, DataLoader
-  workers), no model: patches/s and megapixels/s per reading core.
+  libjpeg-turbo): megapixels/s, the physical floor of reading; also the tiles the reader touches
+  alone (tissue tiles decode slower than blank glass).
+- ``read_only``: the inference reader alone (region reads in DataLoader workers, shared-memory
+  slots, patches cut in memory), no model, with 0 / 1 / 2 workers, the slide swept 3 times:
+  patches/s, region megapixels per wall second and per CPU-second of all processes.
 - ``wsi_infer``: the ``wsi-infer`` command as a new process at stride 96 and stride 32:
-  seconds, patches/s, reading vs model split (from run.json), peak RSS of the process tree.
-- with ``--wsinfer BIN``: WSInfer 0.6.x on the same slide and package, and the ratio.
+  seconds, patches/s, reading vs model split (from run.json), peak RSS and PSS of the process tree.
+- with ``--wsinfer BIN``: WSInfer 0.6.x on the same slide and package (its default settings unless
+  ``--wsinfer-args``), and the ratio.
 
 The package is a ResNet50 with RANDOM weights (timing only; its probabilities mean nothing),
-96 px input at 0.972 um/px. Run from the repository root:
+96 px input at 0.972 um/px, its config carrying WSInfer's ``Resize`` step. Run from the
+repository root:
 
-    python scripts/bench_infer.py [--data bench_data] [--strides 96 32] [--precision auto fp32]
-        [--device cpu|cuda] [--workers N] [--batch-size N] [--wsinfer PATH/TO/wsinfer]
+    python scripts/bench_infer.py [--data bench_data] [--tissue-mm2 40] [--strides 96 32]
+        [--precision auto fp32] [--device cpu|cuda] [--workers N] [--batch-size N]
+        [--only floor read infer wsinfer] [--wsinfer PATH/TO/wsinfer]
 """
 
 from __future__ import annotations
@@ -30,36 +35,51 @@ import time
 from pathlib import Path
 
 
-def _rss_tree_kb(pid: int) -> int:
-    """Resident memory of ``pid`` and all its descendants, in kB (Linux /proc)."""
-    total, stack = 0, [pid]
+def _tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (Linux /proc)."""
+    out, stack = [], [pid]
     while stack:
         p = stack.pop()
+        out.append(p)
         try:
-            with open(f"/proc/{p}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
-                        break
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     stack.extend(int(c) for c in f.read().split())
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-    return total
+    return out
+
+
+def _mem_tree_kb(pid: int) -> tuple[int, int]:
+    """(RSS, PSS) summed over the process tree, kB. RSS counts pages shared between the main
+    process and its forked readers once per process; PSS splits them, so it is the memory the
+    tree really holds."""
+    rss = pss = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Rss:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("Pss:"):
+                        pss += int(line.split()[1])
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+    return rss, pss
 
 
 def run_measured(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; wall seconds and peak RSS of its process tree (sampled every 0.1 s)."""
+    """Run ``cmd``; wall seconds and peak RSS / PSS of its process tree (sampled every 0.1 s)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    peak = 0
+    peak_rss = peak_pss = 0
     done = threading.Event()
 
     def sample():
-        nonlocal peak
+        nonlocal peak_rss, peak_pss
         while not done.is_set():
-            peak = max(peak, _rss_tree_kb(proc.pid))
+            rss, pss = _mem_tree_kb(proc.pid)
+            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
             time.sleep(0.1)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -67,7 +87,8 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     out, _ = proc.communicate()
     done.set()
     th.join()
-    return {"returncode": proc.returncode, "seconds": time.perf_counter() - t0, "peak_rss_mb": round(peak / 1024, 1),
+    return {"returncode": proc.returncode, "seconds": time.perf_counter() - t0,
+            "peak_rss_mb": round(peak_rss / 1024, 1), "peak_pss_mb": round(peak_pss / 1024, 1),
             "output_tail": out[-2000:]}
 
 
@@ -134,16 +155,13 @@ def read_only(slide_path: Path, stride_px: int, workers: int, passes: int = 3) -
     seconds of all processes (main + workers, from getrusage), not by wall time x cores."""
     import resource
 
-    import torch
-
-    from wsi_toolkit.inference import PatchBlocks, cut_patches, keep_numpy, worker_order
+    from wsi_toolkit.inference import PatchBlocks, cut_patches, worker_order
 
     grid, blocks = _grid_blocks(slide_path, stride_px)
     rep = blocks * passes
     rep = [rep[i] for i in worker_order(len(rep), workers)]
     ds = PatchBlocks(slide_path, rep, patch_px=96, spacing_um_px=0.972)
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers, collate_fn=keep_numpy,
-                                         prefetch_factor=4 if workers else None)
+    loader = ds.loader(workers)
 
     def cpu() -> float:
         a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -154,7 +172,7 @@ def read_only(slide_path: Path, stride_px: int, workers: int, passes: int = 3) -
     for region, index, offsets, seconds in loader:
         if t_first is None:
             t_first = time.perf_counter() - t0
-        patches = cut_patches(region, offsets, 96)
+        patches = cut_patches(ds.region(region), offsets, 96)
         n += len(patches)
         read_cpu += float(seconds)
     dt, used = time.perf_counter() - t0, cpu() - c0
@@ -240,9 +258,9 @@ def main() -> int:
             timings = json.loads(run_json.read_text())["timings"] if run_json.exists() else {}
             rec = {"bench": "wsi_infer", "stride_px": stride, "precision": precision, "device": args.device,
                    "returncode": m["returncode"], "seconds_wall": round(m["seconds"], 2),
-                   "peak_rss_mb": m["peak_rss_mb"], **{k: timings.get(k) for k in (
+                   "peak_rss_mb": m["peak_rss_mb"], "peak_pss_mb": m["peak_pss_mb"], **{k: timings.get(k) for k in (
                        "n_patches", "patches_per_s", "seconds_total", "seconds_read_cpu",
-                       "seconds_wait_for_reads", "seconds_model", "precision", "workers")}}
+                       "seconds_wait_for_reads", "seconds_model", "precision", "workers", "model_path")}}
             if timings.get("n_patches"):
                 rec["read_ms_per_patch"] = round(1000 * timings["seconds_read_cpu"] / timings["n_patches"], 4)
                 rec["end_to_end_patches_per_s"] = round(timings["n_patches"] / m["seconds"], 1)
@@ -268,8 +286,8 @@ def main() -> int:
         m = run_measured([args.wsinfer, "run", "--wsi-dir", str(wdir), "--results-dir", str(wout),
                           "--model-path", str(pkg / "torchscript_model.pt"), "--config", str(pkg / "config.json"),
                           *args.wsinfer_args], env=env)
-        rec = {"bench": "wsinfer", "args": args.wsinfer_args or "defaults", "returncode": m["returncode"], "seconds_wall": round(m["seconds"], 2),
-               "peak_rss_mb": m["peak_rss_mb"]}
+        rec = {"bench": "wsinfer", "args": args.wsinfer_args or "defaults", "returncode": m["returncode"],
+               "seconds_wall": round(m["seconds"], 2), "peak_rss_mb": m["peak_rss_mb"], "peak_pss_mb": m["peak_pss_mb"]}
         csvs = list((wout / "model-outputs-csv").glob("*.csv")) if wout.exists() else []
         if csvs:
             rec["n_patches"] = sum(1 for _ in open(csvs[0])) - 1

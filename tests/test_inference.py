@@ -253,3 +253,26 @@ def test_tifffile_tile_cache_decodes_shared_tiles_once(synthetic_slides, monkeyp
         slide.read_at_mpp((400, 400), (700, 700), 0.972)  # overlaps the first read
         assert first > 0 and len(decoded) - first < first
         assert len(decoded) == len(set(decoded))  # no tile decoded twice
+
+
+@pytest.mark.parametrize("workers,prefetch", [(1, 1), (2, 2)])
+def test_shared_slots_are_not_overwritten_while_the_main_process_cuts(synthetic_slides, workers, prefetch):
+    """Workers race ahead while the main process is slow: every region must still be its own."""
+    import time
+
+    from wsi_toolkit.inference import PatchBlocks
+
+    s = synthetic_slides(0.243, "tiff")
+    with open_slide(s.path) as slide:
+        blocks = plan_blocks(_grid(slide), block_cells=2)[:40]
+        ds = PatchBlocks(s.path, blocks, patch_px=96, spacing_um_px=0.972)
+        seen = 0
+        for i, (field, index, offsets, _) in enumerate(ds.loader(workers, prefetch_factor=prefetch)):
+            assert isinstance(field, tuple)  # sent through a slot, not pickled
+            time.sleep(0.01)  # the workers fill every slot they are allowed to meanwhile
+            b = blocks[i]
+            want = slide.read_at_mpp(b.region_l0_xy, b.region_px, 0.972)
+            assert np.array_equal(ds.region(field), want), f"block {i}: its slot was overwritten"
+            assert np.array_equal(index, b.index)
+            seen += 1
+    assert seen == len(blocks)

@@ -203,20 +203,25 @@ def _single_patch_blocks(patch_l0_xy: np.ndarray, patch_px: int) -> list[_Block]
 
 
 def keep_numpy(item):
-    """DataLoader ``collate_fn`` that leaves items as they are: numpy arrays travel to the main
-    process pickled through the worker's pipe, which costs less than torch's shared-memory
-    tensors (one file descriptor, mmap and page faults per tensor; 3x slower at stride 32)."""
+    """DataLoader ``collate_fn`` that leaves items as they are (small numpy arrays and tuples),
+    instead of turning them into shared-memory tensors (one file descriptor, mmap and page faults
+    per tensor: 3x slower reading at stride 32 than pickling them through the worker's pipe)."""
     return item
 
 
 class PatchBlocks(torch.utils.data.Dataset):
-    """Dataset whose item ``i`` is block ``i``: (region uint8 (H, W, 3), patch indices (n,),
-    patch offsets (n, 2) in the region, read seconds), numpy arrays (load with
-    ``collate_fn=keep_numpy``); :func:`cut_patches` cuts the patches.
+    """Dataset whose item ``i`` is block ``i``: (region, patch indices (n,), patch offsets (n, 2)
+    in the region, read seconds). Load it with :meth:`loader`; :meth:`region` turns the first
+    field into the uint8 (H, W, 3) region and :func:`cut_patches` cuts the patches.
 
     Each worker opens its own slide handle on first use (handles are not shared across processes),
     with a tile cache sized to hold a few rows of the level it reads
-    (:meth:`~wsi_toolkit.slide.SlideReader.reserve_tile_cache`).
+    (:meth:`~wsi_toolkit.slide.SlideReader.reserve_tile_cache`). Regions go to the main process
+    through a ring of shared-memory slots per worker, made before the workers start: the worker
+    copies the region into its next slot and sends only (worker, slot, h, w); nothing is pickled,
+    piped or mapped per item. A DataLoader keeps at most ``prefetch_factor`` items in flight per
+    worker and hands out the next index before returning an item, so ``prefetch_factor + 2``
+    slots per worker are never overwritten while the main process still cuts from them.
     """
 
     def __init__(self, slide_path: str | Path, blocks: list[_Block], *, patch_px: int, spacing_um_px: float,
@@ -228,9 +233,31 @@ class PatchBlocks(torch.utils.data.Dataset):
         self.mpp = mpp
         self.backend = backend
         self._slide = None
+        self._slots: torch.Tensor | None = None  # (workers, slots, max_h, max_w, 3) uint8, shared
+        self._served = 0
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+    def loader(self, workers: int, *, prefetch_factor: int = 4) -> torch.utils.data.DataLoader:
+        """A DataLoader over the blocks in this order with ``workers`` reader processes (0: read
+        in this process), shared-memory slots made for them."""
+        self._slots = None
+        if workers > 0 and self.blocks:
+            max_w = max(b.region_px[0] for b in self.blocks)
+            max_h = max(b.region_px[1] for b in self.blocks)
+            self._slots = torch.empty((workers, prefetch_factor + 2, max_h, max_w, 3), dtype=torch.uint8)
+            self._slots.share_memory_()
+        return torch.utils.data.DataLoader(
+            self, batch_size=None, shuffle=False, num_workers=workers, collate_fn=keep_numpy,
+            persistent_workers=False, prefetch_factor=prefetch_factor if workers else None)
+
+    def region(self, field) -> np.ndarray:
+        """The region of an item's first field (a view into a shared slot when read by a worker)."""
+        if isinstance(field, np.ndarray):
+            return field
+        worker, slot, h, w = field
+        return self._slots[worker, slot, :h, :w].numpy()
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -244,14 +271,20 @@ class PatchBlocks(torch.utils.data.Dataset):
             self._slide.reserve_tile_cache(self.spacing_um_px)
         b = self.blocks[i]
         region = self._slide.read_at_mpp(b.region_l0_xy, b.region_px, self.spacing_um_px)
-        # The region travels to the main process (shared memory), not its patches: at stride 32
-        # the patches hold every pixel 9 times.
-        return region, b.index, b.offsets_px, time.perf_counter() - t0
+        # The region travels to the main process, not its patches: at stride 32 the patches hold
+        # every pixel 9 times.
+        info = torch.utils.data.get_worker_info()
+        if info is None or self._slots is None:
+            return region, b.index, b.offsets_px, time.perf_counter() - t0
+        slot = self._served % self._slots.shape[1]
+        self._served += 1
+        h, w = region.shape[:2]
+        self._slots[info.id, slot, :h, :w].numpy()[...] = region
+        return (info.id, slot, h, w), b.index, b.offsets_px, time.perf_counter() - t0
 
 
 def cut_patches(region: np.ndarray, offsets_px: np.ndarray, patch_px: int) -> np.ndarray:
     """Patches (n, p, p, 3) of ``region`` (H, W, 3) at (x, y) ``offsets_px``, in one gather."""
-    region = np.ascontiguousarray(region)
     h, w, c = region.shape
     offsets_px = np.asarray(offsets_px)
     if len(offsets_px) and ((offsets_px < 0).any() or (offsets_px[:, 0] + patch_px > w).any()
@@ -430,10 +463,7 @@ def run_inference(
     blocks = [blocks[i] for i in worker_order(len(blocks), workers)]
     dataset = PatchBlocks(slide_path, blocks, patch_px=cfg.patch_size_pixels, spacing_um_px=cfg.spacing_um_px,
                           mpp=mpp, backend=backend)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=None, shuffle=False, num_workers=workers, collate_fn=keep_numpy,
-        persistent_workers=False, prefetch_factor=4 if workers else None,
-    )
+    loader = dataset.loader(workers)
     probs = np.zeros((n, cfg.num_classes if cfg.num_classes > 1 else 1), np.float32)
     read_s = wait_s = model_s = cut_s = 0.0
     bar = tqdm(total=n, desc=desc, unit="patch", disable=not config.progress or None, leave=False)
@@ -466,7 +496,7 @@ def run_inference(
             wait_s += time.perf_counter() - t_wait
             read_s += float(seconds)
             t0 = time.perf_counter()
-            block = torch.from_numpy(cut_patches(region, offsets, cfg.patch_size_pixels))
+            block = torch.from_numpy(cut_patches(dataset.region(region), offsets, cfg.patch_size_pixels))
             cut_s += time.perf_counter() - t0
             pending.append((block, torch.from_numpy(index)))
             n_pending += len(index)
