@@ -68,18 +68,37 @@ def _mem_tree_kb(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def run_measured(cmd: list[str], env: dict | None = None) -> dict:
-    """Run ``cmd``; wall seconds and peak RSS / PSS of its process tree (sampled every 0.1 s)."""
+def _gpu_sample() -> tuple[float, float] | None:
+    """(utilisation %, memory used MiB) of GPU 0 from nvidia-smi, or None."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
+                              "-i", "0"], capture_output=True, text=True, timeout=5).stdout
+        util, mem = (float(v) for v in out.strip().splitlines()[0].split(","))
+        return util, mem
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+def run_measured(cmd: list[str], env: dict | None = None, *, gpu: bool = False) -> dict:
+    """Run ``cmd``; wall seconds and peak RSS / PSS of its process tree (sampled every 0.1 s);
+    with ``gpu``, GPU utilisation and memory from nvidia-smi (sampled every 0.5 s)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     peak_rss = peak_pss = 0
+    gpu_samples: list[tuple[float, float]] = []
     done = threading.Event()
 
     def sample():
         nonlocal peak_rss, peak_pss
+        last_gpu = 0.0
         while not done.is_set():
             rss, pss = _mem_tree_kb(proc.pid)
             peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
+            if gpu and time.perf_counter() - last_gpu >= 0.5:
+                last_gpu = time.perf_counter()
+                g = _gpu_sample()
+                if g is not None:
+                    gpu_samples.append(g)
             time.sleep(0.1)
 
     th = threading.Thread(target=sample, daemon=True)
@@ -87,9 +106,17 @@ def run_measured(cmd: list[str], env: dict | None = None) -> dict:
     out, _ = proc.communicate()
     done.set()
     th.join()
-    return {"returncode": proc.returncode, "seconds": time.perf_counter() - t0,
-            "peak_rss_mb": round(peak_rss / 1024, 1), "peak_pss_mb": round(peak_pss / 1024, 1),
-            "output_tail": out[-2000:]}
+    rec = {"returncode": proc.returncode, "seconds": time.perf_counter() - t0,
+           "peak_rss_mb": round(peak_rss / 1024, 1), "peak_pss_mb": round(peak_pss / 1024, 1),
+           "output_tail": out[-2000:]}
+    if gpu_samples:
+        # Utilisation while the model runs: samples after the first busy one (start-up excluded).
+        busy = [u for u, _ in gpu_samples]
+        first = next((i for i, u in enumerate(busy) if u > 0), len(busy))
+        run = busy[first:] or [0.0]
+        rec.update({"gpu_util_mean_pct": round(sum(run) / len(run), 1), "gpu_util_max_pct": max(run),
+                    "gpu_mem_max_mib": max(m for _, m in gpu_samples), "gpu_samples": len(gpu_samples)})
+    return rec
 
 
 def _grid_blocks(slide_path: Path, stride_px: int):
@@ -186,6 +213,54 @@ def read_only(slide_path: Path, stride_px: int, workers: int, passes: int = 3) -
             "read_ms_per_patch": round(read_cpu / n * 1000, 4)}
 
 
+def precision_diff(slide_path: Path, n: int, device: str, batch_size: int, workers: int) -> dict:
+    """bf16 autocast vs fp32 on ``n`` patches of the slide: probability differences and speed.
+
+    A random ResNet50's probabilities sit at 0 or 1, where no difference shows; the final layer
+    is scaled so its logits spread over about +-3 on these patches (probabilities across (0, 1)).
+    Still RANDOM weights: this measures arithmetic, not accuracy.
+    """
+    import tempfile
+
+    import numpy as np
+    import torch
+    import torchvision
+
+    from wsi_toolkit.inference import InferenceConfig, cpu_has_fast_bf16, run_inference
+    from wsi_toolkit.model_package import Preprocess, load_model_package, pcam_config, save_model_package
+    from wsi_toolkit.slide import open_slide
+
+    grid, _ = _grid_blocks(slide_path, 96)
+    xy = grid.patch_l0_xy()[np.linspace(0, len(grid) - 1, min(n, len(grid))).astype(int)]
+    torch.manual_seed(0)
+    net = torchvision.models.resnet50(weights=None, num_classes=2).eval()
+    cfg = pcam_config(architecture="resnet50", input_size=96)
+    with open_slide(slide_path) as slide:
+        probe = np.stack([slide.read_at_mpp(p, (96, 96), 0.972) for p in xy[:64]])
+    with torch.no_grad():
+        gap = net(Preprocess(cfg)(torch.from_numpy(probe))) @ torch.tensor([-1.0, 1.0])
+        scale = 3.0 / max(float(gap.std()), 1e-6)
+        net.fc.weight.mul_(scale)
+        net.fc.bias.mul_(scale)
+        net.fc.bias[1] -= float(gap.mean()) * scale  # centre the logit gap on 0
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model_package(Path(tmp) / "m", net, cfg, overwrite=True)
+        pkg = load_model_package(Path(tmp) / "m")
+        got = {}
+        for precision in ("fp32", "bf16"):
+            got[precision] = run_inference(slide_path, xy, pkg, config=InferenceConfig(
+                workers=workers, progress=False, device=device, precision=precision, batch_size=batch_size))
+    p32, p16 = got["fp32"].probs[:, 1], got["bf16"].probs[:, 1]
+    d = np.abs(p32 - p16)
+    return {"bench": "precision", "patches": len(xy), "device": device, "cpu_native_bf16": cpu_has_fast_bf16(),
+            "prob_fp32_range": [round(float(p32.min()), 4), round(float(p32.max()), 4)],
+            "max_abs_prob_diff": round(float(d.max()), 5), "mean_abs_prob_diff": round(float(d.mean()), 5),
+            "label_flips_at_0.5": int(((p32 >= 0.5) != (p16 >= 0.5)).sum()),
+            "fp32_model_patches_per_s": round(len(xy) / got["fp32"].seconds_model, 1),
+            "bf16_model_patches_per_s": round(len(xy) / got["bf16"].seconds_model, 1),
+            "fp32_model_path": got["fp32"].extra.get("model_path"), "bf16_model_path": got["bf16"].extra.get("model_path")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("bench_data"))
@@ -198,9 +273,12 @@ def main() -> int:
     ap.add_argument("--read-workers", type=int, nargs="*", default=[1, 2],
                     help="worker counts for the reader-alone runs (plus --workers)")
     ap.add_argument("--read-passes", type=int, default=3, help="sweeps of the slide per reader-alone run")
-    ap.add_argument("--input-size", type=int, default=96, help="model input px (96 native, 224 the article's)")
+    ap.add_argument("--input-size", type=int, nargs="+", default=[96],
+                    help="model input px, one package each (96 native, 224 the article's); WSInfer uses the first")
+    ap.add_argument("--precision-diff", type=int, default=512, metavar="N",
+                    help="patches for the bf16-vs-fp32 probability comparison (part 'precision'; 0 = skip)")
     ap.add_argument("--skip-infer", action="store_true", help="only the decode floor and the reader")
-    ap.add_argument("--only", nargs="+", choices=["floor", "read", "infer", "wsinfer"], default=None,
+    ap.add_argument("--only", nargs="+", choices=["floor", "read", "infer", "wsinfer", "precision"], default=None,
                     help="run only these parts (default: all; wsinfer needs --wsinfer)")
     ap.add_argument("--wsinfer", default=None, help="path to a WSInfer 0.6.x `wsinfer` executable")
     ap.add_argument("--wsinfer-args", nargs="*", default=[],
@@ -220,22 +298,26 @@ def main() -> int:
         t = time.perf_counter()
         write_synthetic_slide(slide, make_spec(tissue_mm2=args.tissue_mm2, seed=7), mpp=0.243)
         print(json.dumps({"made_slide": str(slide), "seconds": round(time.perf_counter() - t, 1)}), flush=True)
-    pkg = args.data / f"resnet50_random_{args.input_size}"
-    cfg = pcam_config(architecture="resnet50", input_size=args.input_size,
-                      extra={"synthetic": True, "description": "RANDOM weights, for timing only"})
-    cfg_path = pkg / "config.json"
-    # Re-made when the config changed (e.g. packages before the always-present Resize step, which
-    # WSInfer needs to bring its level-0 reads to the model's input size).
-    old = json.loads(cfg_path.read_text()).get("transform") if cfg_path.exists() else None
-    if old != cfg.to_dict()["transform"]:
-        torch.manual_seed(0)
-        net = torchvision.models.resnet50(weights=None, num_classes=2)
-        save_model_package(pkg, net, cfg, overwrite=True)
+    pkgs = {}
+    for size in args.input_size:
+        pkg = pkgs[size] = args.data / f"resnet50_random_{size}"
+        cfg = pcam_config(architecture="resnet50", input_size=size,
+                          extra={"synthetic": True, "description": "RANDOM weights, for timing only"})
+        cfg_path = pkg / "config.json"
+        # Re-made when the config changed (e.g. packages before the always-present Resize step, which
+        # WSInfer needs to bring its level-0 reads to the model's input size).
+        old = json.loads(cfg_path.read_text()).get("transform") if cfg_path.exists() else None
+        if old != cfg.to_dict()["transform"]:
+            torch.manual_seed(0)
+            net = torchvision.models.resnet50(weights=None, num_classes=2)
+            save_model_package(pkg, net, cfg, overwrite=True)
+    pkg = pkgs[args.input_size[0]]
     machine = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
                "python": platform.python_version(), "torch": torch.__version__,
                "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
-    print(json.dumps({"bench": "setup", "slide": str(slide), "package": str(pkg), **machine}), flush=True)
-    parts = set(args.only or ["floor", "read", "infer", "wsinfer"])
+    print(json.dumps({"bench": "setup", "slide": str(slide), "packages": [str(p) for p in pkgs.values()],
+                      **machine}), flush=True)
+    parts = set(args.only or ["floor", "read", "infer", "wsinfer", "precision"])
     if args.skip_infer:
         parts -= {"infer", "wsinfer"}
     if "floor" in parts:
@@ -247,27 +329,34 @@ def main() -> int:
                 print(json.dumps(read_only(slide, stride, w, passes=args.read_passes)), flush=True)
     exe = shutil.which("wsi-infer", path=str(Path(sys.executable).parent)) or "wsi-infer"
     results = {}
-    for precision in args.precision if "infer" in parts else []:
-        for stride in args.strides:
-            out = args.data / f"out_s{stride}_{precision}"
-            cmd = [exe, str(slide), "--model", str(pkg), "--out", str(out), "--stride-px", str(stride),
-                   "--precision", precision, "--device", args.device, "--batch-size", str(args.batch_size),
-                   "--overwrite", "--no-progress", "--workers", str(workers)]
-            m = run_measured(cmd)
-            run_json = out / slide.stem / "run.json"
-            timings = json.loads(run_json.read_text())["timings"] if run_json.exists() else {}
-            rec = {"bench": "wsi_infer", "stride_px": stride, "precision": precision, "device": args.device,
-                   "returncode": m["returncode"], "seconds_wall": round(m["seconds"], 2),
-                   "peak_rss_mb": m["peak_rss_mb"], "peak_pss_mb": m["peak_pss_mb"], **{k: timings.get(k) for k in (
-                       "n_patches", "patches_per_s", "seconds_total", "seconds_read_cpu",
-                       "seconds_wait_for_reads", "seconds_model", "precision", "workers", "model_path")}}
-            if timings.get("n_patches"):
-                rec["read_ms_per_patch"] = round(1000 * timings["seconds_read_cpu"] / timings["n_patches"], 4)
-                rec["end_to_end_patches_per_s"] = round(timings["n_patches"] / m["seconds"], 1)
-            if m["returncode"]:
-                rec["output_tail"] = m["output_tail"]
+    runs = [(size, precision, stride) for size in args.input_size for precision in args.precision
+            for stride in args.strides] if "infer" in parts else []
+    for size, precision, stride in runs:
+        out = args.data / f"out_s{stride}_{precision}_{size}"
+        cmd = [exe, str(slide), "--model", str(pkgs[size]), "--out", str(out), "--stride-px", str(stride),
+               "--precision", precision, "--device", args.device, "--batch-size", str(args.batch_size),
+               "--overwrite", "--no-progress", "--workers", str(workers)]
+        m = run_measured(cmd, gpu=args.device.startswith("cuda"))
+        run_json = out / slide.stem / "run.json"
+        timings = json.loads(run_json.read_text())["timings"] if run_json.exists() else {}
+        rec = {"bench": "wsi_infer", "input_px": size, "stride_px": stride, "precision": precision,
+               "device": args.device, "batch_size": args.batch_size,
+               "returncode": m["returncode"], "seconds_wall": round(m["seconds"], 2),
+               "peak_rss_mb": m["peak_rss_mb"], "peak_pss_mb": m["peak_pss_mb"], **{k: timings.get(k) for k in (
+                   "n_patches", "patches_per_s", "seconds_total", "seconds_read_cpu",
+                   "seconds_wait_for_reads", "seconds_model", "precision", "workers", "model_path")}}
+        if timings.get("n_patches"):
+            rec["read_ms_per_patch"] = round(1000 * timings["seconds_read_cpu"] / timings["n_patches"], 4)
+            rec["end_to_end_patches_per_s"] = round(timings["n_patches"] / m["seconds"], 1)
+        rec.update({k: v for k, v in m.items() if k.startswith("gpu_")})
+        if m["returncode"]:
+            rec["output_tail"] = m["output_tail"]
+        if size == args.input_size[0]:
             results[(precision, stride)] = rec
-            print(json.dumps(rec), flush=True)
+        print(json.dumps(rec), flush=True)
+    if "precision" in parts and args.precision_diff:
+        print(json.dumps(precision_diff(slide, args.precision_diff, args.device, args.batch_size, workers)),
+              flush=True)
     if args.wsinfer and "wsinfer" in parts:
         # WSInfer 0.6.x reads level 0 for every patch; it fetches its model registry at start-up,
         # so run it offline with an empty registry (see BENCHMARKS.md).

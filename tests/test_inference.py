@@ -276,3 +276,36 @@ def test_shared_slots_are_not_overwritten_while_the_main_process_cuts(synthetic_
             assert np.array_equal(index, b.index)
             seen += 1
     assert seen == len(blocks)
+
+
+def test_fused_cpu_graph_pads_a_short_last_batch(synthetic_slides, tmp_path):
+    """41 patches in batches of 8: the last batch (1 patch) runs padded to 8, same probabilities."""
+    s = synthetic_slides(0.243, "tiff")
+    pkg = _small_cnn_package(tmp_path)
+    xy = _xy(s, n=41)
+    fast = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8,
+                                                                 device="cpu", precision="fp32"))
+    plain = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8,
+                                                                  device="cpu", precision="fp32", optimize=False))
+    assert fast.extra["model_path"] == "frozen+onednn-fusion"
+    assert np.abs(fast.probs - plain.probs).max() < 1e-5
+
+
+def test_cpu_graph_pads_to_the_first_batch_size():
+    from wsi_toolkit.inference import _CpuGraph
+    from wsi_toolkit.model_package import quiet_torchscript_deprecation
+
+    class Net(torch.nn.Module):
+        def forward(self, x):
+            return x.flatten(1).sum(1, keepdim=True).repeat(1, 2)
+
+    with quiet_torchscript_deprecation():
+        net = torch.jit.script(Net().eval())
+    shapes = []
+    with _CpuGraph(net, fuse=True) as graph:
+        real = graph._fused
+        graph._fused = lambda x: shapes.append(tuple(x.shape)) or real(x)
+        a = graph(torch.ones(4, 3, 2, 2))
+        b = graph(torch.full((1, 3, 2, 2), 2.0))
+    assert shapes == [(4, 3, 2, 2), (4, 3, 2, 2)]  # the short batch ran at the compiled size
+    assert a.shape == (4, 2) and b.shape == (1, 2) and float(b[0, 0]) == 24.0

@@ -373,14 +373,20 @@ class _CpuGraph:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused is None:
             return self._model(x)
+        n = x.shape[0]
+        # The fused graph is compiled per input shape (~1-2 s each on 2 cores): a short last batch
+        # is padded to the size seen first instead (patches are independent in eval mode).
+        self._batch = max(getattr(self, "_batch", 0), n)
+        if n < self._batch:
+            x = torch.cat([x, x.new_zeros((self._batch - n, *x.shape[1:]))])
         try:
-            return self._fused(x)
+            return self._fused(x)[:n]
         except RuntimeError as exc:
             log.warning("oneDNN-fused graph failed (%s); continuing with optimize_for_inference", exc)
             self._fused = None
             torch.jit.enable_onednn_fusion(self._was_enabled)
             self._use_optimized()
-            return self._model(x)
+            return self._model(x[:n])
 
     def __exit__(self, *exc) -> None:
         torch.jit.enable_onednn_fusion(self._was_enabled)
