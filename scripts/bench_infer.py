@@ -274,7 +274,8 @@ def main() -> int:
     ap.add_argument("--precision", nargs="+", default=["auto"])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=None)
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--batch-size", default="auto", type=lambda v: v if v == "auto" else int(v),
+                    help="N or auto (64 on CPU; on CUDA what fills half the free GPU memory)")
     ap.add_argument("--read-workers", type=int, nargs="*", default=[1, 2],
                     help="worker counts for the reader-alone runs (plus --workers)")
     ap.add_argument("--read-passes", type=int, default=3, help="sweeps of the slide per reader-alone run")

@@ -224,3 +224,15 @@ def test_missing_model_fails_before_any_slide(align_slides, tmp_path, capsys):
     code = infer([align_slides[0.243].path], tmp_path / "no_model", tmp_path / "out")
     assert code == 2
     assert "no_model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value,ok", [("auto", True), ("32", True), ("0", False), ("lots", False)])
+def test_batch_size_option(align_slides, model_dir, tmp_path, capsys, value, ok):
+    code = infer([align_slides[0.243].path], model_dir, tmp_path, "--batch-size", value)
+    if ok:
+        assert code == 0
+        run = json.loads((tmp_path / align_slides[0.243].path.stem / "run.json").read_text())
+        assert run["timings"]["batch_size"] == (64 if value == "auto" else int(value))
+    else:
+        assert code != 0
+        assert "positive integer or 'auto'" in capsys.readouterr().err

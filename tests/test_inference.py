@@ -309,3 +309,28 @@ def test_cpu_graph_pads_to_the_first_batch_size():
         b = graph(torch.full((1, 3, 2, 2), 2.0))
     assert shapes == [(4, 3, 2, 2), (4, 3, 2, 2)]  # the short batch ran at the compiled size
     assert a.shape == (4, 2) and b.shape == (1, 2) and float(b[0, 0]) == 24.0
+
+
+def test_batch_for_memory_fills_the_given_fraction():
+    from wsi_toolkit.inference import batch_for_memory
+
+    mib, gib = 2**20, 2**30
+    assert batch_for_memory(10 * mib, 10 * gib) == 256  # 512 would need 5.0 GiB + > half of 10 GiB
+    assert batch_for_memory(10 * mib, 10 * gib, fraction=0.9) == 512
+    assert batch_for_memory(1 * mib, 80 * gib) == 1024  # capped
+    assert batch_for_memory(1 * gib, 1 * gib) == 64  # never below the probe size
+
+
+@pytest.mark.parametrize("bad", [0, -3, "big", True, 2.5])
+def test_batch_size_is_a_positive_int_or_auto(bad):
+    assert InferenceConfig(batch_size="auto").nominal_batch_size() == 64
+    assert InferenceConfig(batch_size=17).nominal_batch_size() == 17
+    with pytest.raises(ConfigError, match="batch_size"):
+        InferenceConfig(batch_size=bad)
+
+
+def test_auto_batch_size_on_cpu_is_the_cpu_choice(synthetic_slides, tmp_path):
+    s = synthetic_slides(0.243, "tiff")
+    pkg = load_model_package(make_colour_rule_package(tmp_path / "m", input_size=96).path)
+    r = run_inference(s.path, _xy(s, n=150), pkg, config=InferenceConfig(workers=0, progress=False, device="cpu"))
+    assert r.batch_size == 64 and r.timings()["batch_size"] == 64

@@ -30,12 +30,17 @@ from wsi_toolkit.model_package import ModelPackage, Preprocess, quiet_torchscrip
 from wsi_toolkit.slide import open_slide
 from wsi_toolkit.tiling import PatchGrid
 
-__all__ = ["InferenceConfig", "InferenceResult", "PatchBlocks", "cut_patches", "keep_numpy", "plan_blocks",
-           "resolve_device", "run_inference", "worker_order"]
+__all__ = ["CPU_BATCH_SIZE", "InferenceConfig", "InferenceResult", "PatchBlocks", "batch_for_memory",
+           "cuda_batch_size", "cut_patches", "keep_numpy", "plan_blocks", "resolve_device", "run_inference",
+           "worker_order"]
 
 log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
+
+#: ``batch_size="auto"`` off CUDA: ResNet50 at 96 px on a 2-core AVX2 CPU runs 64 p/s at 32,
+#: 80 at 64 and 61 at 128 (larger batches leave the caches), see BENCHMARKS.md.
+CPU_BATCH_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ class InferenceConfig:
     ``block_cells`` sets the number of cells directly instead.
     """
 
-    batch_size: int = 64
+    batch_size: int | Literal["auto"] = "auto"
     workers: int | None = None
     device: str = "auto"
     precision: Precision = "auto"
@@ -62,8 +67,9 @@ class InferenceConfig:
     optimize: bool = True
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.batch_size, int) and self.batch_size > 0):
-            raise ConfigError(f"batch_size must be a positive integer; got {self.batch_size!r}")
+        if self.batch_size != "auto" and not (isinstance(self.batch_size, int) and not isinstance(self.batch_size, bool)
+                                              and self.batch_size > 0):
+            raise ConfigError(f"batch_size must be a positive integer or 'auto'; got {self.batch_size!r}")
         if self.workers is not None and not (isinstance(self.workers, int) and self.workers >= 0):
             raise ConfigError(f"workers must be a non-negative integer; got {self.workers!r}")
         if self.block_cells is not None and not (isinstance(self.block_cells, int) and self.block_cells > 0):
@@ -79,6 +85,11 @@ class InferenceConfig:
         if self.block_cells is not None:
             return self.block_cells
         return max(1, (self.block_px - patch_px) // stride_px + 1)
+
+    def nominal_batch_size(self) -> int:
+        """``batch_size``, or for ``"auto"`` the CPU choice (:data:`CPU_BATCH_SIZE`); on CUDA
+        ``"auto"`` is settled by :func:`cuda_batch_size` once the model is on the device."""
+        return CPU_BATCH_SIZE if self.batch_size == "auto" else self.batch_size
 
     def n_workers(self) -> int:
         if self.workers is not None:
@@ -420,6 +431,34 @@ def _prepare_model(model: torch.nn.Module, device: torch.device, *, optimize: bo
     return _Plain(model, "plain")
 
 
+def batch_for_memory(per_patch_bytes: float, free_bytes: float, *, start: int = 64, cap: int = 1024,
+                     fraction: float = 0.5) -> int:
+    """The largest ``start * 2**k <= cap`` whose forward-pass memory (``per_patch_bytes`` each)
+    fits in ``fraction`` of ``free_bytes``; ``start`` at least."""
+    bs = start
+    while bs * 2 <= cap and bs * 2 * per_patch_bytes <= fraction * free_bytes:
+        bs *= 2
+    return bs
+
+
+def cuda_batch_size(model, preprocess: torch.nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
+                    patch_px: int, *, probe: int = 64, cap: int = 1024, fraction: float = 0.5) -> int:
+    """Batch size that fills the GPU: one forward pass of ``probe`` patches (as inference runs
+    them: uint8 -> preprocess -> channels_last -> autocast) measures the memory a patch needs,
+    then :func:`batch_for_memory` against the free memory. The probe also warms up cuDNN."""
+    x = torch.zeros((probe, patch_px, patch_px, 3), dtype=torch.uint8, device=device)
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype or torch.float16, enabled=amp_dtype is not None):
+        model(preprocess(x).contiguous(memory_format=torch.channels_last))
+    torch.cuda.synchronize(device)
+    per_patch = max(1.0, (torch.cuda.max_memory_allocated(device) - base) / probe)
+    free, _ = torch.cuda.mem_get_info(device)
+    return batch_for_memory(per_patch, free, start=probe, cap=cap, fraction=fraction)
+
+
 def _probabilities(logits: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     if logits.ndim == 1:
@@ -463,9 +502,13 @@ def run_inference(
         blocks = _single_patch_blocks(patches, cfg.patch_size_pixels)
         n = len(blocks)
     model = _prepare_model(package.model, device, amp_dtype=amp_dtype,
-                           optimize=config.optimize and n >= 2 * config.batch_size)
+                           optimize=config.optimize and n >= 2 * config.nominal_batch_size())
     preprocess = Preprocess(cfg).to(device)
-    workers = config.n_workers() if n > config.batch_size else 0
+    batch_size = config.nominal_batch_size()
+    if config.batch_size == "auto" and device.type == "cuda" and n > batch_size:
+        batch_size = cuda_batch_size(model, preprocess, device, amp_dtype, cfg.patch_size_pixels)
+        log.info("batch size %d (auto: fills half the free GPU memory, at most 1024)", batch_size)
+    workers = config.n_workers() if n > config.nominal_batch_size() else 0
     blocks = [blocks[i] for i in worker_order(len(blocks), workers)]
     dataset = PatchBlocks(slide_path, blocks, patch_px=cfg.patch_size_pixels, spacing_um_px=cfg.spacing_um_px,
                           mpp=mpp, backend=backend)
@@ -507,10 +550,10 @@ def run_inference(
             pending.append((block, torch.from_numpy(index)))
             n_pending += len(index)
             # Blocks vary in size: re-batch to exactly batch_size patches per forward pass.
-            while n_pending >= config.batch_size:
+            while n_pending >= batch_size:
                 batch, idx = torch.cat([b for b, _ in pending]), torch.cat([i for _, i in pending])
-                model_s += predict(batch[: config.batch_size], idx[: config.batch_size])
-                rest = (batch[config.batch_size :], idx[config.batch_size :])
+                model_s += predict(batch[:batch_size], idx[:batch_size])
+                rest = (batch[batch_size:], idx[batch_size:])
                 pending, n_pending = ([rest] if len(rest[1]) else []), len(rest[1])
             t_wait = time.perf_counter()
         if n_pending:
@@ -519,6 +562,6 @@ def run_inference(
     return InferenceResult(
         probs=probs, device=str(device), precision=precision, n_patches=n,
         seconds_total=time.perf_counter() - t_start, seconds_read=read_s, seconds_wait=wait_s,
-        seconds_model=model_s, workers=workers, batch_size=config.batch_size,
+        seconds_model=model_s, workers=workers, batch_size=batch_size,
         extra={"seconds_cut_patches": round(cut_s, 4), "n_regions": len(blocks), "model_path": model.path},
     )

@@ -12,6 +12,21 @@ from wsi_toolkit.pipeline import RunConfig, run_batch
 from wsi_toolkit.slide import find_slides
 
 
+class _BatchSize(click.ParamType):
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if value == "auto" or isinstance(value, int):
+            return value
+        try:
+            n = int(value)
+        except ValueError:
+            self.fail(f"{value!r} is not a positive integer or 'auto'", param, ctx)
+        if n <= 0:
+            self.fail(f"{value!r} is not a positive integer or 'auto'", param, ctx)
+        return n
+
+
 @click.command(name="wsi-infer", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
@@ -26,7 +41,9 @@ from wsi_toolkit.slide import find_slides
 @click.option("--threshold", type=float, default=0.5, show_default=True, help="Probability for tumour regions.")
 @click.option("--min-tissue", type=float, default=0.5, show_default=True,
               help="Predict a grid cell when tissue covers at least this fraction of it.")
-@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=_BatchSize(), default="auto", show_default=True,
+              help="Patches per forward pass; auto: 64 on CPU, on CUDA what fills half the free GPU memory "
+                   "(at most 1024).")
 @click.option("--workers", type=int, default=None, help="Reader processes [default: min(4, cpus - 1)].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
