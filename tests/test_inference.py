@@ -315,8 +315,8 @@ def test_batch_for_memory_fills_the_given_fraction():
     from wsi_toolkit.inference import batch_for_memory
 
     mib, gib = 2**20, 2**30
-    assert batch_for_memory(10 * mib, 10 * gib) == 256  # 512 would need 5.0 GiB + > half of 10 GiB
-    assert batch_for_memory(10 * mib, 10 * gib, fraction=0.9) == 512
+    assert batch_for_memory(10 * mib, 9 * gib) == 256  # 512 would need 5 GiB > half of 9 GiB
+    assert batch_for_memory(10 * mib, 9 * gib, fraction=0.9) == 512  # 1024 would need 10 GiB
     assert batch_for_memory(1 * mib, 80 * gib) == 1024  # capped
     assert batch_for_memory(1 * gib, 1 * gib) == 64  # never below the probe size
 
