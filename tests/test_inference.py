@@ -104,7 +104,7 @@ def test_device_resolution():
 
 
 @pytest.mark.parametrize("kwargs", [dict(batch_size=0), dict(workers=-1), dict(precision="fp8"), dict(block_cells=0),
-                                    dict(block_px=0)])
+                                    dict(block_px=0), dict(block_patches=0)])
 def test_bad_inference_config(kwargs):
     with pytest.raises(ConfigError):
         InferenceConfig(**kwargs)
@@ -214,9 +214,11 @@ def test_worker_order_gives_each_worker_a_contiguous_run(n, workers):
 
 def test_block_size_follows_the_stride():
     cfg = InferenceConfig()
-    assert cfg.cells_per_block(patch_px=96, stride_px=96) == 8  # 768 px regions
-    assert cfg.cells_per_block(patch_px=96, stride_px=32) == 22  # 21 * 32 + 96 = 768 px
-    assert cfg.cells_per_block(patch_px=1024, stride_px=512) == 1
+    assert cfg.cells_per_block(patch_px=96, stride_px=96) == 16  # 1536 px regions, 256 patches
+    assert cfg.cells_per_block(patch_px=96, stride_px=32) == 22  # 484 patches (<= 512), 768 px
+    assert cfg.cells_per_block(patch_px=96, stride_px=48) == 22  # 22 * 48 + 48 = 1104 px
+    assert cfg.cells_per_block(patch_px=2048, stride_px=512) == 1  # a patch larger than block_px: 1 cell
+    assert InferenceConfig(block_px=768).cells_per_block(patch_px=96, stride_px=96) == 8
     assert InferenceConfig(block_cells=3).cells_per_block(patch_px=96, stride_px=32) == 3
 
 

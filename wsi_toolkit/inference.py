@@ -52,8 +52,12 @@ class InferenceConfig:
     bf16 (AVX512-BF16/AMX) bf16 autocast, else fp32; fp32 on MPS. ``fp32`` gives exact parity.
     ``optimize``: on CPU, freeze a TorchScript model and apply ``optimize_for_inference``
     (conv-batchnorm folding, oneDNN layouts); results differ from the plain model by float rounding.
-    ``block_px``: patches are cut from region reads about ``block_px`` model px on a side (blocks
-    of ``(block_px - patch_px) // stride_px + 1`` cells; at least one), see :func:`plan_blocks`;
+    ``block_px``, ``block_patches``: patches are cut from region reads up to ``block_px`` model px
+    on a side holding up to ``block_patches`` patches (blocks of ``min((block_px - patch_px) //
+    stride_px + 1, isqrt(block_patches))`` cells a side, at least one), see :func:`plan_blocks`.
+    Large regions spread the per-read cost (~1 ms to hand a region from a worker to the main
+    process); the patch cap keeps the patches cut from one region (27 kB each at 96 px) in cache:
+    at stride 96 that is 16 x 16 cells (1536 px), at stride 32 22 x 22 (768 px, BENCHMARKS.md);
     ``block_cells`` sets the number of cells directly instead.
     """
 
@@ -63,7 +67,8 @@ class InferenceConfig:
     precision: Precision = "auto"
     progress: bool = True
     block_cells: int | None = None
-    block_px: int = 768
+    block_px: int = 1536
+    block_patches: int = 512
     optimize: bool = True
 
     def __post_init__(self) -> None:
@@ -76,15 +81,18 @@ class InferenceConfig:
             raise ConfigError(f"block_cells must be a positive integer or None; got {self.block_cells!r}")
         if not (isinstance(self.block_px, int) and self.block_px > 0):
             raise ConfigError(f"block_px must be a positive integer; got {self.block_px!r}")
+        if not (isinstance(self.block_patches, int) and self.block_patches > 0):
+            raise ConfigError(f"block_patches must be a positive integer; got {self.block_patches!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ConfigError(f"precision must be auto, fp32, bf16 or fp16; got {self.precision!r}")
         resolve_device(self.device)  # validates
 
     def cells_per_block(self, *, patch_px: int, stride_px: int) -> int:
-        """``block_cells``, or the number of cells whose patches fill about ``block_px`` px."""
+        """``block_cells``, or the cells a side whose patches fill at most ``block_px`` px and
+        number at most ``block_patches``."""
         if self.block_cells is not None:
             return self.block_cells
-        return max(1, (self.block_px - patch_px) // stride_px + 1)
+        return max(1, min((self.block_px - patch_px) // stride_px + 1, math.isqrt(self.block_patches)))
 
     def nominal_batch_size(self) -> int:
         """``batch_size``, or for ``"auto"`` the CPU choice (:data:`CPU_BATCH_SIZE`); on CUDA
