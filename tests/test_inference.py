@@ -336,3 +336,31 @@ def test_auto_batch_size_on_cpu_is_the_cpu_choice(synthetic_slides, tmp_path):
     pkg = load_model_package(make_colour_rule_package(tmp_path / "m", input_size=96).path)
     r = run_inference(s.path, _xy(s, n=150), pkg, config=InferenceConfig(workers=0, progress=False, device="cpu"))
     assert r.batch_size == 64 and r.timings()["batch_size"] == 64
+
+
+def test_cuda_batch_size_probe_logic_with_a_fake_gpu(monkeypatch):
+    """The probe's arithmetic and calls, with torch.cuda's memory functions faked (no GPU here):
+    64 patches raise the peak by 64 MiB -> 1 MiB a patch; 900 MiB free -> 256 fit in half."""
+    from wsi_toolkit.inference import cuda_batch_size
+    from wsi_toolkit.model_package import pcam_config
+
+    mib = 2**20
+    state = {"peak": 0}
+    calls = []
+
+    def model(x):
+        calls.append(tuple(x.shape))
+        state["peak"] = 100 * mib + x.shape[0] * mib
+        return torch.zeros((x.shape[0], 2))
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100 * mib)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: state.update(peak=0))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: state["peak"])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (900 * mib, 1000 * mib))
+    from wsi_toolkit.model_package import Preprocess
+
+    bs = cuda_batch_size(model, Preprocess(pcam_config(input_size=224)), torch.device("cpu"), None, 96)
+    assert calls == [(64, 3, 224, 224)]  # one probe of uint8 96 px patches, resized like inference
+    assert bs == 256
