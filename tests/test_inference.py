@@ -364,3 +364,26 @@ def test_cuda_batch_size_probe_logic_with_a_fake_gpu(monkeypatch):
     bs = cuda_batch_size(model, Preprocess(pcam_config(input_size=224)), torch.device("cpu"), None, 96)
     assert calls == [(64, 3, 224, 224)]  # one probe of uint8 96 px patches, resized like inference
     assert bs == 256
+
+
+def test_without_room_in_dev_shm_regions_go_through_pipes(synthetic_slides, tmp_path, monkeypatch, caplog):
+    """A container with a tiny /dev/shm: no slots, regions pickled, the same probabilities."""
+    import logging
+
+    from wsi_toolkit import inference
+
+    s = synthetic_slides(0.243, "tiff")
+    pkg = load_model_package(make_colour_rule_package(tmp_path / "m", input_size=96).path)
+    with open_slide(s.path) as slide:
+        grid = _grid(slide)
+    cfg = InferenceConfig(workers=2, progress=False, batch_size=16)
+    with_slots = run_inference(s.path, grid, pkg, config=cfg).probs
+    monkeypatch.setattr(inference, "_shm_free_bytes", lambda: 1024)
+    with caplog.at_level(logging.INFO, logger="wsi_toolkit.inference"):
+        piped = run_inference(s.path, grid, pkg, config=cfg).probs
+    assert "go through pipes" in caplog.text
+    assert np.array_equal(with_slots, piped)
+    blocks = plan_blocks(grid)[:3]
+    ds = inference.PatchBlocks(s.path, blocks, patch_px=96, spacing_um_px=0.972)
+    items = list(ds.loader(1))
+    assert all(isinstance(field, np.ndarray) for field, *_ in items)

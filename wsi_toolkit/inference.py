@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -50,8 +51,9 @@ class InferenceConfig:
     ``workers=None`` picks ``min(4, cpu_count - 1)`` reader processes (0 = read in this process).
     ``precision="auto"``: on CUDA bf16 autocast where supported, else fp16; on a CPU with native
     bf16 (AVX512-BF16/AMX) bf16 autocast, else fp32; fp32 on MPS. ``fp32`` gives exact parity.
-    ``optimize``: on CPU, freeze a TorchScript model and apply ``optimize_for_inference``
-    (conv-batchnorm folding, oneDNN layouts); results differ from the plain model by float rounding.
+    ``optimize``: on CPU, freeze a TorchScript model and fuse it with oneDNN Graph (fp32) or apply
+    ``optimize_for_inference`` (bf16), see :class:`_CpuGraph`; results differ from the plain model
+    by float rounding.
     ``block_px``, ``block_patches``: patches are cut from region reads up to ``block_px`` model px
     on a side holding up to ``block_patches`` patches (blocks of ``min((block_px - patch_px) //
     stride_px + 1, isqrt(block_patches))`` cells a side, at least one), see :func:`plan_blocks`.
@@ -221,6 +223,14 @@ def _single_patch_blocks(patch_l0_xy: np.ndarray, patch_px: int) -> list[_Block]
             for i, (x, y) in enumerate(xy)]
 
 
+def _shm_free_bytes() -> int | None:
+    """Free bytes in /dev/shm (where torch puts shared memory on Linux), or None elsewhere."""
+    try:
+        return shutil.disk_usage("/dev/shm").free
+    except OSError:
+        return None
+
+
 def keep_numpy(item):
     """DataLoader ``collate_fn`` that leaves items as they are (small numpy arrays and tuples),
     instead of turning them into shared-memory tensors (one file descriptor, mmap and page faults
@@ -265,8 +275,18 @@ class PatchBlocks(torch.utils.data.Dataset):
         if workers > 0 and self.blocks:
             max_w = max(b.region_px[0] for b in self.blocks)
             max_h = max(b.region_px[1] for b in self.blocks)
-            self._slots = torch.empty((workers, prefetch_factor + 2, max_h, max_w, 3), dtype=torch.uint8)
-            self._slots.share_memory_()
+            shape = (workers, prefetch_factor + 2, max_h, max_w, 3)
+            need = math.prod(shape)
+            free = _shm_free_bytes()
+            if free is not None and need > free // 2:
+                # Containers often have a 64 MiB /dev/shm: regions are then pickled through the
+                # workers' pipes instead (slower, but needs no shared memory).
+                log.info("shared-memory slots need %.0f MiB, /dev/shm has %.0f MiB free: regions go "
+                         "through pipes (raise the container's --shm-size for faster reading)",
+                         need / 2**20, free / 2**20)
+            else:
+                self._slots = torch.empty(shape, dtype=torch.uint8)
+                self._slots.share_memory_()
         return torch.utils.data.DataLoader(
             self, batch_size=None, shuffle=False, num_workers=workers, collate_fn=keep_numpy,
             persistent_workers=False, prefetch_factor=prefetch_factor if workers else None)
