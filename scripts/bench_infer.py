@@ -376,7 +376,7 @@ def run_wsi_infer(exe: str, slide: Path, pkg: Path, data: Path, size: int, preci
     out = data / f"out_s{stride}_{precision}_{size}"
     cmd = [exe, str(slide), "--model", str(pkg), "--out", str(out), "--stride-px", str(stride),
            "--precision", precision, "--device", args.device, "--batch-size", str(args.batch_size),
-           "--overwrite", "--no-progress", "--workers", str(workers)]
+           "--overwrite", "--no-progress", *(["--workers", str(args.workers)] if args.workers is not None else [])]
     m = run_measured(cmd, gpu=args.device.startswith("cuda"))
     run_json = out / slide.stem / "run.json"
     timings = json.loads(run_json.read_text())["timings"] if run_json.exists() and not m["returncode"] else {}

@@ -387,3 +387,14 @@ def test_without_room_in_dev_shm_regions_go_through_pipes(synthetic_slides, tmp_
     ds = inference.PatchBlocks(s.path, blocks, patch_px=96, spacing_um_px=0.972)
     items = list(ds.loader(1))
     assert all(isinstance(field, np.ndarray) for field, *_ in items)
+
+
+def test_default_readers_leave_the_cores_to_the_model_on_cpu(monkeypatch):
+    from wsi_toolkit import inference
+
+    cfg = InferenceConfig()
+    for cpus, on_cpu, on_gpu in [(1, 0, 0), (2, 1, 1), (16, 1, 4), (64, 1, 4)]:
+        monkeypatch.setattr(inference.os, "cpu_count", lambda cpus=cpus: cpus)
+        assert cfg.n_workers(torch.device("cpu")) == on_cpu
+        assert cfg.n_workers(torch.device("cuda")) == on_gpu
+    assert InferenceConfig(workers=3).n_workers(torch.device("cpu")) == 3

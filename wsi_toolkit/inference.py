@@ -48,7 +48,10 @@ CPU_BATCH_SIZE = 64
 class InferenceConfig:
     """How patches are read and predicted.
 
-    ``workers=None`` picks ``min(4, cpu_count - 1)`` reader processes (0 = read in this process).
+    ``workers=None`` picks the reader processes (0 = read in this process): ``min(4, cpu_count - 1)``
+    on a GPU; on the CPU one (none on a 1-core machine), since one reader delivers ~9,000 patches/s
+    at stride 96 and ~70,000 at stride 32 (BENCHMARKS.md), far above what the network does on a
+    CPU, and more readers would only take cores from the model's threads.
     ``precision="auto"``: on CUDA bf16 autocast where supported, else fp16; on a CPU with native
     bf16 (AVX512-BF16/AMX) bf16 autocast, else fp32; fp32 on MPS. ``fp32`` gives exact parity.
     ``optimize``: on CPU, freeze a TorchScript model and fuse it with oneDNN Graph (fp32) or apply
@@ -101,10 +104,13 @@ class InferenceConfig:
         ``"auto"`` is settled by :func:`cuda_batch_size` once the model is on the device."""
         return CPU_BATCH_SIZE if self.batch_size == "auto" else self.batch_size
 
-    def n_workers(self) -> int:
+    def n_workers(self, device: torch.device | None = None) -> int:
         if self.workers is not None:
             return self.workers
-        return max(0, min(4, (os.cpu_count() or 1) - 1))
+        spare = max(0, (os.cpu_count() or 1) - 1)
+        if device is not None and device.type == "cpu":
+            return min(1, spare)
+        return min(4, spare)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -536,7 +542,7 @@ def run_inference(
     if config.batch_size == "auto" and device.type == "cuda" and n > batch_size:
         batch_size = cuda_batch_size(model, preprocess, device, amp_dtype, cfg.patch_size_pixels)
         log.info("batch size %d (auto: fills half the free GPU memory, at most 1024)", batch_size)
-    workers = config.n_workers() if n > config.nominal_batch_size() else 0
+    workers = config.n_workers(device) if n > config.nominal_batch_size() else 0
     blocks = [blocks[i] for i in worker_order(len(blocks), workers)]
     dataset = PatchBlocks(slide_path, blocks, patch_px=cfg.patch_size_pixels, spacing_um_px=cfg.spacing_um_px,
                           mpp=mpp, backend=backend)

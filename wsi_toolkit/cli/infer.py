@@ -44,7 +44,9 @@ class _BatchSize(click.ParamType):
 @click.option("--batch-size", type=_BatchSize(), default="auto", show_default=True,
               help="Patches per forward pass; auto: 64 on CPU, on CUDA what fills half the free GPU memory "
                    "(at most 1024).")
-@click.option("--workers", type=int, default=None, help="Reader processes [default: min(4, cpus - 1)].")
+@click.option("--workers", type=int, default=None,
+              help="Reader processes [default: 1 on CPU (the network is the bottleneck there), min(4, cpus - 1) "
+                   "on a GPU].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default="auto", show_default=True)
