@@ -390,6 +390,7 @@ class _CpuGraph:
         self._fused = None
         self._model: torch.nn.Module = model
         self._fuse = fuse
+        self._batch = 0  # largest batch seen: the shape the fused graph was compiled for
         self._was_enabled = torch.jit.onednn_fusion_enabled()
 
     def __enter__(self) -> "_CpuGraph":
@@ -421,7 +422,7 @@ class _CpuGraph:
         n = x.shape[0]
         # The fused graph is compiled per input shape (~1-2 s each on 2 cores): a short last batch
         # is padded to the size seen first instead (patches are independent in eval mode).
-        self._batch = max(getattr(self, "_batch", 0), n)
+        self._batch = max(self._batch, n)
         if n < self._batch:
             x = torch.cat([x, x.new_zeros((self._batch - n, *x.shape[1:]))])
         try:
