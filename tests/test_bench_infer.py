@@ -35,7 +35,8 @@ def test_bench_reports_floor_reader_and_wsi_infer(bench_lines):
     assert got[("read_only", 0, 96)]["patches"] == got[("read_only", 1, 96)]["patches"]
     run = next(r for k, r in got.items() if k[0] == "wsi_infer")
     assert run["returncode"] == 0 and run["n_patches"] == got[("read_only", 0, 96)]["patches"]
-    assert run["peak_rss_mb"] > 0 and run["peak_pss_mb"] > 0 and run["model_path"] == "frozen+onednn-fusion"
+    assert run["peak_rss_mb"] > 0 and run["peak_pss_mb"] > 0 and run["model_path"]
+    assert run["precision"] == "fp32"  # the CPU default, whatever the CPU computes natively
     cfg = json.loads((data / "resnet50_random_96" / "config.json").read_text())
     assert cfg["transform"][0] == {"name": "Resize", "arguments": {"size": 96}}  # what WSInfer needs
 

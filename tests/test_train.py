@@ -182,7 +182,6 @@ def test_train_cli_writes_every_output(trained):
         if name.endswith(".png"):
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
     assert "frozen epoch 1/1" in (out / "train.log").read_text()
-    assert seconds < 240, f"the fast run took {seconds:.0f} s"
 
 
 def test_metrics_json_is_sane(trained):

@@ -52,8 +52,11 @@ class InferenceConfig:
     on a GPU; on the CPU one (none on a 1-core machine), since one reader delivers ~9,000 patches/s
     at stride 96 and ~70,000 at stride 32 (BENCHMARKS.md), far above what the network does on a
     CPU, and more readers would only take cores from the model's threads.
-    ``precision="auto"``: on CUDA bf16 autocast where supported, else fp16; on a CPU with native
-    bf16 (AVX512-BF16/AMX) bf16 autocast, else fp32; fp32 on MPS. ``fp32`` gives exact parity.
+    ``precision="auto"``: on CUDA bf16 autocast where supported, else fp16 (mixed precision, as
+    everyone runs a GPU); fp32 on a CPU and on MPS, so the same slide, package and settings give
+    the same heatmap on every CPU (AVX2-only or AVX512-BF16/AMX alike). ``bf16`` on a CPU is
+    opt-in: fast where the CPU has native bf16 (:func:`cpu_has_fast_bf16`), emulated and slow
+    elsewhere, and it moves probabilities by up to ~1e-2 (BENCHMARKS.md).
     ``optimize``: on CPU, freeze a TorchScript model and fuse it with oneDNN Graph (fp32) or apply
     ``optimize_for_inference`` (bf16), see :class:`_CpuGraph`; results differ from the plain model
     by float rounding.
@@ -155,10 +158,8 @@ def cpu_has_fast_bf16() -> bool:
 def _autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
     if precision == "fp32":
         return None
-    if precision == "auto" and device.type == "cpu":
-        return torch.bfloat16 if cpu_has_fast_bf16() else None
     if precision == "auto" and device.type != "cuda":
-        return None
+        return None  # CPU and MPS: fp32 unless asked, so results do not depend on the CPU model
     if precision == "bf16":
         return torch.bfloat16
     if precision == "fp16":

@@ -48,7 +48,9 @@ class _BatchSize(click.ParamType):
               help="Reader processes [default: 1 on CPU (the network is the bottleneck there), min(4, cpus - 1) "
                    "on a GPU].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help="auto: mixed precision (bf16, else fp16) on CUDA; fp32 on CPU and MPS, so every CPU gives the "
+                   "same heatmap. bf16 on a CPU is opt-in (fast with AVX512-BF16/AMX; probabilities move ~1e-2).")
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Redo slides that already finished.")
 @click.option("--no-progress", is_flag=True)
