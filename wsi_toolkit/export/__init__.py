@@ -9,20 +9,22 @@
 Every writer is atomic: a temporary file in the target folder, renamed on success.
 """
 
-from wsi_toolkit.export._atomic import atomic_path, write_text_atomic
+from wsi_toolkit.export._atomic import atomic_path, clean_stale_partials, write_text_atomic
 from wsi_toolkit.export.heatmap_tiff import HEATMAP_TIFF_CONTENT, heatmap_pyramid, write_heatmap_tiff
 from wsi_toolkit.export.overlay import INFERNO_LUT, blend_heatmap, colormap, heatmap_on_grid, render_overlay
 from wsi_toolkit.export.regions import (
     TUMOUR_GROUP,
     TumourRegion,
+    region_feature_id,
     tumour_regions,
     write_regions_asap,
     write_regions_geojson,
 )
-from wsi_toolkit.export.tables import SUMMARY_COLUMNS, write_json_atomic, write_summary_csv, write_tiles_csv
+from wsi_toolkit.export.tables import SUMMARY_COLUMNS, csv_text, write_json_atomic, write_summary_csv, write_tiles_csv
 
 __all__ = [
     "atomic_path",
+    "clean_stale_partials",
     "write_text_atomic",
     "write_heatmap_tiff",
     "heatmap_pyramid",
@@ -35,9 +37,11 @@ __all__ = [
     "TUMOUR_GROUP",
     "TumourRegion",
     "tumour_regions",
+    "region_feature_id",
     "write_regions_geojson",
     "write_regions_asap",
     "SUMMARY_COLUMNS",
+    "csv_text",
     "write_tiles_csv",
     "write_summary_csv",
     "write_json_atomic",

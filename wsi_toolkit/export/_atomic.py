@@ -4,22 +4,75 @@ A reader (or a crashed run) never sees a half-written output under its final nam
 old file (or nothing) or the complete new one. The temporary file lives in the target's folder
 (same filesystem, so ``os.replace`` is atomic) and is named ``.<name>.partial-<pid>``.
 Two threads of one process must not write the same target at the same time (same temp name).
+A process killed with ``kill -9`` cannot delete its temporary file: :func:`clean_stale_partials`
+removes those of processes that no longer run.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text_atomic", "partial_path"]
+__all__ = ["atomic_path", "write_text_atomic", "partial_path", "clean_stale_partials"]
 
 
 def partial_path(final: str | os.PathLike[str]) -> Path:
     """The temporary path used while ``final`` is being written: ``.<name>.partial-<pid>``."""
     final = Path(final)
     return final.with_name(f".{final.name}.partial-{os.getpid()}")
+
+
+# ``.<name>.partial-<pid>``, and the temporary of a writer given that path that writes through
+# its own ``.<path name>.<32 hex>.tmp`` (wsi_toolkit.annotations).
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>[0-9]+)(\.[0-9a-f]{32}\.tmp)?$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    except OSError:  # pragma: no cover - other platforms
+        return True
+    return True
+
+
+def clean_stale_partials(folder: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporary files (``.<name>.partial-<pid>``, and ``..<name>.partial-<pid>.<hex>.tmp``
+    of writers that write through their own temporary) in ``folder`` left by processes that no
+    longer run (e.g. killed with ``kill -9``), and this process's own leftovers.
+
+    Files of live processes are left alone. Returns the deleted paths; a missing folder is
+    not an error.
+    """
+    folder = Path(folder)
+    removed: list[Path] = []
+    try:
+        entries = list(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return removed
+    me = os.getpid()
+    for entry in entries:
+        m = _PARTIAL.match(entry.name)
+        if m is None:
+            continue
+        pid = int(m.group("pid"))
+        if pid != me and _pid_alive(pid):
+            continue
+        try:
+            if entry.is_file() or entry.is_symlink():
+                entry.unlink()
+                removed.append(entry)
+        except FileNotFoundError:  # another process cleaned it first
+            pass
+    return removed
 
 
 def _fsync(path: Path) -> None:

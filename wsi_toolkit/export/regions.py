@@ -14,9 +14,12 @@ Measurements
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import shapely
@@ -26,10 +29,12 @@ from skimage import measure
 
 from wsi_toolkit.annotations import Annotation, write_asap_xml, write_geojson
 from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.export._atomic import atomic_path
 from wsi_toolkit.heatmap import Heatmap
 from wsi_toolkit.tissue import mask_to_polygons
 
-__all__ = ["TumourRegion", "tumour_regions", "write_regions_geojson", "write_regions_asap", "TUMOUR_GROUP"]
+__all__ = ["TumourRegion", "tumour_regions", "write_regions_geojson", "write_regions_asap", "region_feature_id",
+           "TUMOUR_GROUP"]
 
 #: Group / QuPath classification of the written regions.
 TUMOUR_GROUP = "Tumor"
@@ -147,8 +152,30 @@ def write_regions_geojson(path: str | os.PathLike[str], regions: list[TumourRegi
     ``"Tumour region <i>"`` (1 = highest max probability), ``measurements`` (``max_probability``,
     ``mean_probability``, ``area_mm2``, ``longest_diameter_um``) and, when ``slide_name`` is
     given, ``metadata: {"slide": slide_name}``. An empty list writes an empty collection.
+
+    Feature ids are :func:`region_feature_id` (``uuid5`` of the slide name and region number), not
+    random: the same slide, model and settings give a byte-identical file, run after run.
     """
-    write_geojson(path, _annotations(list(regions), slide_name=slide_name, measurements=True))
+    regions = list(regions)
+    final = Path(path)
+    with atomic_path(final) as tmp:
+        write_geojson(tmp, _annotations(regions, slide_name=slide_name, measurements=True))
+        doc = json.loads(tmp.read_text(encoding="utf-8"))
+        for index, feature in enumerate(doc["features"], start=1):
+            feature["id"] = region_feature_id(slide_name, index)
+        # As write_geojson writes it (indent 2, no NaN, trailing newline), ids replaced.
+        with open(tmp, "w", encoding="utf-8", newline="") as fh:
+            fh.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
+#: Namespace of the region feature ids (uuid5 of ``"wsi-toolkit.tumour-region"`` in the URL namespace).
+_REGION_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "wsi-toolkit.tumour-region")
+
+
+def region_feature_id(slide_name: str, index: int) -> str:
+    """GeoJSON Feature id of region ``index`` (1 = highest max probability) of ``slide_name``:
+    a UUID (QuPath wants one), derived from the slide name and index rather than random."""
+    return str(uuid.uuid5(_REGION_NAMESPACE, f"{slide_name}\x00{int(index)}"))
 
 
 def write_regions_asap(path: str | os.PathLike[str], regions: list[TumourRegion]) -> None:
@@ -157,4 +184,5 @@ def write_regions_asap(path: str | os.PathLike[str], regions: list[TumourRegion]
     ASAP has no holes: a region's holes are written as group ``_2`` (Camelyon16's exclusion
     group), as :func:`wsi_toolkit.annotations.write_asap_xml` does for tumour groups.
     """
-    write_asap_xml(path, _annotations(list(regions), measurements=False))
+    with atomic_path(Path(path)) as tmp:  # temporary names carry the pid (see clean_stale_partials)
+        write_asap_xml(tmp, _annotations(list(regions), measurements=False))

@@ -21,10 +21,25 @@ from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.export._atomic import write_text_atomic
 from wsi_toolkit.tiling import PatchGrid
 
-__all__ = ["SUMMARY_COLUMNS", "write_tiles_csv", "write_summary_csv", "write_json_atomic", "to_jsonable"]
+__all__ = ["SUMMARY_COLUMNS", "csv_text", "write_tiles_csv", "write_summary_csv", "write_json_atomic", "to_jsonable"]
 
 #: Columns of ``summary.csv``, in order; extra keys of the rows follow them.
 SUMMARY_COLUMNS: tuple[str, ...] = ("slide", "status", "error", "slide_score", "tumor_area_mm2", "n_patches", "seconds")
+
+
+#: First characters that make a spreadsheet (Excel, LibreOffice, Google Sheets) read a cell as a
+#: formula or command (OWASP "CSV injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_text(value: str) -> str:
+    """A user-controlled string (slide name, error message, class name) as a safe CSV text cell.
+
+    A cell starting with ``= + - @``, tab or carriage return is opened by spreadsheets as a
+    formula; such a value gets a leading single quote (OWASP's CSV-injection advice), which
+    spreadsheets show as text. Other strings are returned unchanged.
+    """
+    return "'" + value if value.startswith(_FORMULA_START) else value
 
 
 def write_tiles_csv(path: str | os.PathLike[str], grid: PatchGrid, probs_by_class: Mapping[str, np.ndarray]) -> None:
@@ -60,7 +75,7 @@ def write_tiles_csv(path: str | os.PathLike[str], grid: PatchGrid, probs_by_clas
     side = int(np.rint(grid.patch_l0))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["minx", "miny", "width", "height", *(f"prob_{name}" for name in probs_by_class)])
+    writer.writerow(["minx", "miny", "width", "height", *(csv_text(f"prob_{name}") for name in probs_by_class)])
     probs = np.column_stack(columns) if columns else np.zeros((len(grid), 0))
     for (x, y), row in zip(xy.tolist(), probs.tolist()):
         writer.writerow([x, y, side, side, *(f"{v:.6f}" for v in row)])
@@ -76,7 +91,7 @@ def _cell(value: Any) -> str:
         return str(int(value))
     if isinstance(value, (float, np.floating)):
         return "" if not math.isfinite(value) else f"{float(value):.6g}"
-    return str(value)
+    return csv_text(str(value))
 
 
 def write_summary_csv(path: str | os.PathLike[str], rows: list[Mapping[str, Any]]) -> None:
@@ -84,13 +99,15 @@ def write_summary_csv(path: str | os.PathLike[str], rows: list[Mapping[str, Any]
 
     Missing keys, ``None`` and NaN are written empty; floats with 6 significant digits. Keys
     beyond the standard columns are appended as extra columns (first-seen order), not dropped.
+    Text cells (and column names) that a spreadsheet would run as a formula get a leading single
+    quote (:func:`csv_text`).
     """
     columns = list(SUMMARY_COLUMNS)
     for row in rows:
         columns.extend(k for k in row if k not in columns)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(columns)
+    writer.writerow([csv_text(str(c)) for c in columns])
     for row in rows:
         writer.writerow([_cell(row.get(col)) for col in columns])
     write_text_atomic(path, buf.getvalue())
