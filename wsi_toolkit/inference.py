@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import pickle
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.errors import ConfigError, ModelPackageError, SlideReadError
 from wsi_toolkit.model_package import ModelPackage, Preprocess, quiet_torchscript_deprecation
 from wsi_toolkit.slide import open_slide
 from wsi_toolkit.tiling import PatchGrid
@@ -238,6 +239,30 @@ def _shm_free_bytes() -> int | None:
         return None
 
 
+class _ReadFailure:
+    """What a reader process sends instead of a region when reading it raised: the original
+    exception, re-raised as it is in the main process (so its message is the same one line as
+    with ``workers=0``, not the DataLoader's "Caught ... in DataLoader worker process" traceback).
+    An exception that cannot be pickled travels as a :class:`SlideReadError` with its message."""
+
+    def __init__(self, exc: BaseException, slide_path: str):
+        try:
+            self.payload = pickle.dumps(exc)
+            pickle.loads(self.payload)
+        except Exception:  # noqa: BLE001 - an exception type that does not round-trip
+            self.payload = pickle.dumps(SlideReadError(f"{slide_path}: {type(exc).__name__}: {_first_line(exc)}"))
+
+    def reraise(self):
+        raise pickle.loads(self.payload) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    """The last non-empty line of a (possibly multi-line, e.g. TorchScript) exception message:
+    where the error itself is said, after any traceback."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def keep_numpy(item):
     """DataLoader ``collate_fn`` that leaves items as they are (small numpy arrays and tuples),
     instead of turning them into shared-memory tensors (one file descriptor, mmap and page faults
@@ -311,6 +336,14 @@ class PatchBlocks(torch.utils.data.Dataset):
         return state
 
     def __getitem__(self, i: int):
+        if torch.utils.data.get_worker_info() is None:
+            return self._read(i)
+        try:
+            return self._read(i)
+        except Exception as exc:  # noqa: BLE001 - relayed to the main process and raised there as it is
+            return _ReadFailure(exc, self.slide_path)
+
+    def _read(self, i: int):
         t0 = time.perf_counter()
         if self._slide is None:
             self._slide = open_slide(self.slide_path, mpp=self.mpp, backend=self.backend)
@@ -495,6 +528,22 @@ def cuda_batch_size(model, preprocess: torch.nn.Module, device: torch.device, am
     return batch_for_memory(per_patch, free, start=probe, cap=cap, fraction=fraction)
 
 
+def _check_logits(logits, n: int, num_classes: int, package_path) -> None:
+    """The model's output for a batch of ``n`` must be ``(n, num_classes)`` logits (``(n,)`` for a
+    one-output model); otherwise a :class:`ModelPackageError` naming the package."""
+    if not isinstance(logits, torch.Tensor):
+        raise ModelPackageError(f"the model returned a {type(logits).__name__} for a batch of {n} patches; "
+                                "it must return one tensor of logits", source=package_path)
+    shape = tuple(logits.shape)
+    ok = (shape == (n, num_classes) or (num_classes == 1 and shape == (n,)))
+    if not ok:
+        want = f"({n}, {num_classes})" + (f" or ({n},)" if num_classes == 1 else "")
+        raise ModelPackageError(
+            f"the model returned logits of shape {shape} for a batch of {n} patches; config.json says "
+            f"{num_classes} class(es), so {want} was expected (it passed the load check on a batch of 1: "
+            "check how the model handles the batch dimension)", source=package_path)
+
+
 def _probabilities(logits: torch.Tensor) -> torch.Tensor:
     logits = logits.float()
     if logits.ndim == 1:
@@ -564,11 +613,21 @@ def run_inference(
         x = preprocess(x)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        if amp_dtype is not None:
-            with torch.autocast(device_type=device.type, dtype=amp_dtype):
+        try:
+            if amp_dtype is not None:
+                with torch.autocast(device_type=device.type, dtype=amp_dtype):
+                    logits = model(x)
+            else:
                 logits = model(x)
-        else:
-            logits = model(x)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one clear line instead of a TorchScript traceback
+            raise ModelPackageError(
+                f"the model fails on a batch of {len(index)} patches ({type(exc).__name__}: {_first_line(exc)}); "
+                "it passed the load check on one zero patch: check how it handles the batch dimension and "
+                "real pixels, or try --batch-size 1",
+                source=package.path) from None
+        _check_logits(logits, len(index), cfg.num_classes, package.path)
         p = _probabilities(logits).cpu().numpy()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -577,7 +636,10 @@ def run_inference(
         return time.perf_counter() - t0
 
     with torch.inference_mode(), model:
-        for region, index, offsets, seconds in loader:
+        for item in loader:
+            if isinstance(item, _ReadFailure):
+                item.reraise()
+            region, index, offsets, seconds = item
             wait_s += time.perf_counter() - t_wait
             read_s += float(seconds)
             t0 = time.perf_counter()
