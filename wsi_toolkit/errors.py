@@ -12,10 +12,13 @@ import os
 __all__ = [
     "WsiToolkitError",
     "SlideNotFoundError",
+    "SlidePermissionError",
     "SlideFormatError",
+    "SlideTooLargeError",
     "SlideReadError",
     "MissingMppError",
     "ConfigError",
+    "NoPatchesError",
     "AnnotationError",
     "ModelPackageError",
     "DetectionFileError",
@@ -30,8 +33,17 @@ class SlideNotFoundError(WsiToolkitError, FileNotFoundError):
     """The slide path does not exist or is not a file."""
 
 
+class SlidePermissionError(WsiToolkitError, PermissionError):
+    """The slide (or a folder of slides) exists but this user may not read it."""
+
+
 class SlideFormatError(WsiToolkitError, ValueError):
     """The file is not a slide any backend can open (not a TIFF, empty, unsupported layout)."""
+
+
+class SlideTooLargeError(SlideFormatError):
+    """The slide (or one stored tile/strip of it) is larger than anything a microscope slide can
+    be, or than the toolkit reads within its memory bound (see :mod:`wsi_toolkit.limits`)."""
 
 
 class SlideReadError(WsiToolkitError, OSError):
@@ -44,6 +56,11 @@ class MissingMppError(WsiToolkitError, ValueError):
 
 class ConfigError(WsiToolkitError, ValueError):
     """A setting is out of range or inconsistent."""
+
+
+class NoPatchesError(ConfigError):
+    """The slide has tissue but the patch grid keeps none of it (patch/stride/--min-tissue settings
+    that cannot fit the tissue): a run would report success with nothing analysed."""
 
 
 class AnnotationError(WsiToolkitError, ValueError):

@@ -1,28 +1,44 @@
 """Slide-level inference end to end: tissue -> grid -> batched predictions -> heatmap -> exports.
 
 :func:`run_batch` is the library call behind ``wsi-infer``. Per slide it writes, in
-``OUT/<slide-stem>/``: ``heatmap.tif``, ``overlay.png``, ``tumor.geojson``, ``tumor.xml``,
-``tiles.csv`` and, last, ``run.json``. Every file is written under a temporary name and renamed,
-and ``run.json`` marks a finished slide: an interrupted run leaves no half-written file, and a
-re-run redoes exactly the slides without ``run.json`` (all of them with ``overwrite=True``).
-One failing slide is recorded (``OUT/summary.csv``, status ``failed`` with the error) while the
-others go on.
+``OUT/<name>/`` (``<name>`` is the slide's stem made safe, see :func:`safe_dir_name`):
+``heatmap.tif``, ``overlay.png``, ``tumor.geojson``, ``tumor.xml``, ``tiles.csv`` and, last,
+``run.json``. Nothing is written outside ``OUT``. Every file is written under a temporary name and
+renamed, and ``run.json`` marks a finished slide: an interrupted run leaves no half-written file
+(temporary files of killed processes are deleted when the slide is started again).
+
+A re-run skips a finished slide only when its ``run.json`` was made from the same slide file (name
+and size), the same model (sha256 of the weights and of ``config.json``) and the same settings
+that change outputs (:func:`output_key`); otherwise the slide is redone and the log says what
+differed. ``overwrite=True`` redoes every slide.
+
+Several ``wsi-infer`` processes may share one ``OUT``: each slide is locked while it runs
+(``OUT/.locks/<name>.lock``, non-blocking), and a slide locked by another process is left to it
+(status ``busy``). ``OUT/summary.csv`` is rebuilt from every finished ``run.json`` and recorded
+failure (``failed.json``) in ``OUT``, under a lock, so the last process to finish writes a
+summary of all of them. One failing slide is recorded (status ``failed`` with the error) while
+the others go on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import platform
 import time
+import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import filelock
 import numpy as np
 
-from wsi_toolkit.errors import ConfigError, WsiToolkitError
+from wsi_toolkit.errors import ConfigError, SlideNotFoundError, SlidePermissionError, WsiToolkitError
 from wsi_toolkit.export import (
+    clean_stale_partials,
     render_overlay,
     tumour_regions,
     write_heatmap_tiff,
@@ -39,11 +55,19 @@ from wsi_toolkit.slide import open_slide
 from wsi_toolkit.tiling import GridConfig, make_grid
 from wsi_toolkit.tissue import TissueConfig, detect_tissue
 
-__all__ = ["RunConfig", "SlideResult", "run_slide", "run_batch", "OUTPUT_FILES"]
+__all__ = ["RunConfig", "SlideResult", "run_slide", "run_batch", "OUTPUT_FILES", "RESERVED_NAMES", "safe_dir_name",
+           "slide_out_dir", "output_key", "summary_rows"]
 
 log = logging.getLogger(__name__)
 
 OUTPUT_FILES = ("heatmap.tif", "overlay.png", "tumor.geojson", "tumor.xml", "tiles.csv", "run.json")
+#: Written in a slide's folder instead of ``run.json`` when the slide failed.
+FAILED_FILE = "failed.json"
+#: Names in ``OUT`` that the batch writes itself: never a slide's folder (compared case-insensitively).
+RESERVED_NAMES = frozenset({"summary.csv"})
+#: Folder in ``OUT`` holding the per-slide lock files (hidden: no slide folder starts with a dot).
+LOCK_DIR = ".locks"
+SUMMARY_LOCK = ".summary.csv.lock"
 
 
 @dataclass(frozen=True)
@@ -82,7 +106,7 @@ class SlideResult:
     """One row of ``summary.csv``."""
 
     slide: str
-    status: Literal["ok", "failed", "skipped"]
+    status: Literal["ok", "failed", "skipped", "busy"]
     error: str = ""
     slide_score: float | None = None
     tumor_area_mm2: float | None = None
@@ -126,6 +150,7 @@ def run_slide(slide_path: str | Path, package: ModelPackage, out_dir: str | Path
     """Run one slide into ``out_dir`` (its own folder). Raises on failure (see :func:`run_batch`)."""
     t0 = time.perf_counter()
     slide_path, out_dir = Path(slide_path), Path(out_dir)
+    key = output_key(slide_path, package, config)
     grid_cfg, merge = _grid_config(package, config)
     tissue_cfg = TissueConfig(thumb_mpp=config.thumb_mpp)
     with open_slide(slide_path, mpp=config.mpp, backend=config.backend) as slide:
@@ -160,7 +185,7 @@ def run_slide(slide_path: str | Path, package: ModelPackage, out_dir: str | Path
         probs_by_class = {name: result.probs[:, i] for i, name in enumerate(class_names)}
     write_tiles_csv(out_dir / "tiles.csv", grid, probs_by_class)
     write_heatmap_tiff(out_dir / "heatmap.tif", heatmap)
-    write_regions_geojson(out_dir / "tumor.geojson", regions, slide_name=slide_path.name)
+    write_regions_geojson(out_dir / "tumor.geojson", regions, slide_name=slide_path.name)  # ids: uuid5(name, index)
     write_regions_asap(out_dir / "tumor.xml", regions)
     synthetic = slide_info["synthetic"] or bool(package.config.extra.get("synthetic"))
     title = ("SYNTHETIC - " if synthetic else "") + (
@@ -180,6 +205,7 @@ def run_slide(slide_path: str | Path, package: ModelPackage, out_dir: str | Path
                   "spacing_um_px": package.config.spacing_um_px, "label_semantics": package.config.label_semantics,
                   "synthetic": bool(package.config.extra.get("synthetic"))},
         "settings": {"run": config.to_dict(), "grid": grid_cfg.to_dict(), "merge": merge, "tissue": tissue_cfg.to_dict()},
+        "output_key": key,
         "grid": {"shape_rc": list(grid.shape_rc), "cell_l0": grid.cell_l0, "patch_l0": grid.patch_l0,
                  "offset_l0": grid.offset_l0},
         "heatmap": heatmap.geometry(),
@@ -196,66 +222,343 @@ def run_slide(slide_path: str | Path, package: ModelPackage, out_dir: str | Path
                        n_patches=len(grid), seconds=round(seconds, 3), out_dir=str(out_dir))
 
 
-def _finished(out_dir: Path) -> dict | None:
-    run_json = out_dir / "run.json"
-    if not run_json.is_file():
-        return None
+def _model_config_sha256(package: ModelPackage) -> str:
+    text = json.dumps(package.config.to_dict(), sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _slide_identity(slide_path: Path) -> dict:
+    """Which slide file made the outputs: its name and size (not its folder, so moved slides
+    still resume)."""
     try:
-        run = json.loads(run_json.read_text())
+        size = slide_path.stat().st_size
+    except OSError:
+        size = None
+    return {"name": slide_path.name, "size": size}
+
+
+def output_key(slide_path: str | Path, package: ModelPackage, config: RunConfig) -> dict:
+    """Everything that decides a slide's outputs, as written to ``run.json`` (``output_key``).
+
+    A finished slide is skipped only when this matches exactly: the slide file (name and size),
+    the model's weights (sha256) and ``config.json`` (sha256 of its content), the resolved grid
+    (patch size, spacing, stride, tissue fraction), merge, tissue settings, threshold, the mpp
+    override, reader backend, device, precision and graph optimisation. Batch size, reader
+    workers and progress bars do not change outputs and are not in it.
+    """
+    slide_path = Path(slide_path)
+    grid_cfg, merge = _grid_config(package, config)
+    inf = config.inference
+    return {
+        "slide": _slide_identity(slide_path),
+        "model_sha256": package.sha256,
+        "model_config_sha256": _model_config_sha256(package),
+        "grid": grid_cfg.to_dict(),
+        "merge": merge,
+        "tissue": TissueConfig(thumb_mpp=config.thumb_mpp).to_dict(),
+        "threshold": config.threshold,
+        "mpp": config.mpp,
+        "backend": config.backend,
+        "device": inf.device,
+        "precision": inf.precision,
+        "optimize": inf.optimize,
+    }
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+def _key_differences(old: dict, new: dict) -> list[str]:
+    """``["threshold 0.5 -> 0.6", ...]``: the fields of two output keys that differ."""
+    a, b = _flatten(old), _flatten(new)
+    diffs = []
+    for k in list(b) + [k for k in a if k not in b]:
+        va, vb = a.get(k, "(absent)"), b.get(k, "(absent)")
+        if va != vb:
+            if isinstance(va, str) and isinstance(vb, str) and len(va) == len(vb) == 64:  # sha256: short form
+                va, vb = va[:12], vb[:12]
+            diffs.append(f"{k} {va} -> {vb}")
+    return diffs
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if run.get("status") != "ok" or not all((out_dir / f).is_file() for f in OUTPUT_FILES):
+    return doc if isinstance(doc, dict) else None
+
+
+def _finished(out_dir: Path) -> dict | None:
+    """The folder's ``run.json`` when the slide finished there (status ok, every output present)."""
+    run = _read_json(out_dir / "run.json")
+    if run is None or run.get("status") != "ok" or not all((out_dir / f).is_file() for f in OUTPUT_FILES):
         return None
     return run
 
 
+def _decide(out_dir: Path, key: dict, overwrite: bool) -> tuple[str, dict | None, str]:
+    """("skip", run, "") for a finished slide with the same output key; ("run", None, why) otherwise."""
+    if overwrite:
+        return "run", None, "--overwrite"
+    run = _finished(out_dir)
+    if run is None:
+        return "run", None, ""
+    old = run.get("output_key")
+    if not isinstance(old, dict):
+        return "run", None, "its run.json has no output_key (made by an older wsi-toolkit)"
+    diffs = _key_differences(old, key)
+    if diffs:
+        return "run", None, "; ".join(diffs)
+    return "skip", run, ""
+
+
+# --------------------------------------------------------------------------------------------
+# Output folder names
+
+
+_UNSAFE_CHARS = frozenset('/\\:*?"<>|')
+
+
+def safe_dir_name(stem: str) -> str:
+    """A slide stem as a folder name that stays inside ``OUT`` and is not one of the batch's own
+    files.
+
+    Path separators, ``: * ? " < > |`` and control characters become ``_``; leading dots and
+    spaces and trailing dots and spaces are dropped (so ``..`` and ``.`` cannot name the parent
+    or ``OUT`` itself, and no slide folder is hidden); an empty result becomes ``slide``; a name
+    in :data:`RESERVED_NAMES` (``summary.csv``) gets ``_slide`` appended.
+    """
+    name = "".join("_" if (c in _UNSAFE_CHARS or unicodedata.category(c).startswith("C")) else c
+                   for c in unicodedata.normalize("NFC", stem))
+    name = name.lstrip(". ").rstrip(". ")
+    if not name:
+        name = "slide"
+    if name.casefold() in RESERVED_NAMES:
+        name = f"{name}_slide"
+    return name
+
+
+def _owner(folder: Path) -> dict | None:
+    """The slide identity recorded in a slide folder (run.json, else failed.json), if any."""
+    for doc_name in ("run.json", FAILED_FILE):
+        doc = _read_json(folder / doc_name)
+        if doc is None:
+            continue
+        ident = (doc.get("output_key") or {}).get("slide")
+        if isinstance(ident, dict) and ident.get("name"):
+            return ident
+        path = (doc.get("slide") or {}).get("path") if isinstance(doc.get("slide"), dict) else doc.get("slide")
+        if isinstance(path, str) and path:
+            return {"name": Path(path).name, "size": None}
+    return None
+
+
+def _same_slide(a: dict, b: dict) -> bool:
+    return a.get("name") == b.get("name") and (a.get("size") is None or b.get("size") is None
+                                               or a.get("size") == b.get("size"))
+
+
 def slide_out_dir(out: Path, slide_path: Path, taken: set[str]) -> Path:
-    """``OUT/<stem>``; a second slide with the same stem gets ``<stem>_<suffix>`` (``a.tif``, ``a.svs``)."""
-    name = slide_path.stem
-    if name in taken:
-        name = f"{slide_path.stem}_{slide_path.suffix.lstrip('.')}"
+    """``OUT/<safe stem>`` (:func:`safe_dir_name`), unique in the batch and on disk.
+
+    A second slide of this batch with the same (case-insensitive) name gets
+    ``<name>_<suffix>`` (``a.tif``, ``a.svs``), then ``<name>_2``, ...; so does a slide whose
+    folder already holds another slide's results (by file name and size), so one never
+    overwrites another. ``taken`` (casefolded names) is updated.
+    """
+    out, slide_path = Path(out), Path(slide_path)
+    base = safe_dir_name(slide_path.stem)
+    me = _slide_identity(slide_path)
+
+    def free(name: str) -> bool:
+        if name.casefold() in taken or name.casefold() in RESERVED_NAMES:
+            return False
+        owner = _owner(out / name)
+        return owner is None or _same_slide(owner, me)
+
+    candidates = [base]
+    suffix = safe_dir_name(slide_path.suffix.lstrip("."))
+    if slide_path.suffix:
+        candidates.append(f"{base}_{suffix}")
+    name = next((c for c in candidates if free(c)), None)
     i = 2
-    while name in taken:
-        name, i = f"{slide_path.stem}_{i}", i + 1
-    taken.add(name)
+    while name is None:
+        name = f"{base}_{i}" if free(f"{base}_{i}") else None
+        i += 1
+    taken.add(name.casefold())
     return out / name
 
 
+# --------------------------------------------------------------------------------------------
+# summary.csv
+
+
+def _row_from_run(run: dict, status: str = "ok") -> dict:
+    slide = run.get("slide") if isinstance(run.get("slide"), dict) else {}
+    return {"slide": slide.get("path", ""), "status": status, "error": "",
+            "slide_score": run.get("slide_score"), "tumor_area_mm2": run.get("tumor_area_mm2"),
+            "n_patches": (run.get("counts") or {}).get("n_patches"),
+            "seconds": (run.get("timings") or {}).get("seconds_slide")}
+
+
+def summary_rows(out: Path, results: list[SlideResult]) -> list[dict]:
+    """The rows of ``summary.csv``: this run's slides in order (a ``busy`` slide that another
+    process has finished meanwhile as ``ok``), then every other slide folder in ``OUT`` with a
+    finished ``run.json`` (``ok``) or a ``failed.json`` (``failed``), by folder name."""
+    out = Path(out)
+    rows, seen = [], set()
+    for r in results:
+        if r.out_dir:
+            seen.add(os.path.normcase(str(Path(r.out_dir))))
+        if r.status == "busy" and r.out_dir:
+            run = _finished(Path(r.out_dir))
+            if run is not None:
+                rows.append(_row_from_run(run))
+                continue
+        rows.append(r.row())
+    try:
+        folders = sorted(p for p in out.iterdir() if p.is_dir() and not p.name.startswith("."))
+    except OSError:
+        folders = []
+    for folder in folders:
+        if os.path.normcase(str(folder)) in seen:
+            continue
+        run = _finished(folder)
+        if run is not None:
+            rows.append(_row_from_run(run))
+            continue
+        failed = _read_json(folder / FAILED_FILE)
+        if failed is not None:
+            rows.append({"slide": str(failed.get("slide", "")), "status": "failed",
+                         "error": str(failed.get("error", "")), "seconds": failed.get("seconds")})
+    return rows
+
+
+def _write_summary(out: Path, results: list[SlideResult]) -> None:
+    """Rebuild ``OUT/summary.csv`` (atomically, under ``OUT/.summary.csv.lock``)."""
+    with filelock.FileLock(str(out / SUMMARY_LOCK), timeout=120):
+        write_summary_csv(out / "summary.csv", summary_rows(out, results))
+
+
+# --------------------------------------------------------------------------------------------
+# The batch
+
+
+def _failed(path: Path, out_dir: Path | None, error: str, t0: float) -> SlideResult:
+    seconds = round(time.perf_counter() - t0, 3)
+    if out_dir is not None:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(out_dir / FAILED_FILE, {"status": "failed", "slide": str(path), "error": error,
+                                                      "seconds": seconds})
+        except OSError as exc:  # recording the failure must not end the batch
+            log.warning("%s: could not write %s (%s)", path, out_dir / FAILED_FILE, exc)
+    return SlideResult(slide=str(path), status="failed", error=error, seconds=seconds,
+                       out_dir=str(out_dir) if out_dir is not None else "")
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why ``path`` cannot be read as a slide file (missing, a folder, no permission), or None."""
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        return str(SlideNotFoundError(f"{path} does not exist; check the path"))
+    except IsADirectoryError:
+        return str(SlideNotFoundError(f"{path} is a folder, not a slide file; pass the slide file itself"))
+    except PermissionError:
+        return str(SlidePermissionError(f"{path}: permission denied; make it readable (chmod +r) for this user"))
+    except OSError as exc:
+        return f"{path}: cannot be read ({exc.strerror or exc}); check the file and its disk"
+    return None
+
+
+def _run_one(path: Path, out_dir: Path, package: ModelPackage, config: RunConfig) -> SlideResult:
+    """Run (or skip) one slide while holding its lock."""
+    t0 = time.perf_counter()
+    for stale in clean_stale_partials(out_dir):
+        log.info("%s: removed %s, left by a process that no longer runs", path, stale)
+    decision, done, why = _decide(out_dir, output_key(path, package, config), config.overwrite)
+    if decision == "skip":
+        log.info("%s: skipped: finished before in %s with the same slide, model and settings "
+                 "(use --overwrite to redo)", path, out_dir)
+        return SlideResult(slide=str(path), status="skipped", slide_score=done.get("slide_score"),
+                           tumor_area_mm2=done.get("tumor_area_mm2"),
+                           n_patches=done.get("counts", {}).get("n_patches"), seconds=0.0, out_dir=str(out_dir))
+    if why:
+        log.warning("%s: redoing %s: %s", path, out_dir, why)
+    else:
+        log.info("%s: running into %s", path, out_dir)
+    # Unfinished until the new run.json: a reader never pairs new files with the old run.json.
+    (out_dir / "run.json").unlink(missing_ok=True)
+    try:
+        result = run_slide(path, package, out_dir, config)
+    except WsiToolkitError as exc:
+        log.error("%s", exc)
+        return _failed(path, out_dir, str(exc), t0)
+    except Exception as exc:  # one slide's unexpected failure must not end the batch
+        log.exception("%s: unexpected failure", path)
+        return _failed(path, out_dir, f"{path}: unexpected {type(exc).__name__}: {exc}", t0)
+    (out_dir / FAILED_FILE).unlink(missing_ok=True)
+    return result
+
+
 def run_batch(slide_paths: list[Path], model_dir: str | Path, out: str | Path, config: RunConfig = RunConfig(),
-              ) -> list[SlideResult]:
+              *, failures: list[tuple[str | Path, str]] = ()) -> list[SlideResult]:
     """Run every slide; a failure is recorded and the batch goes on. Writes ``OUT/summary.csv``.
 
-    Finished slides (a complete ``run.json``) are skipped unless ``config.overwrite``.
-    The model is loaded once; an unloadable model raises before any slide runs.
+    A finished slide is skipped when its output key (:func:`output_key`) is unchanged, and redone
+    (with a log line saying what differed) when it changed, or always with ``config.overwrite``.
+    A slide another process holds the lock of is left to it (status ``busy``). ``failures``:
+    (argument, error) pairs found before the batch (e.g. an unreadable folder), recorded as failed
+    slides. The model is loaded once; an unloadable model raises before any slide runs.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     package = load_model_package(model_dir)
-    results: list[SlideResult] = []
+    (out / LOCK_DIR).mkdir(exist_ok=True)
+    clean_stale_partials(out)  # summary.csv temporaries of killed runs
+    results: list[SlideResult] = [
+        SlideResult(slide=str(arg), status="failed", error=error) for arg, error in failures]
+    for arg, error in failures:
+        log.error("%s", error)
     taken: set[str] = set()
     for path in slide_paths:
         path = Path(path)
-        out_dir = slide_out_dir(out, path, taken)
         t0 = time.perf_counter()
-        done = None if config.overwrite else _finished(out_dir)
-        if done is not None:
-            log.info("%s: finished before, skipped (use --overwrite to redo)", path)
-            results.append(SlideResult(slide=str(path), status="skipped", slide_score=done.get("slide_score"),
-                                       tumor_area_mm2=done.get("tumor_area_mm2"),
-                                       n_patches=done.get("counts", {}).get("n_patches"), seconds=0.0,
-                                       out_dir=str(out_dir)))
+        problem = _unreadable(path)
+        if problem is not None:  # recorded without touching any folder (another slide may own its name)
+            log.error("%s", problem)
+            results.append(_failed(path, None, problem, t0))
             continue
         try:
-            results.append(run_slide(path, package, out_dir, config))
-        except WsiToolkitError as exc:
-            log.error("%s", exc)
-            results.append(SlideResult(slide=str(path), status="failed", error=str(exc),
-                                       seconds=round(time.perf_counter() - t0, 3), out_dir=str(out_dir)))
-        except Exception as exc:  # one slide's unexpected failure must not end the batch
-            log.exception("%s: unexpected failure", path)
-            results.append(SlideResult(slide=str(path), status="failed",
-                                       error=f"{path}: unexpected {type(exc).__name__}: {exc}",
-                                       seconds=round(time.perf_counter() - t0, 3), out_dir=str(out_dir)))
-        write_summary_csv(out / "summary.csv", [r.row() for r in results])
-    write_summary_csv(out / "summary.csv", [r.row() for r in results])
+            out_dir = slide_out_dir(out, path, taken)
+        except OSError as exc:
+            results.append(_failed(path, None, f"{path}: cannot choose an output folder ({exc})", t0))
+            continue
+        lock = filelock.FileLock(str(out / LOCK_DIR / f"{out_dir.name}.lock"))
+        try:
+            lock.acquire(blocking=False)
+        except filelock.Timeout:
+            log.warning("%s: another wsi-infer process is running it into %s; left to that process", path, out_dir)
+            results.append(SlideResult(
+                slide=str(path), status="busy", out_dir=str(out_dir),
+                error=f"being run by another wsi-infer process (lock {lock.lock_file}); its summary.csv lists it"))
+            continue
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            results.append(_run_one(path, out_dir, package, config))
+        finally:
+            lock.release()
+        _write_summary(out, results)
+    _write_summary(out, results)
     return results

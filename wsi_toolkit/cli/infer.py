@@ -52,20 +52,32 @@ class _BatchSize(click.ParamType):
               help="auto: mixed precision (bf16, else fp16) on CUDA; fp32 on CPU and MPS, so every CPU gives the "
                    "same heatmap. bf16 on a CPU is opt-in (fast with AVX512-BF16/AMX; probabilities move ~1e-2).")
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default="auto", show_default=True)
-@click.option("--overwrite", is_flag=True, help="Redo slides that already finished.")
+@click.option("--overwrite", is_flag=True,
+              help="Redo slides that already finished [default: redo only those whose slide, model or output "
+                   "settings changed].")
 @click.option("--no-progress", is_flag=True)
 @click.option("-v", "--verbose", count=True)
 def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_tissue, batch_size, workers, device,
              precision, backend, overwrite, no_progress, verbose) -> int:
     """Tumour-probability heatmaps for SLIDES (files and folders mixed).
 
-    Per slide, in OUT/<slide-stem>/: heatmap.tif, overlay.png, tumor.geojson (QuPath), tumor.xml
-    (ASAP), tiles.csv, run.json; and OUT/summary.csv. A failed slide is recorded and the others
-    go on; the exit status is 1 if any slide failed.
+    Per slide, in OUT/<slide-stem>/ (the stem made a safe, unique folder name): heatmap.tif,
+    overlay.png, tumor.geojson (QuPath), tumor.xml (ASAP), tiles.csv, run.json; and OUT/summary.csv.
+    A failed (or missing, or unreadable) slide is recorded and the others go on; the exit status
+    is 1 if any slide failed. A finished slide is skipped only if its model and settings are
+    unchanged; runs sharing OUT share the slides.
     """
     setup_logging(verbose)
-    paths = find_slides(list(slides))
-    if not paths:
+    # Each argument on its own: one unreadable folder is a failed entry, not the end of the batch
+    # (a missing or unreadable slide file is recorded by run_batch like any failed slide).
+    paths, failures = [], []
+    for arg in slides:
+        try:
+            paths.extend(find_slides([arg]))
+        except OSError as exc:
+            failures.append((arg, f"{arg}: cannot list this folder ({exc.strerror or exc}); make it readable "
+                                  "(chmod +rx) or pass the slide files"))
+    if not paths and not failures:
         raise click.UsageError(f"no slides found in {', '.join(map(str, slides))}")
     config = RunConfig(
         mpp=mpp, stride_px=stride_px, merge=merge, threshold=threshold, min_tissue_fraction=min_tissue,
@@ -73,10 +85,12 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
         inference=InferenceConfig(batch_size=batch_size, workers=workers, device=device, precision=precision,
                                   progress=not no_progress),
     )
-    results = run_batch(paths, model_dir, out_dir, config)
+    results = run_batch(paths, model_dir, out_dir, config, failures=failures)
     for r in results:
         if r.status == "failed":
             click.echo(f"FAILED   {r.slide}\n  {r.error}", err=True)
+        elif r.status == "busy" or r.slide_score is None:
+            click.echo(f"{r.status:<8} {r.slide}: {r.error or 'no score recorded'} -> {r.out_dir}")
         else:
             click.echo(f"{r.status:<8} {r.slide}: score {r.slide_score:.3f}, tumour {r.tumor_area_mm2:.3f} mm^2, "
                        f"{r.n_patches} patches -> {r.out_dir}")
