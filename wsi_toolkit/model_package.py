@@ -30,7 +30,11 @@ WSInfer's JSON schema does not forbid extra top-level keys, so WSInfer reads our
 are; ``ModelConfig.to_dict(wsinfer_strict=True)`` still writes WSInfer's keys only. Unknown
 top-level keys found on load are kept and written back, not rejected.
 
-Loading never unpickles: the weights are read with :func:`torch.jit.load` (TorchScript) only.
+The weights are read with :func:`torch.jit.load` (TorchScript) only, never ``torch.load``. That is
+not a sandbox: a TorchScript archive is code (its ``forward`` runs whatever it was compiled with)
+and ``torch.jit.load`` reads the archive's pickled constants with a restricted unpickler. Load
+packages only from sources you trust, as you would run their scripts (README, "What a model
+package may do").
 
 Preprocessing is done by :class:`Preprocess`, on uint8 patches already on the GPU when inference
 runs there; it is the one place that interprets the ``transform`` list.
@@ -644,7 +648,9 @@ def load_model_package(path: str | os.PathLike, *, device: str | torch.device = 
                        verify_sha256: bool = True) -> ModelPackage:
     """Load and validate a model package directory (``config.json`` + ``torchscript_model.pt``).
 
-    The weights are read with ``torch.jit.load`` only (TorchScript; nothing is unpickled). The
+    The weights are read with ``torch.jit.load`` only (TorchScript, which reads the archive's
+    pickled constants with a restricted unpickler, and whose code runs on every forward pass:
+    load only trusted packages). The
     config's class count is checked against the model's output on a zero batch of one patch; a
     recorded ``wsi_toolkit.sha256`` must match the file. Errors: :class:`ModelPackageError` naming
     the file (and the field).
