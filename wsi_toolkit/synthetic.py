@@ -10,7 +10,10 @@ at 0.243 and at 0.226 um/px); :func:`write_synthetic_slide` renders it, tile by 
 
 - ``"tiff"``: a pyramidal tiled JPEG TIFF with resolution tags in cm (Camelyon16's layout),
 - ``"svs"``: an Aperio-style SVS (``MPP = `` in the ImageDescription, stripped thumbnail page),
-- ``"tiff-nores"``: the same TIFF without resolution metadata (needs ``--mpp``),
+- ``"svs-j2k"``: the same SVS with JPEG 2000 tiles in YCbCr, as Aperio scanners write them
+  (TIFF compression 33003: JFIF full-range YCbCr in the codestream, no colour transform),
+- ``"svs-nompp"``: the SVS without ``MPP =`` (an export that lost it: needs ``--mpp``),
+- ``"tiff-nores"``: the TIFF without resolution metadata (needs ``--mpp``),
 
 plus, with ``xml=True``, the ASAP XML of the tumour regions next to the slide.
 """
@@ -43,7 +46,10 @@ __all__ = [
 
 SYNTHETIC_LABEL = "SYNTHETIC slide made by wsi_toolkit.synthetic - not patient data"
 
-Flavour = Literal["tiff", "svs", "tiff-nores"]
+Flavour = Literal["tiff", "svs", "svs-j2k", "svs-nompp", "tiff-nores"]
+FLAVOURS: tuple[str, ...] = ("tiff", "svs", "svs-j2k", "svs-nompp", "tiff-nores")
+#: TIFF compression code of Aperio's JPEG 2000 YCbCr tiles.
+APERIO_JP2K_YCBCR = 33003
 
 # Colours (RGB) of the synthetic stain. Tumour is denser and more purple than normal tissue.
 _BACKGROUND = (243, 242, 244)
@@ -385,8 +391,10 @@ def write_pyramidal_tiff(
     import tifffile
 
     path = Path(path)
-    if flavour not in ("tiff", "svs", "tiff-nores"):
-        raise ConfigError(f"flavour must be 'tiff', 'svs' or 'tiff-nores'; got {flavour!r}")
+    if flavour not in FLAVOURS:
+        raise ConfigError(f"flavour must be one of {', '.join(FLAVOURS)}; got {flavour!r}")
+    svs = flavour.startswith("svs")
+    j2k = flavour == "svs-j2k"
     sizes = _level_sizes(l0_size, min_size=min_level_size)
     tmp = path.with_name(f".{path.name}.partial")
     w0, h0 = l0_size
@@ -396,7 +404,8 @@ def write_pyramidal_tiff(
         w, h = sizes[level]
         for ty in range(0, h, tile):
             for tx in range(0, w, tile):
-                yield level_tiles(k, tx, ty, tile)
+                t = level_tiles(k, tx, ty, tile)
+                yield _jp2k_ycbcr_tile(t, quality) if j2k else t
 
     with tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * 3 > 2**31) as tw:
         for level, (w, h) in enumerate(sizes):
@@ -405,20 +414,23 @@ def write_pyramidal_tiff(
                 shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
                 compression="jpeg", compressionargs={"level": quality}, metadata=None, subfiletype=0 if level == 0 else 1,
             )
+            if j2k:  # tiles arrive encoded (bytes); tifffile writes them as they are
+                kw.update(compression=APERIO_JP2K_YCBCR, compressionargs=None)
             if mpp is not None and flavour == "tiff":
                 ppcm = 1e4 / (mpp * k)
                 kw.update(resolution=(ppcm, ppcm), resolutionunit="CENTIMETER")
-            if flavour == "svs":
+            if svs:
                 head = f"Aperio Image Library v12.0.15 \r\n{w0}x{h0} [0,0 {w0}x{h0}] ({tile}x{tile})"
                 if level > 0:
                     head += f" -> {w}x{h}"
-                mpp_txt = f"|MPP = {mpp:.6f}" if mpp is not None else ""
-                kw["description"] = f"{head} JPEG/RGB Q={quality}|AppMag = 40{mpp_txt}|Title = {description}"
+                mpp_txt = f"|MPP = {mpp:.6f}" if mpp is not None and flavour != "svs-nompp" else ""
+                codec = "J2K/YUV16" if j2k else "JPEG/RGB"
+                kw["description"] = f"{head} {codec} Q={quality}|AppMag = 40{mpp_txt}|Title = {description}"
                 kw["subfiletype"] = 0
             else:
                 kw["description"] = description if level == 0 else None
             tw.write(tiles(level), **kw)
-            if flavour == "svs" and level == 0:
+            if svs and level == 0:
                 # Aperio's second directory: a stripped thumbnail (an associated image, not a level).
                 thumb_level = len(sizes) - 1
                 tk = 2**thumb_level
@@ -431,6 +443,19 @@ def write_pyramidal_tiff(
                                      f"|Title = {description}")
     tmp.replace(path)
     return sizes
+
+
+def _jp2k_ycbcr_tile(rgb: np.ndarray, quality: int) -> bytes:
+    """One tile as Aperio writes JPEG 2000 (compression 33003): RGB -> JFIF full-range YCbCr
+    (PIL), encoded without the codestream's own colour transform (``mct=False``)."""
+    import imagecodecs
+    from PIL import Image
+
+    ycc = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("YCbCr"))
+    # quality 90 -> PSNR 45 dB-ish; 100 -> reversible (lossless)
+    if quality >= 100:
+        return imagecodecs.jpeg2k_encode(ycc, codecformat="J2K", mct=False, reversible=True)
+    return imagecodecs.jpeg2k_encode(ycc, level=max(30, quality // 2), codecformat="J2K", mct=False)
 
 
 def write_synthetic_slide(
@@ -462,7 +487,7 @@ def write_synthetic_slide(
     def level_tiles(k, lvl_x, lvl_y, t):
         return _render_tile(shapes, tex, mpp=mpp, k=k, lvl_y=lvl_y, lvl_x=lvl_x, tile=t)
 
-    write_pyramidal_tiff(path, level_tiles, l0_size=l0_size, mpp=None if flavour == "tiff-nores" else mpp,
+    write_pyramidal_tiff(path, level_tiles, l0_size=l0_size, mpp=None if flavour in ("tiff-nores", "svs-nompp") else mpp,
                          flavour=flavour, tile=tile, quality=quality)
     to_l0 = 1.0 / mpp
     tissue_l0 = shapely.affinity.scale(spec.tissue_um(), to_l0, to_l0, origin=(0, 0))

@@ -14,8 +14,10 @@ from wsi_toolkit.cli._common import run_click, setup_logging
 @click.argument("out", type=click.Path(path_type=Path))
 @click.option("--mpp", type=float, default=0.243, show_default=True,
               help="um per level-0 pixel (Camelyon16: 0.243 Radboudumc, 0.226 Utrecht).")
-@click.option("--flavour", type=click.Choice(["tiff", "svs", "tiff-nores"]), default="tiff", show_default=True,
-              help="tiff: pyramidal JPEG TIFF with resolution tags; svs: Aperio-style; tiff-nores: no mpp metadata.")
+@click.option("--flavour", type=click.Choice(["tiff", "svs", "svs-j2k", "svs-nompp", "tiff-nores"]), default="tiff",
+              show_default=True,
+              help="tiff: pyramidal JPEG TIFF with resolution tags; svs: Aperio-style; svs-j2k: Aperio SVS with JPEG 2000 "
+                   "(YCbCr, compression 33003) tiles; svs-nompp and tiff-nores: no mpp metadata.")
 @click.option("--tissue-mm2", type=float, default=4.0, show_default=True)
 @click.option("--tumours", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
