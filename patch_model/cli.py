@@ -48,6 +48,12 @@ def _fmt(v) -> str:
 @click.option("--seed", type=int, default=42)
 @click.option("--valid-fraction", type=float, default=0.1,
               help="Kaggle layout only: share of the random (LEAKY) validation split.")
+@click.option("--test-fraction", type=float, default=0.0,
+              help="Kaggle layout only: share held back as a random (LEAKY) test split, outside the best-epoch choice.")
+@click.option("--augment", type=click.Choice(["none", "flips", "dihedral", "flips+hed", "dihedral+hed"]),
+              default="dihedral",
+              help="Training augmentation: flips = the article's horizontal + vertical flips; dihedral adds the "
+                   "90-degree rotations; +hed adds H&E stain jitter (Tellez et al.).")
 @click.option("--monitor", type=click.Choice(["roc_auc_score", "valid_loss", "accuracy"]), default="roc_auc_score",
               help="Validation value that picks the kept (best) epoch.")
 @click.option("--lr-find-iters", type=int, default=None,
@@ -61,8 +67,8 @@ def _fmt(v) -> str:
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", count=True)
 def _train_command(data, out, arch, size, pretrained, weights, epochs_frozen, epochs, batch_size, lr, lr_unfrozen, wd,
-                   seed, valid_fraction, monitor, lr_find_iters, workers, device, precision, top_losses, overwrite,
-                   no_progress, verbose) -> int:
+                   seed, valid_fraction, test_fraction, augment, monitor, lr_find_iters, workers, device, precision,
+                   top_losses, overwrite, no_progress, verbose) -> int:
     """Train the PCam patch classifier with the article's fastai recipe and export a model package.
 
     Defaults: ResNet50 with ImageNet weights, 96 px patches upsampled to 224, dihedral
@@ -79,7 +85,8 @@ def _train_command(data, out, arch, size, pretrained, weights, epochs_frozen, ep
     config = TrainConfig(
         data=data, out=out, arch=arch, size=size, pretrained=pretrained, weights=weights,
         epochs_frozen=epochs_frozen, epochs=epochs, batch_size=batch_size, lr=lr, lr_unfrozen=lr_unfrozen, wd=wd,
-        seed=seed, valid_fraction=valid_fraction, monitor=monitor, lr_find_iters=lr_find_iters, workers=workers,
+        seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction, augment=augment, monitor=monitor,
+        lr_find_iters=lr_find_iters, workers=workers,
         device=device, precision=precision, top_losses=top_losses, overwrite=overwrite, progress=not no_progress,
     )
     result = train_model(config)

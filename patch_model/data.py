@@ -50,6 +50,7 @@ __all__ = [
     "PCamH5",
     "KaggleFolder",
     "kaggle_split",
+    "kaggle_splits",
     "detect_layout",
     "open_splits",
     "write_pcam_h5",
@@ -357,34 +358,50 @@ class KaggleFolder(torch.utils.data.Dataset):
         return f"<KaggleFolder {self.split_name!r} {len(self)} patches{' LEAKY' if self.leaky else ''}, {self.root}>"
 
 
-def kaggle_split(
-    root: str | os.PathLike, *, valid_fraction: float = 0.1, seed: int = 42
-) -> tuple[KaggleFolder, KaggleFolder]:
-    """Random ``(train, valid)`` split of the Kaggle folder; both flagged ``leaky=True``.
+def kaggle_splits(
+    root: str | os.PathLike, *, valid_fraction: float = 0.1, test_fraction: float = 0.0, seed: int = 42
+) -> dict[str, KaggleFolder]:
+    """Random ``{"train", "valid"[, "test"]}`` split of the Kaggle folder; every part ``leaky=True``.
 
-    The Kaggle layout has no slide ids, so patches of one slide land in both halves: the
-    validation numbers are optimistic (this is how the article's 98.6 % was measured) and must
-    be reported as leaky. A WARNING saying so is logged. Use PCam's own valid/test splits for
-    honest numbers.
+    The Kaggle layout has no slide ids, so patches of one slide land in every part: the
+    validation (and test) numbers are optimistic (this is how the article's 98.6 % was measured)
+    and must be reported as leaky. A WARNING saying so is logged. ``test_fraction > 0`` holds a
+    third part back from training AND from the best-epoch choice (which looks at valid), so its
+    numbers are not inflated by model selection; they still share slides with train. The valid
+    ids depend only on ``seed`` and ``valid_fraction``: adding a test part takes it from train.
+    Use PCam's slide-disjoint valid/test for honest numbers.
     """
     if not (isinstance(valid_fraction, (int, float)) and 0 < valid_fraction < 1):
         raise ConfigError(f"valid_fraction must be in (0, 1); got {valid_fraction!r}")
+    if not (isinstance(test_fraction, (int, float)) and 0 <= test_fraction < 1 and valid_fraction + test_fraction < 1):
+        raise ConfigError(f"test_fraction must be in [0, 1) with valid_fraction + test_fraction < 1; got "
+                          f"{test_fraction!r} (valid_fraction {valid_fraction!r})")
     root = Path(root)
     ids = list(_read_kaggle_labels(root))
-    if len(ids) < 2:
-        raise DataLayoutError(f"{root / _KAGGLE_LABELS}: {len(ids)} row(s); a split needs at least 2")
-    n_valid = min(max(1, round(len(ids) * valid_fraction)), len(ids) - 1)
+    n_parts = 3 if test_fraction > 0 else 2
+    if len(ids) < n_parts:
+        raise DataLayoutError(f"{root / _KAGGLE_LABELS}: {len(ids)} row(s); a split needs at least {n_parts}")
+    n_valid = min(max(1, round(len(ids) * valid_fraction)), len(ids) - n_parts + 1)
+    n_test = 0 if not test_fraction else min(max(1, round(len(ids) * test_fraction)), len(ids) - n_valid - 1)
     order = np.random.default_rng(seed).permutation(len(ids))
-    valid_ids = [ids[i] for i in np.sort(order[:n_valid])]
-    train_ids = [ids[i] for i in np.sort(order[n_valid:])]
+    parts = {"valid": order[:n_valid], "test": order[len(ids) - n_test:], "train": order[n_valid:len(ids) - n_test]}
     logger.warning(
-        "%s: Kaggle layout has no slide ids, so this random train/valid split (%d/%d patches, seed %d) LEAKS: "
-        "the same slides are in both halves. Validation numbers on it are optimistic and must be called "
+        "%s: Kaggle layout has no slide ids, so this random train/valid%s split (%d/%d%s patches, seed %d) LEAKS: "
+        "the same slides are in every part. Validation numbers on it are optimistic and must be called "
         "leaky (the article's 98.6%% was measured this way); use PCam's slide-disjoint valid/test for honest numbers.",
-        root, len(train_ids), len(valid_ids), seed,
+        root, "/test" if n_test else "", len(parts["train"]), n_valid, f"/{n_test}" if n_test else "", seed,
     )
-    return (KaggleFolder(root, ids=train_ids, split_name="train", leaky=True),
-            KaggleFolder(root, ids=valid_ids, split_name="valid", leaky=True))
+    return {name: KaggleFolder(root, ids=[ids[i] for i in np.sort(idx)], split_name=name, leaky=True)
+            for name, idx in parts.items() if len(idx)}
+
+
+def kaggle_split(
+    root: str | os.PathLike, *, valid_fraction: float = 0.1, seed: int = 42
+) -> tuple[KaggleFolder, KaggleFolder]:
+    """Random ``(train, valid)`` split of the Kaggle folder; both flagged ``leaky=True``
+    (:func:`kaggle_splits` without a test part)."""
+    parts = kaggle_splits(root, valid_fraction=valid_fraction, seed=seed)
+    return parts["train"], parts["valid"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -424,21 +441,21 @@ def detect_layout(root: str | os.PathLike) -> Layout:
 
 
 def open_splits(
-    root: str | os.PathLike, *, valid_fraction: float = 0.1, seed: int = 42
+    root: str | os.PathLike, *, valid_fraction: float = 0.1, seed: int = 42, test_fraction: float = 0.0
 ) -> dict[str, torch.utils.data.Dataset]:
     """``{"train": ..., "valid": ..., "test": ...}`` for either layout.
 
     PCam: the published splits (train and valid required, test when present), slide-disjoint,
-    ``leaky=False``. Kaggle: :func:`kaggle_split` (``valid_fraction``, ``seed``), both
-    ``leaky=True`` with a warning; no ``"test"`` (Kaggle's test/ is unlabelled).
+    ``leaky=False``. Kaggle: :func:`kaggle_splits` (``valid_fraction``, ``test_fraction``, ``seed``),
+    all ``leaky=True`` with a warning; a ``"test"`` part only with ``test_fraction > 0`` (Kaggle's
+    own test/ is unlabelled).
     """
     root = Path(root)
     layout = detect_layout(root)
     if layout == "kaggle":
-        train, valid = kaggle_split(root, valid_fraction=valid_fraction, seed=seed)
         if (root / "test").is_dir():
-            logger.info("%s: Kaggle test/ is unlabelled (scored by Kaggle); no 'test' split returned", root)
-        return {"train": train, "valid": valid}
+            logger.info("%s: Kaggle test/ is unlabelled (scored by Kaggle); not read", root)
+        return dict(kaggle_splits(root, valid_fraction=valid_fraction, test_fraction=test_fraction, seed=seed))
     out: dict[str, torch.utils.data.Dataset] = {}
     for split in PCAM_SPLITS:
         present = any(p.is_file() for p in pcam_paths(root, split, must_exist=False))

@@ -224,7 +224,7 @@ def evaluate_package(
     recipe = (cfg.extra.get("training") or {}).get("recipe") or {}
     vf = valid_fraction if valid_fraction is not None else recipe.get("valid_fraction", 0.1)
     sd = seed if seed is not None else recipe.get("seed", 42)
-    splits = open_splits(data, valid_fraction=vf, seed=sd)
+    splits = open_splits(data, valid_fraction=vf, seed=sd, test_fraction=recipe.get("test_fraction", 0.0))
     if split not in splits:
         raise ConfigError(f"{data} has no {split!r} split (has {sorted(splits)}); pick one with --split")
     ds = splits[split]

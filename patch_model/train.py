@@ -85,7 +85,10 @@ __all__ = [
     "ArchSpec",
     "resolve_arch",
     "check_pretrained_cached",
+    "AUGMENTS",
     "DihedralBatch",
+    "HedJitterBatch",
+    "hed_jitter",
     "ResizeBatch",
     "PatchData",
     "build_dataloaders",
@@ -146,6 +149,8 @@ class TrainConfig:
     wd: float = 1e-2
     seed: int = 42
     valid_fraction: float = 0.1
+    test_fraction: float = 0.0
+    augment: str = "dihedral"
     monitor: Monitor = "roc_auc_score"
     lr_find_iters: int | None = None
     workers: int | None = None
@@ -187,6 +192,10 @@ class TrainConfig:
         need(is_int(self.seed), f"seed must be an integer; got {self.seed!r}")
         need(isinstance(self.valid_fraction, (int, float)) and 0 < self.valid_fraction < 1,
              f"valid_fraction must be in (0, 1); got {self.valid_fraction!r}")
+        need(isinstance(self.test_fraction, (int, float)) and 0 <= self.test_fraction < 1
+             and self.valid_fraction + self.test_fraction < 1,
+             f"test_fraction must be in [0, 1) with valid_fraction + test_fraction < 1; got {self.test_fraction!r}")
+        parse_augment(self.augment)
         need(self.monitor in _MONITORS, f"monitor must be one of {_MONITORS}; got {self.monitor!r}")
         need(self.lr_find_iters is None or (is_int(self.lr_find_iters) and (self.lr_find_iters == 0
                                                                             or self.lr_find_iters >= 6)),
@@ -406,21 +415,45 @@ class _ReadLabel(Transform):
         return self.names[int(self.labels[int(i)])]
 
 
+#: The symmetries of the square each augmentation draws from, as fastai ``TensorImage.dihedral``
+#: indices: ``flips`` = the article's horizontal and vertical flips (identity, left-right,
+#: top-bottom, both = 180-degree rotation); ``dihedral`` adds the 90-degree rotations and
+#: transposes (all 8). Tissue has no up or left, so every one is a valid view of a patch.
+SYMMETRIES: Mapping[str, tuple[int, ...]] = {"none": (0,), "flips": (0, 1, 2, 4), "dihedral": tuple(range(8))}
+
+#: ``TrainConfig.augment`` values: a geometric set from :data:`SYMMETRIES`, optionally ``+hed``.
+AUGMENTS = ("none", "flips", "dihedral", "flips+hed", "dihedral+hed")
+
+
+def parse_augment(augment: str) -> tuple[str, bool]:
+    """``"dihedral+hed"`` -> ``("dihedral", True)``; :class:`ConfigError` for anything else than
+    :data:`AUGMENTS`."""
+    if augment not in AUGMENTS:
+        raise ConfigError(f"augment must be one of {', '.join(AUGMENTS)}; got {augment!r}")
+    geometric, _, hed = augment.partition("+")
+    return geometric, hed == "hed"
+
+
 class DihedralBatch(RandTransform):
-    """Each training image gets one of the 8 symmetries of the square (identity, flips,
-    90-degree rotations and their combinations), drawn uniformly per image: exact pixel
-    permutations (fastai's ``TensorImage.dihedral``), no resampling. Training batches only."""
+    """Each training image gets one of ``symmetries`` (fastai ``TensorImage.dihedral`` indices,
+    default all 8 symmetries of the square: identity, flips, 90-degree rotations and their
+    combinations), drawn uniformly per image: exact pixel permutations, no resampling. Training
+    batches only."""
 
     order, split_idx = 30, 0
 
-    def __init__(self):
+    def __init__(self, symmetries: Sequence[int] = tuple(range(8))):
         super().__init__(p=1.0)
+        self.symmetries = torch.as_tensor(sorted(set(int(k) for k in symmetries)))
+        if not len(self.symmetries) or self.symmetries.min() < 0 or self.symmetries.max() > 7:
+            raise ConfigError(f"symmetries must be dihedral indices 0..7; got {list(symmetries)}")
 
     def before_call(self, b, split_idx):
         super().before_call(b, split_idx)
         while isinstance(b, (tuple, list)):
             b = b[0]
-        self.k = torch.randint(0, 8, (b.shape[0],), device=b.device)
+        pick = torch.randint(0, len(self.symmetries), (b.shape[0],), device=b.device)
+        self.k = self.symmetries.to(b.device)[pick]
 
     def encodes(self, x: TensorImage):
         out = x.clone()
@@ -429,6 +462,53 @@ class DihedralBatch(RandTransform):
             if len(sel):
                 out[sel] = x[sel].dihedral(k)
         return out
+
+
+class HedJitterBatch(RandTransform):
+    """H&E stain augmentation (Tellez et al. 2018, "H&E stain augmentation improves
+    generalization of convolutional networks for histopathological mitosis detection"): each
+    training image is taken to haematoxylin-eosin-DAB optical density with scikit-image's
+    colour-deconvolution matrices (``skimage.color.hed_from_rgb`` / ``rgb_from_hed``, the same
+    maths as ``rgb2hed``/``hed2rgb``), each stain channel becomes ``s * a + b`` with ``a`` in
+    ``[1 - sigma, 1 + sigma]`` and ``b`` in ``[-sigma, sigma]`` drawn per image and channel, and
+    the result goes back to RGB, clipped to [0, 1]. Mimics the stain differences between labs
+    and scanners. Float ``(N, 3, H, W)`` in [0, 1] (after ``IntToFloatTensor``); training only.
+    """
+
+    order, split_idx = 25, 0
+
+    def __init__(self, sigma: float = 0.05):
+        super().__init__(p=1.0)
+        from skimage.color import hed_from_rgb, rgb_from_hed
+
+        self.sigma = float(sigma)
+        self._to_hed = torch.as_tensor(hed_from_rgb, dtype=torch.float32)
+        self._to_rgb = torch.as_tensor(rgb_from_hed, dtype=torch.float32)
+
+    def before_call(self, b, split_idx):
+        super().before_call(b, split_idx)
+        while isinstance(b, (tuple, list)):
+            b = b[0]
+        n = b.shape[0]
+        self.scale = 1 + (torch.rand(n, 1, 3, device=b.device) * 2 - 1) * self.sigma
+        self.shift = (torch.rand(n, 1, 3, device=b.device) * 2 - 1) * self.sigma
+
+    def encodes(self, x: TensorImage):
+        return TensorImage(hed_jitter(x, self.scale, self.shift, to_hed=self._to_hed, to_rgb=self._to_rgb))
+
+
+def hed_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, to_hed: torch.Tensor,
+               to_rgb: torch.Tensor) -> torch.Tensor:
+    """RGB float ``(N, 3, H, W)`` in [0, 1] -> stains ``* scale + shift`` (both ``(N, 1, 3)``) ->
+    RGB, clipped to [0, 1]. With ``scale = 1, shift = 0`` it returns ``x`` (up to float rounding).
+    Optical density as in ``skimage.color.rgb2hed``: ``log(max(rgb, 1e-6)) / log(1e-6)``."""
+    n, c, h, w = x.shape
+    log_adjust = math.log(1e-6)
+    rgb = x.float().permute(0, 2, 3, 1).reshape(n, h * w, c).clamp_min(1e-6)
+    stains = (torch.log(rgb) / log_adjust) @ to_hed.to(x.device)
+    stains = stains * scale + shift
+    out = torch.exp((stains * log_adjust) @ to_rgb.to(x.device)).clamp(0, 1)
+    return out.reshape(n, h, w, c).permute(0, 3, 1, 2).to(x.dtype).contiguous()
 
 
 class ResizeBatch(Transform):
@@ -494,17 +574,20 @@ def build_dataloaders(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     workers: int = 0,
-    augment: bool = True,
+    augment: bool | str = True,
     class_names: Sequence[str] = CLASS_NAMES,
 ) -> PatchData:
     """fastai ``DataLoaders`` over torch datasets of ``(uint8 (96, 96, 3) patch, int label)``.
 
     Items become a uint8 ``TensorImage`` (CHW) and a ``TensorCategory`` (vocab ``class_names``
     in label order: index 1 = PCam label 1 = tumour). Batch transforms run on ``device``:
-    ``IntToFloatTensor`` (/255), :class:`DihedralBatch` (train only, if ``augment``),
-    :class:`ResizeBatch` to ``size``, ``Normalize(mean, std)``; i.e. the inference
+    ``IntToFloatTensor`` (/255), the training augmentation ``augment`` (one of :data:`AUGMENTS`:
+    :class:`HedJitterBatch` for ``+hed``, then :class:`DihedralBatch` over the ``flips`` or all
+    ``dihedral`` symmetries; ``True`` = ``"dihedral"``, ``False`` = ``"none"``), :class:`ResizeBatch`
+    to ``size``, ``Normalize(mean, std)``; i.e. on validation batches, the inference
     ``Preprocess`` of ``pcam_config(input_size=size, mean=mean, std=std)``.
     """
+    geometric, hed = parse_augment({True: "dihedral", False: "none"}.get(augment, augment))
     if "train" not in splits or "valid" not in splits:
         raise ConfigError(f"need 'train' and 'valid' splits; got {sorted(splits)}")
     order = ["train", "valid"] + sorted(s for s in splits if s not in ("train", "valid"))
@@ -528,8 +611,10 @@ def build_dataloaders(
         splits=[list(items["train"]), list(items["valid"])],
     )
     batch_tfms = [IntToFloatTensor()]
-    if augment:
-        batch_tfms.append(DihedralBatch())
+    if hed:
+        batch_tfms.append(HedJitterBatch())
+    if geometric != "none":
+        batch_tfms.append(DihedralBatch(SYMMETRIES[geometric]))
     batch_tfms += [ResizeBatch(size), Normalize.from_stats(list(mean), list(std), cuda=False)]
     dev = torch.device(device)
     dls = dsets.dataloaders(bs=batch_size, after_batch=batch_tfms, device=dev, num_workers=int(workers),
@@ -913,10 +998,11 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
     set_seed(config.seed, reproducible=True)
 
     layout = detect_layout(config.data)
-    splits = open_splits(config.data, valid_fraction=config.valid_fraction, seed=config.seed)
+    splits = open_splits(config.data, valid_fraction=config.valid_fraction, seed=config.seed,
+                         test_fraction=config.test_fraction)
     leaky = bool(getattr(splits["valid"], "leaky", False))
     if leaky:
-        logger.warning("validation numbers of this run are LEAKY: %s", LEAKY_NOTE)
+        logger.warning("validation numbers of this run are %s", LEAKY_NOTE)
     counts = {name: _split_counts(ds) for name, ds in splits.items()}
     for name, c in counts.items():
         logger.info("%s: %s", name, c["description"])
@@ -928,7 +1014,7 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
     synthetic = bool(summary.get("synthetic", False))
 
     data = build_dataloaders(splits, size=config.size, mean=spec.mean, std=spec.std, batch_size=config.batch_size,
-                             device=device, workers=workers)
+                             device=device, workers=workers, augment=config.augment)
     learn = build_learner(data, spec, pretrained=config.pretrained, weights=config.weights, wd=config.wd, path=out)
     if precision != "fp32":
         learn.add_cb(MixedPrecision(amp_mode=precision))
@@ -1038,7 +1124,7 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
             "workers": workers, "world_size": max(world, 1), "layout": layout, "lr": lr_info,
             "lr_find_iters": lr_iters, "train_batches_per_epoch": n_batches,
             "class_names": list(CLASS_NAMES), "tumour_index": TUMOUR_INDEX,
-            "augmentation": "dihedral (8 symmetries of the square: flips and 90-degree rotations), train only",
+            "augmentation": _describe_augment(config.augment),
             "resize": f"96 -> {config.size} px, bilinear antialiased (= inference Preprocess)" if config.size != 96
             else "none (native 96 px)",
             "versions": {"python": platform.python_version(), "torch": torch.__version__, "fastai": fastai.__version__},
@@ -1070,8 +1156,8 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
             "recipe": {"arch": spec.name, "arch_source": spec.source, "body_init": learn.body_init,
                        "input_size": config.size, "epochs_frozen": config.epochs_frozen, "epochs": config.epochs,
                        "batch_size": config.batch_size, "wd": config.wd, "lr": lr_info, "seed": config.seed,
-                       "valid_fraction": config.valid_fraction, "monitor": config.monitor,
-                       "augmentation": "dihedral", "precision": precision},
+                       "valid_fraction": config.valid_fraction, "test_fraction": config.test_fraction,
+                       "monitor": config.monitor, "augmentation": config.augment, "precision": precision},
             "best": metrics["best"],
         },
         "metrics": {"valid": _headline(valid_metrics), "test": None if test_metrics is None else _headline(test_metrics),
@@ -1107,6 +1193,14 @@ def _quiet(learn: Learner):
     """No progress bars and no printed epoch table (the epochs still go to the log)."""
     with learn.no_bar(), learn.no_logging():
         yield
+
+
+def _describe_augment(augment: str) -> str:
+    geometric, hed = parse_augment(augment)
+    text = {"none": "no geometric augmentation",
+            "flips": "horizontal and vertical flips (the article's), each with p=0.5",
+            "dihedral": "dihedral (8 symmetries of the square: flips and 90-degree rotations)"}[geometric]
+    return text + (" + H&E stain jitter (HED, sigma 0.05)" if hed else "") + ", train only"
 
 
 def _headline(m: Mapping[str, Any]) -> dict:

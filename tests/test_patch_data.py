@@ -275,6 +275,23 @@ def test_kaggle_split_is_flagged_leaky_and_warns(kaggle_root, caplog):
     assert again.ids == train.ids  # deterministic
 
 
+def test_kaggle_test_part_is_held_back_from_train_only(kaggle_root):
+    from patch_model.data import kaggle_splits
+
+    root, _ = kaggle_root
+    parts = kaggle_splits(root, valid_fraction=0.25, test_fraction=0.25, seed=3)
+    assert sorted(parts) == ["test", "train", "valid"] and all(p.leaky for p in parts.values())
+    ids = {k: set(v.ids) for k, v in parts.items()}
+    assert len(ids["valid"]) == 10 and len(ids["test"]) == 10 and len(ids["train"]) == 20
+    assert not (ids["train"] & ids["test"] or ids["valid"] & ids["test"] or ids["train"] & ids["valid"])
+    _, valid = kaggle_split(root, valid_fraction=0.25, seed=3)
+    assert set(valid.ids) == ids["valid"]  # the valid part does not move when a test part is added
+    assert set(open_splits(root, valid_fraction=0.25, test_fraction=0.25, seed=3)["test"].ids) == ids["test"]
+    for bad in (-0.1, 0.75, 1.0):
+        with pytest.raises(ConfigError, match="test_fraction"):
+            kaggle_splits(root, valid_fraction=0.25, test_fraction=bad)
+
+
 def test_kaggle_unknown_id_is_an_error(kaggle_root):
     root, _ = kaggle_root
     with pytest.raises(DataLayoutError, match="not listed"):

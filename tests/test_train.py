@@ -335,6 +335,73 @@ def test_dihedral_batch_gives_the_eight_symmetries_on_train_only():
     assert torch.equal(DihedralBatch()(x, split_idx=1), x)  # validation: untouched
 
 
+def test_flips_are_the_articles_four_views_only():
+    """``--augment flips``: horizontal, vertical, both (= 180-degree rotation) or none; never a
+    90-degree rotation or a transpose."""
+    from fastai.torch_core import TensorImage
+
+    from patch_model.train import SYMMETRIES
+
+    torch.manual_seed(1)
+    x = TensorImage(torch.rand(64, 3, 7, 7))
+    out = DihedralBatch(SYMMETRIES["flips"])(x, split_idx=0)
+    allowed = {
+        0: lambda t: t, 1: lambda t: t.flip(-1), 2: lambda t: t.flip(-2), 4: lambda t: t.flip(-1).flip(-2),
+    }
+    hit = set()
+    for i in range(len(x)):
+        ks = [k for k, f in allowed.items() if torch.equal(f(x[i]), out[i])]
+        assert ks, f"image {i} is not a flip of its input"
+        hit.add(ks[0])
+    assert hit == set(allowed)
+
+
+def test_hed_jitter_is_identity_without_jitter_and_moves_stains_with_it():
+    from fastai.torch_core import TensorImage
+    from skimage.color import hed_from_rgb, rgb2hed, rgb_from_hed
+
+    from patch_model.train import HedJitterBatch, hed_jitter
+
+    rng = np.random.default_rng(0)
+    rgb = rng.uniform(0.2, 1.0, (4, 8, 8, 3)).astype(np.float32)
+    x = torch.from_numpy(rgb).permute(0, 3, 1, 2)
+    to_hed = torch.as_tensor(hed_from_rgb, dtype=torch.float32)
+    to_rgb = torch.as_tensor(rgb_from_hed, dtype=torch.float32)
+    same = hed_jitter(x, torch.ones(4, 1, 3), torch.zeros(4, 1, 3), to_hed=to_hed, to_rgb=to_rgb)
+    assert torch.allclose(same, x, atol=1e-4)
+    # More haematoxylin in image 0 only: its H channel (skimage's rgb2hed) goes up, the others stay.
+    scale = torch.ones(4, 1, 3)
+    scale[0, 0, 0] = 1.5
+    more_h = hed_jitter(x, scale, torch.zeros(4, 1, 3), to_hed=to_hed, to_rgb=to_rgb)
+    h_before = rgb2hed(rgb[0])[..., 0]
+    h_after = rgb2hed(more_h[0].permute(1, 2, 0).numpy())[..., 0]
+    assert (h_after - h_before).mean() > 0.005
+    assert torch.allclose(more_h[1:], x[1:], atol=1e-4)
+    # The batch transform: train only, values stay in [0, 1], every image changed a little.
+    tfm = HedJitterBatch(sigma=0.05)
+    xb = TensorImage(x.clone())
+    out = tfm(xb, split_idx=0)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    assert 0 < (out - x).abs().mean() < 0.1
+    assert torch.equal(tfm(xb, split_idx=1), xb)
+
+
+@pytest.mark.parametrize("augment", ["none", "flips", "dihedral", "flips+hed", "dihedral+hed"])
+def test_augment_choices_build_their_transforms(tiny_pcam, augment):
+    from patch_model.train import HedJitterBatch
+
+    data = build_dataloaders(open_splits(tiny_pcam), size=96, batch_size=16, workers=0, augment=augment)
+    names = [type(t).__name__ for t in data.dls.train.after_batch.fs]
+    assert ("HedJitterBatch" in names) == augment.endswith("+hed")
+    assert ("DihedralBatch" in names) == (augment != "none")
+    assert HedJitterBatch.order < DihedralBatch.order  # stain jitter on the float image, before the flips
+
+
+def test_bad_augment_is_a_config_error(tiny_pcam, tmp_path):
+    with pytest.raises(ConfigError, match="augment"):
+        TrainConfig(data=tiny_pcam, out=tmp_path, augment="rot45")
+
+
 def test_dihedral_views_are_the_eight_distinct_symmetries():
     x = torch.arange(2 * 5 * 5 * 3).reshape(2, 5, 5, 3)
     views = dihedral_views(x)
