@@ -748,3 +748,78 @@ def test_tifffile_tile_cache_decodes_each_tile_once(make_slide, monkeypatch):
         again = slide.read_region((10, 10), 0, (290, 290))
     assert sorted(calls) == sorted(set(calls)) and len(calls) == 4
     assert np.array_equal(first[10:, 10:], again)
+
+
+# --------------------------------------------------------------------------------------------
+# 10. Issue 11: bounds (mpp range, slide extent, strip size) and the block-wise thumbnail
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [1e-6, 0.049, 20.5, 50])
+def test_mpp_override_outside_physical_range(make_slide, bad):
+    with pytest.raises(ConfigError, match=r"\[0.05, 20\] um/px"):
+        open_slide(make_slide(0.243, "tiff"), mpp=bad)
+
+
+def test_metadata_mpp_outside_physical_range_asks_for_override(tmp_path):
+    path = tmp_path / "dpi72.tif"
+    tifffile.imwrite(path, np.full((256, 256, 3), 200, np.uint8), tile=(256, 256), photometric="rgb",
+                     resolution=(72, 72), resolutionunit="INCH", metadata=None)  # 352.8 um/px
+    with pytest.raises(SlideFormatError, match=r"352.8.*--mpp"):
+        open_slide(path, backend="tifffile")
+    with open_slide(path, backend="tifffile", mpp=0.25) as slide:
+        assert slide.mpp == 0.25
+
+
+def test_slide_longer_than_any_glass_is_refused(make_slide):
+    # 2048 px at 20 um/px is 41 mm: fine. The same header read at 0.25 um/px would be fine too;
+    # what is refused is > 130 mm (checked here through the extent rule with a fake reader size).
+    with open_slide(make_slide(0.243, "tiff"), mpp=20) as slide:
+        assert slide.dimensions == L0_SIZE
+    from wsi_toolkit.errors import SlideTooLargeError
+    from wsi_toolkit.slide import _check_extent
+
+    with open_slide(make_slide(0.243, "tiff")) as slide:
+        slide.levels = (type(slide.levels[0])(size=(600_000, 1000), downsample=1.0),)
+        with pytest.raises(SlideTooLargeError, match=r"146 mm"):
+            _check_extent(slide)
+
+
+def test_single_strip_of_a_huge_image_is_refused(tmp_path):
+    from test_limits import write_raw_tiff
+
+    from wsi_toolkit.errors import SlideTooLargeError
+
+    path = write_raw_tiff(tmp_path / "strip.tif", 20_000, 20_000, mpp=0.25)  # one 1.1 GiB strip
+    with pytest.raises(SlideTooLargeError, match=r"strips of 20,000 x 20,000 px") as info:
+        open_slide(path, backend="tifffile")
+    assert isinstance(info.value, SlideFormatError) and "vips" in str(info.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thumbnail_in_blocks_matches_one_read(make_slide, backend, monkeypatch):
+    """Block-wise thumbnails (memory O(thumbnail)) give the pixels of one whole read."""
+    import wsi_toolkit.slide._reader as reader_mod
+
+    with open_slide(make_slide(0.243, "tiff"), backend=backend) as slide:
+        whole = slide.thumbnail(mpp=2.0)  # one block
+        monkeypatch.setattr(reader_mod, "_THUMB_BLOCK_PX", 64)  # many blocks, on a level 2 ds 4 -> 64 px
+        blocks = slide.thumbnail(mpp=2.0)
+    assert blocks.shape == whole.shape
+    assert np.abs(blocks.astype(int) - whole.astype(int)).max() <= 1
+
+
+def test_thumbnail_mpp_and_size_are_bounded(make_slide):
+    with open_slide(make_slide(0.243, "tiff")) as slide:
+        for bad in (0.0, 1e-6, 1e6, float("nan")):
+            with pytest.raises(ConfigError, match="thumbnail mpp"):
+                slide.thumbnail(mpp=bad)
+
+
+def test_decode_tiles_finds_a_damaged_tile(make_slide, tmp_path):
+    path = tmp_path / "garbled.tif"
+    garble_level0_tile(make_slide(0.243, "tiff"), path, DAMAGED_TILE, keep_header=False)
+    with open_slide(path, backend="tifffile") as slide:
+        slide.decode_tiles(0, [(0, 0), (1, 0)])
+        with pytest.raises(SlideReadError):
+            slide.decode_tiles(0, [(DAMAGED_TILE % 8, DAMAGED_TILE // 8)])

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.limits import MAX_THUMBNAIL_PIXELS, in_range, range_text
 
 __all__ = ["SlideReader", "LevelInfo", "BACKGROUND_RGB"]
 
@@ -28,6 +29,14 @@ BACKGROUND_RGB = (255, 255, 255)
 
 # A level whose downsample is within this relative tolerance of the wanted one is read as is.
 _EXACT_TOL = 1e-6
+
+# A thumbnail is read in blocks of at most this many level pixels on a side (~48 MiB RGB).
+_THUMB_BLOCK_PX = 4096
+# Thumbnail resolutions that make sense: finer is a level read, coarser a few pixels per slide.
+_THUMB_MPP_RANGE = (0.05, 100.0)
+# Thumbnail blocks shrunk more than this (a level far finer than the thumbnail: no pyramid) are box-
+# averaged first: the same picture at a fraction of the cost of a wide bilinear kernel.
+_THUMB_REDUCING_GAP = 3.0
 
 
 @dataclass(frozen=True)
@@ -238,6 +247,12 @@ class SlideReader(ABC):
         Example: on a 0.226 um/px slide, ``read_at_mpp((0, 0), (96, 96), 0.972)`` reads level 2
         (0.904 um/px) and shrinks 104.2 level-2 px to 96, giving a true PCam-scale patch.
         """
+        return self._read_at_mpp(l0_xy, size_px, mpp)
+
+    def _read_at_mpp(self, l0_xy: Sequence[float], size_px: Sequence[int], mpp: float, *,
+                     reducing_gap: float | None = None) -> np.ndarray:
+        """:meth:`read_at_mpp`; with ``reducing_gap`` (PIL's), a large shrink is first done by box
+        averaging down to within that factor of the target (thumbnails of slides without a pyramid)."""
         if not mpp > 0:
             raise ConfigError(f"mpp must be positive; got {mpp!r}")
         l0_x, l0_y = _as_pair(l0_xy, "l0_xy")
@@ -258,7 +273,7 @@ class SlideReader(ABC):
         rx1, ry1 = int(math.ceil(lvl_x1)) + margin, int(math.ceil(lvl_y1)) + margin
         region = self._read_level_padded(level, (rx0, ry0), (rx1 - rx0, ry1 - ry0))
         box = (lvl_x0 - rx0, lvl_y0 - ry0, lvl_x1 - rx0, lvl_y1 - ry0)
-        out = Image.fromarray(region).resize((w, h), Image.Resampling.BILINEAR, box=box)
+        out = Image.fromarray(region).resize((w, h), Image.Resampling.BILINEAR, box=box, reducing_gap=reducing_gap)
         return np.array(out)  # a writeable copy, like every other read
 
     def thumbnail(self, *, mpp: float = 8.0) -> np.ndarray:
@@ -268,11 +283,53 @@ class SlideReader(ABC):
         ``[r * k, (r + 1) * k)`` with ``k = mpp / self.mpp``; the shape is
         ``(ceil(h0 / k), ceil(w0 / k), 3)``, the part of the last row/column beyond the slide
         is white. So thumbnail and level-0 coordinates differ by exactly the factor ``k``.
+
+        Read block by block (each block a :meth:`read_at_mpp` of at most ~4096 x 4096 pixels of the
+        level it reads), so memory is the thumbnail plus one block whatever the slide: a slide
+        without a pyramid is not decoded whole.
+
+        Raises
+        ------
+        ConfigError
+            ``mpp`` is not within [0.05, 100] um/px, or the thumbnail would have more than
+            :data:`wsi_toolkit.limits.MAX_THUMBNAIL_PIXELS` pixels.
         """
+        if not in_range(mpp, _THUMB_MPP_RANGE):
+            raise ConfigError(f"thumbnail mpp must be within {range_text(_THUMB_MPP_RANGE, 'um/px')} (tissue is "
+                              f"found at 8); got {mpp!r}")
         k = mpp / self.mpp
         w0, h0 = self.dimensions
         size = (max(1, math.ceil(w0 / k - 1e-9)), max(1, math.ceil(h0 / k - 1e-9)))
-        return self.read_at_mpp((0, 0), size, mpp)
+        if size[0] * size[1] > MAX_THUMBNAIL_PIXELS:
+            raise ConfigError(
+                f"{self.path}: a thumbnail at {mpp:g} um/px would be {size[0]:,} x {size[1]:,} px, more than "
+                f"{MAX_THUMBNAIL_PIXELS:,}; use a coarser thumbnail mpp (8 um/px is the default)")
+        level = self.best_level_for_mpp(mpp)
+        scale = mpp / (self.mpp * self.levels[level].downsample)  # level px per thumbnail px
+        block = int(max(1, min(_THUMB_BLOCK_PX, _THUMB_BLOCK_PX // max(scale, 1.0))))
+        if size[0] <= block and size[1] <= block:
+            return self.read_at_mpp((0, 0), size, mpp)
+        out = np.empty((size[1], size[0], 3), np.uint8)
+        for y in range(0, size[1], block):
+            for x in range(0, size[0], block):
+                bw, bh = min(block, size[0] - x), min(block, size[1] - y)
+                out[y : y + bh, x : x + bw] = self._read_at_mpp((x * k, y * k), (bw, bh), mpp,
+                                                                reducing_gap=_THUMB_REDUCING_GAP)
+        return out
+
+    def decode_tiles(self, level: int, tiles_xy: Sequence[tuple[int, int]]) -> None:
+        """Decode the stored tiles ``(tile_x, tile_y)`` of ``level`` (tile units, as
+        :meth:`tile_size` gives them; 512 px boxes when the backend does not say), discarding the
+        pixels: :class:`~wsi_toolkit.errors.SlideReadError` when one is damaged. A preflight check
+        of what later reads will decode."""
+        if not 0 <= int(level) < self.level_count:
+            raise ConfigError(f"level {level} does not exist in {self.path} ({self.level_count} levels)")
+        tw, th = self.tile_size(level) or (512, 512)
+        lw, lh = self.levels[level].size
+        for tx, ty in tiles_xy:
+            x, y = int(tx) * tw, int(ty) * th
+            if 0 <= x < lw and 0 <= y < lh:
+                self._read_level(level, (x, y), (min(tw, lw - x), min(th, lh - y)))
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "SlideReader":

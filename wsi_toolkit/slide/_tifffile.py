@@ -14,12 +14,17 @@ from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from wsi_toolkit.errors import SlideFormatError, SlideReadError
+from wsi_toolkit.errors import SlideFormatError, SlideReadError, SlideTooLargeError
+from wsi_toolkit.limits import MAX_SEGMENT_BYTES
 from wsi_toolkit.slide._metadata import mpp_from_aperio_description, mpp_from_tiff_resolution
 from wsi_toolkit.slide._reader import BACKGROUND_RGB, LevelInfo, SlideReader, snap_downsample
 
 __all__ = ["TiffFileReader"]
+
+#: TIFF compression of Aperio's JPEG 2000 tiles in YCbCr (33005 is the RGB variant, decoded as is).
+APERIO_JP2K_YCBCR = 33003
 
 _OME_UNIT_TO_UM = {"um": 1.0, "µm": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
@@ -46,6 +51,7 @@ class TiffFileReader(SlideReader):
             ) from exc
         try:
             self._pages = self._pyramid_pages()
+            self._check_segments()
         except SlideFormatError:
             self._tif.close()
             raise
@@ -93,6 +99,22 @@ class TiffFileReader(SlideReader):
         # Keep levels in decreasing size (some writers append levels in other orders).
         pages.sort(key=lambda p: -(p.imagewidth * p.imagelength))
         return pages
+
+    def _check_segments(self) -> None:
+        """Every tile/strip is decoded whole to read any pixel of it: refuse ones too large to decode
+        (a single-strip image of a whole slide, or a forged tile size)."""
+        for level, page in enumerate(self._pages):
+            if page.is_tiled:
+                seg_w, seg_h, kind = page.tilewidth, page.tilelength, "tiles"
+            else:
+                seg_w, seg_h, kind = page.imagewidth, min(page.rowsperstrip or page.imagelength, page.imagelength), "strips"
+            nbytes = int(seg_w) * int(seg_h) * max(int(page.samplesperpixel), 3)
+            if nbytes > MAX_SEGMENT_BYTES:
+                raise SlideTooLargeError(
+                    f"{self.path}: level {level} ({page.imagewidth:,} x {page.imagelength:,} px) is stored in "
+                    f"{kind} of {seg_w:,} x {seg_h:,} px, {nbytes / 2**20:,.0f} MiB each decoded (at most "
+                    f"{MAX_SEGMENT_BYTES // 2**20} MiB are read at once); convert it to a tiled pyramid, e.g. "
+                    "vips tiffsave in.tif out.tif --tile --pyramid --compression jpeg")
 
     def metadata_mpp(self) -> tuple[tuple[float, float], str] | None:
         tif = self._tif
@@ -181,6 +203,10 @@ class TiffFileReader(SlideReader):
                 f"decoded ({exc}); the slide's pixel data is damaged, copy or download it again"
             ) from exc
         arr = arr.reshape(arr.shape[-3:])  # (1, 1, h, w, s) -> (h, w, s)
+        if page.compression == APERIO_JP2K_YCBCR and arr.shape[-1] == 3:
+            # Aperio's JPEG 2000 "YCbCr" tiles hold JFIF full-range YCbCr (no colour transform in
+            # the codestream); tifffile returns those values as they are, OpenSlide converts them.
+            arr = np.asarray(Image.fromarray(np.ascontiguousarray(arr), mode="YCbCr").convert("RGB"))
         if arr.shape[-1] == 1:
             arr = np.repeat(arr, 3, axis=-1)
         elif arr.shape[-1] == 4:
