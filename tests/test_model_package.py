@@ -533,3 +533,47 @@ def test_colour_rule_at_224(tmp_path, texture):
     t = _texture_patches(texture, "tumour", step=128)
     n = _texture_patches(texture, "normal", step=128)
     assert pkg.predict_proba(t).min() > 0.9 and pkg.predict_proba(n).max() < 0.1
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 11: numbers out of physical sense, config.json files that are not configs
+
+
+@pytest.mark.parametrize("field,value", [
+    ("spacing_um_px", 1e-9), ("spacing_um_px", 0.04), ("spacing_um_px", 21.0), ("spacing_um_px", float("inf")),
+    ("patch_size_pixels", 10**9), ("patch_size_pixels", 7), ("patch_size_pixels", 4097), ("patch_size_pixels", 1e9),
+])
+def test_config_numbers_outside_physical_range(field, value):
+    with pytest.raises(ModelPackageError, match=r"\[(0\.05, 20\] um/px|8, 4096\] px)") as info:
+        ModelConfig.from_dict(_zoo(**{field: value}), source="pkg/config.json")
+    assert info.value.field == field and "pkg/config.json" in str(info.value)
+
+
+@pytest.mark.parametrize("field,value", [("spacing_um_px", 0.05), ("spacing_um_px", 20),
+                                         ("patch_size_pixels", 8), ("patch_size_pixels", 4096)])
+def test_config_numbers_at_the_range_ends_are_accepted(field, value):
+    assert getattr(ModelConfig.from_dict(_zoo(**{field: value})), field) == value
+
+
+def test_resize_size_outside_range():
+    d = _zoo()
+    d["transform"][0]["arguments"]["size"] = 10**9
+    with pytest.raises(ModelPackageError, match=r"\[8, 4096\] px") as info:
+        ModelConfig.from_dict(d)
+    assert info.value.field == "transform[0].arguments.size"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"spacing_um_px": NaN}', "NaN"),
+    ('{"patch_size_pixels": ' + "9" * 5000 + "}", "not valid JSON"),
+    (b"\xff\xfe{}", "not UTF-8"),
+])
+def test_config_json_that_is_no_config(tmp_path, text, match):
+    from wsi_toolkit.model_package import read_config_json
+
+    path = tmp_path / CONFIG_NAME
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(ModelPackageError, match=match) as info:
+        read_config_json(path)
+    assert CONFIG_NAME in str(info.value)

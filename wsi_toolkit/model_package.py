@@ -67,6 +67,7 @@ import torch
 import torch.nn.functional as F
 
 from wsi_toolkit.errors import ModelPackageError
+from wsi_toolkit.limits import PATCH_PX_RANGE, SPACING_RANGE_UM, in_range, range_text
 
 __all__ = [
     "ModelPackageError",
@@ -77,6 +78,7 @@ __all__ = [
     "IMAGENET_STD",
     "TUMOUR_CLASS_SYNONYMS",
     "CONFIG_NAME",
+    "read_config_json",
     "TORCHSCRIPT_NAME",
     "Preprocess",
     "ModelPackage",
@@ -174,12 +176,16 @@ def _check_resize(args: Mapping) -> None:
     if "size" not in args:
         raise ModelPackageError("Resize needs 'size' (an int, pixels)", field="arguments.size")
     size = args["size"]
-    ok = (_is_int(size) and size > 0) or (
-        isinstance(size, (list, tuple)) and len(size) == 2 and all(_is_int(s) and s > 0 for s in size)
-        and size[0] == size[1])
+
+    def ok_side(s: Any) -> bool:
+        return _is_int(s) and in_range(s, PATCH_PX_RANGE, integer=True)
+
+    ok = ok_side(size) or (
+        isinstance(size, (list, tuple)) and len(size) == 2 and all(ok_side(s) for s in size) and size[0] == size[1])
     if not ok:
         raise ModelPackageError(
-            f"Resize size must be a positive int (or [s, s]); got {size!r}", field="arguments.size")
+            f"Resize size must be an int in {range_text(PATCH_PX_RANGE, 'px')} (or [s, s]); got {_thaw(size)!r}",
+            field="arguments.size")
     if args.get("antialias", True) is not True:
         raise ModelPackageError(
             "only antialias=true is supported (what WSInfer's PIL Resize does)", field="arguments.antialias")
@@ -322,10 +328,15 @@ class ModelConfig:
         if len(set(names)) != len(names):
             fail("class_names", f"names must be unique; got {list(names)}")
         object.__setattr__(self, "class_names", names)
-        if not (_is_int(self.patch_size_pixels) and self.patch_size_pixels > 0):
-            fail("patch_size_pixels", f"must be a positive integer (pixels); got {self.patch_size_pixels!r}")
-        if not (_is_number(self.spacing_um_px) and math.isfinite(self.spacing_um_px) and self.spacing_um_px > 0):
-            fail("spacing_um_px", f"must be a positive number of micrometres per pixel; got {self.spacing_um_px!r}")
+        # Ranges and why: wsi_toolkit.limits (8..4096 px: no network sees anything in fewer than 8 px,
+        # 4096 is 16x the largest published WSI patch; 0.05..20 um/px: finer than any scanner samples /
+        # a 96 px patch over 2 mm).
+        if not (_is_int(self.patch_size_pixels) and in_range(self.patch_size_pixels, PATCH_PX_RANGE, integer=True)):
+            fail("patch_size_pixels", f"must be an integer number of pixels in {range_text(PATCH_PX_RANGE, 'px')} "
+                                      f"(PCam: 96); got {self.patch_size_pixels!r}")
+        if not (_is_number(self.spacing_um_px) and in_range(self.spacing_um_px, SPACING_RANGE_UM)):
+            fail("spacing_um_px", f"must be the model's micrometres per pixel in "
+                                  f"{range_text(SPACING_RANGE_UM, 'um/px')} (PCam: 0.972); got {self.spacing_um_px!r}")
         object.__setattr__(self, "spacing_um_px", float(self.spacing_um_px))
 
         tf = self.transform
@@ -644,6 +655,42 @@ def _check_model_output(model: torch.nn.Module, config: ModelConfig, device: tor
         _as_logits(out, config, source=source)
 
 
+#: A config.json is a few hundred bytes; anything past this is not one (and is not read into memory).
+MAX_CONFIG_BYTES = 1 * 2**20
+
+
+def read_config_json(path: str | os.PathLike) -> Any:
+    """The parsed JSON of a ``config.json``; :class:`ModelPackageError` naming the file when it is larger
+    than :data:`MAX_CONFIG_BYTES`, not UTF-8, not JSON, nested too deeply, or has NaN/Infinity."""
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ModelPackageError(f"{size:,} bytes; a model config is a small JSON object (at most "
+                                    f"{MAX_CONFIG_BYTES:,} bytes are read)", source=path)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ModelPackageError(f"not UTF-8 text ({e})", source=path) from None
+    except OSError as e:
+        raise ModelPackageError(f"cannot be read ({e.strerror or e})", source=path) from None
+
+    def no_constant(name: str) -> Any:
+        raise ModelPackageError(f"{name} is not a JSON number (JSON has no NaN/Infinity); write a finite number",
+                                source=path)
+
+    try:
+        return json.loads(text, parse_constant=no_constant)
+    except json.JSONDecodeError as e:
+        raise ModelPackageError(f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})",
+                                source=path) from None
+    except ModelPackageError:
+        raise
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise ModelPackageError(f"not valid JSON ({e})", source=path) from None
+    except RecursionError:
+        raise ModelPackageError("nested too deeply to be a model config (thousands of [ or {)", source=path) from None
+
+
 def load_model_package(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                        verify_sha256: bool = True) -> ModelPackage:
     """Load and validate a model package directory (``config.json`` + ``torchscript_model.pt``).
@@ -667,13 +714,7 @@ def load_model_package(path: str | os.PathLike, *, device: str | torch.device = 
     if not cfg_path.is_file():
         raise ModelPackageError(f"missing; a model package holds {CONFIG_NAME} and {TORCHSCRIPT_NAME}",
                                 source=cfg_path)
-    try:
-        raw = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ModelPackageError(f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})",
-                                source=cfg_path) from None
-    except UnicodeDecodeError as e:
-        raise ModelPackageError(f"not UTF-8 text ({e})", source=cfg_path) from None
+    raw = read_config_json(cfg_path)
     config = ModelConfig.from_dict(raw, source=cfg_path)
     if not pt_path.is_file():
         raise ModelPackageError(f"missing; a model package holds {CONFIG_NAME} and {TORCHSCRIPT_NAME}",

@@ -27,14 +27,28 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.errors import ConfigError, NoPatchesError
+from wsi_toolkit.limits import (
+    MAX_GRID_CELLS,
+    MPP_RANGE_UM,
+    PATCH_PX_RANGE,
+    SLIDE_MAX_SIDE_PX,
+    SPACING_RANGE_UM,
+    STRIDE_PX_RANGE,
+    in_range,
+    range_text,
+)
 
 __all__ = ["GridConfig", "PatchGrid", "make_grid", "cell_coverage"]
 
 
 @dataclass(frozen=True)
 class GridConfig:
-    """The patch grid, in the model's pixels. Defaults are PCam's: 96 px at 0.972 um/px, stride 32."""
+    """The patch grid, in the model's pixels. Defaults are PCam's: 96 px at 0.972 um/px, stride 32.
+
+    Accepted: ``patch_px`` 8..4096, ``stride_px`` 1..4096, ``spacing_um_px`` 0.05..20 um/px,
+    ``min_tissue_fraction`` 0..1 (reasons in :mod:`wsi_toolkit.limits`); else :class:`ConfigError`.
+    """
 
     patch_px: int = 96
     spacing_um_px: float = 0.972
@@ -42,13 +56,17 @@ class GridConfig:
     min_tissue_fraction: float = 0.5
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.patch_px, (int, np.integer)) and self.patch_px > 0):
-            raise ConfigError(f"patch_px must be a positive integer; got {self.patch_px!r}")
-        if not (isinstance(self.stride_px, (int, np.integer)) and self.stride_px > 0):
-            raise ConfigError(f"stride_px must be a positive integer; got {self.stride_px!r}")
-        if not (math.isfinite(self.spacing_um_px) and self.spacing_um_px > 0):
-            raise ConfigError(f"spacing_um_px must be a positive number of um/px; got {self.spacing_um_px!r}")
-        if not 0 <= self.min_tissue_fraction <= 1:
+        # Ranges and their reasons: wsi_toolkit.limits (patch 8..4096 px, spacing 0.05..20 um/px).
+        if not in_range(self.patch_px, PATCH_PX_RANGE, integer=True):
+            raise ConfigError(f"patch_px must be an integer number of model pixels in {range_text(PATCH_PX_RANGE, 'px')} "
+                              f"(PCam: 96); got {self.patch_px!r}")
+        if not in_range(self.stride_px, STRIDE_PX_RANGE, integer=True):
+            raise ConfigError(f"stride_px must be an integer number of model pixels in "
+                              f"{range_text(STRIDE_PX_RANGE, 'px')} (PCam: 32); got {self.stride_px!r}")
+        if not in_range(self.spacing_um_px, SPACING_RANGE_UM):
+            raise ConfigError(f"spacing_um_px must be the model's micrometres per pixel in "
+                              f"{range_text(SPACING_RANGE_UM, 'um/px')} (PCam: 0.972); got {self.spacing_um_px!r}")
+        if not in_range(self.min_tissue_fraction, (0.0, 1.0)):
             raise ConfigError(f"min_tissue_fraction must be in [0, 1]; got {self.min_tissue_fraction!r}")
 
     def to_dict(self) -> dict:
@@ -168,20 +186,39 @@ def make_grid(
     config: GridConfig = GridConfig(),
     tissue_mask: np.ndarray | None = None,
     mask_l0_per_px: float | None = None,
+    require_patches: bool = True,
 ) -> PatchGrid:
     """The grid over a slide of ``l0_size`` (w, h) level-0 px at ``l0_mpp`` um/px.
 
     With ``tissue_mask`` (bool, pixel [i, j] covering level-0 ``[j*k, (j+1)*k)`` ... with
     ``k = mask_l0_per_px``, as :class:`wsi_toolkit.tissue.TissueMask` gives), only cells with
     at least ``config.min_tissue_fraction`` tissue (and some tissue) are kept; without, all cells.
+
+    Raises
+    ------
+    NoPatchesError
+        The mask has tissue but no cell is kept (unless ``require_patches=False``): a run on it
+        would "succeed" with nothing analysed. A mask without tissue gives an empty grid.
+    ConfigError
+        ``l0_mpp`` outside [0.05, 20] um/px, a bad size, or more than
+        :data:`wsi_toolkit.limits.MAX_GRID_CELLS` cells.
     """
-    if not (math.isfinite(l0_mpp) and l0_mpp > 0):
-        raise ConfigError(f"l0_mpp must be positive; got {l0_mpp!r}")
-    w0, h0 = (int(v) for v in l0_size)
-    if w0 <= 0 or h0 <= 0:
-        raise ConfigError(f"l0_size must be positive; got {l0_size!r}")
+    if not in_range(l0_mpp, MPP_RANGE_UM):
+        raise ConfigError(f"l0_mpp must be the slide's micrometres per pixel in {range_text(MPP_RANGE_UM, 'um/px')}; "
+                          f"got {l0_mpp!r}")
+    try:
+        w0, h0 = (int(v) for v in l0_size)
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"l0_size must be (width, height) in level-0 px; got {l0_size!r}") from None
+    if not (0 < w0 <= SLIDE_MAX_SIDE_PX and 0 < h0 <= SLIDE_MAX_SIDE_PX):
+        raise ConfigError(f"l0_size must be positive and at most {SLIDE_MAX_SIDE_PX:,} px a side; got {l0_size!r}")
     cell_l0 = config.stride_px * config.spacing_um_px / l0_mpp
     shape_rc = (math.ceil(h0 / cell_l0 - 1e-9), math.ceil(w0 / cell_l0 - 1e-9))
+    if shape_rc[0] * shape_rc[1] > MAX_GRID_CELLS:
+        raise ConfigError(
+            f"the grid over a {w0:,} x {h0:,} px slide at {l0_mpp:g} um/px with stride {config.stride_px} px at "
+            f"{config.spacing_um_px:g} um/px has {shape_rc[0]:,} x {shape_rc[1]:,} cells, more than {MAX_GRID_CELLS:,}; "
+            "use a larger stride")
     if tissue_mask is None:
         rr, cc = np.mgrid[0 : shape_rc[0], 0 : shape_rc[1]]
         grid_rc = np.column_stack([rr.ravel(), cc.ravel()]).astype(np.int64)
@@ -194,5 +231,13 @@ def make_grid(
         keep = (cov >= config.min_tissue_fraction - 1e-6) & (cov > 0)
         grid_rc = np.argwhere(keep).astype(np.int64)  # row-major
         frac = cov[keep].astype(np.float32)
+        if len(grid_rc) == 0 and require_patches and np.any(tissue_mask):
+            tissue_um2 = float(np.count_nonzero(tissue_mask)) * (mask_l0_per_px * l0_mpp) ** 2
+            best = float(cov.max()) if cov.size else 0.0
+            raise NoPatchesError(
+                f"the slide has tissue ({tissue_um2 / 1e6:.3g} mm^2) but no grid cell is kept: cells are "
+                f"{cell_l0 * l0_mpp:,.1f} um ({config.stride_px} px at {config.spacing_um_px:g} um/px) and the best "
+                f"is {best * 100:.3g}% tissue, below min_tissue_fraction {config.min_tissue_fraction:g}; lower --min-tissue, "
+                "or check the model's patch_size_pixels/spacing_um_px and the stride")
     return PatchGrid(config=config, l0_mpp=float(l0_mpp), l0_size=(w0, h0), shape_rc=shape_rc,
                      grid_rc=grid_rc, tissue_fraction=frac)
