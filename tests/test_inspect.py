@@ -116,3 +116,47 @@ def test_human_output_names_source_and_failures(synthetic_slides, tmp_path, caps
 
 def test_help_works_offline():
     assert main(["--help"]) == 0
+
+
+def test_damaged_tile_of_the_inference_level_fails_inspect(synthetic_slides, tmp_path, capsys):
+    """Issue 11 §5: inspect decoded only the thumbnail's level and said ok for a slide whose level-2
+    tile (the level a 0.972 um/px model reads on a 0.243 um/px slide) was damaged."""
+    import tifffile
+
+    from wsi_toolkit.preflight import patch_tiles
+    from wsi_toolkit.slide import open_slide
+    from wsi_toolkit.tiling import make_grid
+    from wsi_toolkit.tissue import detect_tissue
+
+    src = synthetic_slides(0.243, "tiff").path
+    with open_slide(src) as slide:
+        level = slide.best_level_for_mpp(0.972)
+        assert level == 2 and slide.best_level_for_mpp(8.0) != level  # the thumbnail does not read level 2
+        mask = detect_tissue(slide.thumbnail(mpp=8.0), l0_mpp=slide.mpp)
+        grid = make_grid(l0_size=slide.dimensions, l0_mpp=slide.mpp, tissue_mask=mask.mask,
+                         mask_l0_per_px=mask.l0_per_px)
+        tiles = patch_tiles(slide, grid, level)
+        tw, _ = slide.tile_size(level)
+        across = -(-slide.level_dimensions[level][0] // tw)
+    tx, ty = tiles[len(tiles) // 2]  # a tile under the tissue, in the middle of the list
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[level]
+        offset, count = page.dataoffsets[ty * across + tx], page.databytecounts[ty * across + tx]
+    data[offset:offset + count] = np.random.default_rng(1).integers(0, 256, count, dtype=np.uint8).tobytes()
+    bad = tmp_path / "bad_level2.tif"
+    bad.write_bytes(bytes(data))
+
+    assert inspect_slide(src).ok
+    r = inspect_slide(bad)
+    assert not r.ok and r.error_type == "SlideReadError" and "bad_level2.tif" in r.error
+    assert inspect_slide(bad, check_tiles=0).ok  # what it said before: only the thumbnail decoded
+    code, (rj,) = run_json([str(bad), "--check-tiles", "all"], capsys)
+    assert code == 1 and rj["error_type"] == "SlideReadError"
+
+
+def test_report_says_how_many_tiles_were_decoded(synthetic_slides):
+    r = inspect_slide(synthetic_slides(0.243, "tiff").path, check_tiles=5)
+    assert r.ok and r.tiles_checked == 5 and r.tiles_under_patches > 5
+    r_all = inspect_slide(synthetic_slides(0.243, "tiff").path, check_tiles=None)
+    assert r_all.tiles_checked == r_all.tiles_under_patches == r.tiles_under_patches

@@ -13,14 +13,17 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_toolkit.errors import WsiToolkitError
+from wsi_toolkit.errors import NoPatchesError, WsiToolkitError
 from wsi_toolkit.slide import SlideReader, open_slide
 from wsi_toolkit.tiling import GridConfig, PatchGrid, make_grid
 from wsi_toolkit.tissue import TissueConfig, TissueMask, detect_tissue
 
-__all__ = ["SlideReport", "inspect_slide", "render_qc"]
+__all__ = ["SlideReport", "inspect_slide", "render_qc", "patch_tiles", "check_read_tiles", "DEFAULT_CHECK_TILES"]
 
 log = logging.getLogger(__name__)
+
+#: Tiles of the inference level decoded by default by :func:`inspect_slide` (~1 s of decoding).
+DEFAULT_CHECK_TILES = 64
 
 
 @dataclass
@@ -45,6 +48,8 @@ class SlideReport:
     tissue_mm2: float | None = None
     tissue_threshold: float | None = None
     n_patches: int | None = None
+    tiles_checked: int | None = None
+    tiles_under_patches: int | None = None
     grid: dict | None = None
     qc_png: str | None = None
     seconds: float | None = None
@@ -61,11 +66,21 @@ def inspect_slide(
     tissue: TissueConfig = TissueConfig(),
     grid: GridConfig = GridConfig(),
     qc_path: str | Path | None = None,
+    check_tiles: int | None = DEFAULT_CHECK_TILES,
 ) -> SlideReport:
-    """Open ``path``, find tissue on a ``tissue.thumb_mpp`` thumbnail, count the grid's patches.
+    """Open ``path``, find tissue on a ``tissue.thumb_mpp`` thumbnail, count the grid's patches, and
+    decode the stored tiles inference will read.
 
     ``mpp`` overrides the slide's metadata. With ``qc_path`` a QC picture (thumbnail, tissue
     outline, kept grid cells) is written there as PNG.
+
+    What is decoded: the thumbnail decodes every tile of the level it is read from; inference reads
+    another level (``read_level``, the one for the model's um/px), so of the tiles of that level
+    under the kept patches ``check_tiles`` are decoded too (evenly spread over them, first and last
+    included; ``None`` = all of them, 0 = none). A damaged tile there fails the slide here, with the
+    error inference would give, instead of an "ok" followed by a failed run.
+
+    A slide with tissue but no kept patch fails (:class:`~wsi_toolkit.errors.NoPatchesError`).
     """
     t0 = time.perf_counter()
     report = SlideReport(path=str(path))
@@ -82,11 +97,16 @@ def inspect_slide(
             report.read_level = slide.best_level_for_mpp(grid.spacing_um_px)
             thumb = slide.thumbnail(mpp=tissue.thumb_mpp)
             mask = detect_tissue(thumb, l0_mpp=slide.mpp, config=tissue)
-            patch_grid = make_grid(l0_size=slide.dimensions, l0_mpp=slide.mpp, config=grid,
-                                   tissue_mask=mask.mask, mask_l0_per_px=mask.l0_per_px)
+            try:
+                patch_grid = make_grid(l0_size=slide.dimensions, l0_mpp=slide.mpp, config=grid,
+                                       tissue_mask=mask.mask, mask_l0_per_px=mask.l0_per_px)
+            except NoPatchesError as exc:
+                raise NoPatchesError(f"{path}: {exc}") from None
             report.tissue_mm2 = round(mask.area_mm2(), 4)
             report.tissue_threshold = round(mask.threshold, 4)
             report.n_patches = len(patch_grid)
+            report.tiles_under_patches, report.tiles_checked = check_read_tiles(
+                slide, patch_grid, report.read_level, check_tiles)
             report.grid = {**grid.to_dict(), "shape_rc": list(patch_grid.shape_rc),
                            "cell_l0": patch_grid.cell_l0, "patch_l0": patch_grid.patch_l0}
             if qc_path is not None:
@@ -100,6 +120,42 @@ def inspect_slide(
         report.error, report.error_type = f"{path}: unexpected {type(exc).__name__}: {exc}", type(exc).__name__
     report.seconds = round(time.perf_counter() - t0, 3)
     return report
+
+
+def patch_tiles(slide: SlideReader, grid: PatchGrid, level: int) -> np.ndarray:
+    """(tile_x, tile_y) of the stored tiles of ``level`` that the kept patches' reads touch (with the
+    resampling margin of :meth:`SlideReader.read_at_mpp`), int64 (K, 2), row-major."""
+    tw, th = slide.tile_size(level) or (512, 512)
+    lw, lh = slide.level_dimensions[level]
+    ntx, nty = -(-lw // tw), -(-lh // th)
+    if len(grid) == 0:
+        return np.zeros((0, 2), np.int64)
+    ds = slide.level_downsamples[level]
+    margin = int(np.ceil(max(grid.config.spacing_um_px / slide.level_mpp(level), 1.0))) + 1
+    xy = grid.patch_l0_xy() / ds
+    x0 = np.floor(xy[:, 0]).astype(np.int64) - margin
+    y0 = np.floor(xy[:, 1]).astype(np.int64) - margin
+    x1 = np.ceil(xy[:, 0] + grid.patch_l0 / ds).astype(np.int64) + margin
+    y1 = np.ceil(xy[:, 1] + grid.patch_l0 / ds).astype(np.int64) + margin
+    tx0, tx1 = np.clip(x0 // tw, 0, ntx - 1), np.clip((x1 - 1) // tw, 0, ntx - 1)
+    ty0, ty1 = np.clip(y0 // th, 0, nty - 1), np.clip((y1 - 1) // th, 0, nty - 1)
+    touched = np.zeros((nty, ntx), bool)
+    for dy in range(int((ty1 - ty0).max()) + 1):
+        for dx in range(int((tx1 - tx0).max()) + 1):
+            touched[np.minimum(ty0 + dy, ty1), np.minimum(tx0 + dx, tx1)] = True
+    return np.argwhere(touched)[:, ::-1].astype(np.int64)
+
+
+def check_read_tiles(slide: SlideReader, grid: PatchGrid, level: int, n: int | None) -> tuple[int, int]:
+    """Decode ``n`` (None = all) of the tiles of ``level`` under the kept patches, evenly spread.
+    Returns (tiles under the patches, tiles decoded); a damaged tile raises SlideReadError."""
+    tiles = patch_tiles(slide, grid, level)
+    total = len(tiles)
+    if n is not None and total > n:
+        pick = np.unique(np.linspace(0, total - 1, n).round().astype(np.int64)) if n > 0 else []
+        tiles = tiles[pick]
+    slide.decode_tiles(level, [tuple(t) for t in tiles])
+    return total, len(tiles)
 
 
 def _qc_title(report: SlideReport, slide: SlideReader) -> str:

@@ -25,9 +25,25 @@ def run_click(command: click.Command, argv: list[str] | None) -> int:
     except WsiToolkitError as exc:
         click.echo(f"error: {exc}", err=True)
         return 2
+    except MemoryError as exc:  # a bound missed somewhere: still one line, not a traceback
+        click.echo(f"error: out of memory ({exc or 'MemoryError'}); the input is larger than this machine can "
+                   "hold, please report it with the file's size", err=True)
+        return 2
     return int(rv or 0)
 
 
 def setup_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def check_mpp_option(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    """click callback for ``--mpp``: refuse values outside [0.05, 20] um/px when parsed, once, before
+    any slide is opened (the slide opener checks again for library callers)."""
+    from wsi_toolkit.slide import check_mpp
+
+    try:
+        check_mpp(value, what=f"--{param.name.replace('_', '-')}")
+    except WsiToolkitError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value

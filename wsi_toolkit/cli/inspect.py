@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from wsi_toolkit.cli._common import run_click, setup_logging
-from wsi_toolkit.preflight import SlideReport, inspect_slide
+from wsi_toolkit.cli._common import check_mpp_option, run_click, setup_logging
+from wsi_toolkit.preflight import DEFAULT_CHECK_TILES, SlideReport, inspect_slide
 from wsi_toolkit.slide import find_slides
 from wsi_toolkit.tiling import GridConfig
 from wsi_toolkit.tissue import TissueConfig
@@ -29,6 +29,8 @@ def _human(r: SlideReport) -> str:
         f"  tissue      {r.tissue_mm2:.2f} mm^2 (saturation threshold {r.tissue_threshold:.3f})",
         f"  patches     {r.n_patches} of {r.grid['patch_px']} px at {r.grid['spacing_um_px']} um/px, "
         f"stride {r.grid['stride_px']} (read from level {r.read_level})",
+        f"  tiles       {r.tiles_checked} of the {r.tiles_under_patches} level-{r.read_level} tiles under the "
+        "patches decoded",
         f"  time        {r.seconds:.2f} s",
     ]
     if r.qc_png:
@@ -38,7 +40,8 @@ def _human(r: SlideReport) -> str:
 
 @click.command(name="wsi-inspect", context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--mpp", type=float, default=None, help="Micrometres per level-0 pixel; overrides the slide's metadata.")
+@click.option("--mpp", type=float, default=None, callback=check_mpp_option,
+              help="Micrometres per level-0 pixel, 0.05..20; overrides the slide's metadata.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of per-slide reports instead of text.")
 @click.option("--qc", "qc_dir", type=click.Path(path_type=Path), default=None,
               help="Write a QC picture per slide (thumbnail + tissue outline + grid) into this folder.")
@@ -51,12 +54,25 @@ def _human(r: SlideReport) -> str:
 @click.option("--min-tissue", type=float, default=GridConfig.min_tissue_fraction, show_default=True,
               help="Keep a grid cell when tissue covers at least this fraction of it.")
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default="auto", show_default=True)
+@click.option("--check-tiles", default=str(DEFAULT_CHECK_TILES), show_default=True, metavar="N|all",
+              help="Stored tiles of the level inference reads to decode (spread over the kept patches); "
+                   "'all' decodes every tile under them, 0 none.")
 @click.option("-v", "--verbose", count=True)
 def _command(slides, mpp, as_json, qc_dir, thumb_mpp, patch_px, spacing_um_px, stride_px, min_tissue, backend,
-             verbose) -> int:
+             check_tiles, verbose) -> int:
     """Preflight SLIDES (files or folders): format, levels, mpp and where it came from, tissue
     area, patch count. Every slide is inspected; the exit status is 1 if any failed."""
     setup_logging(verbose)
+    if check_tiles == "all":
+        n_check = None
+    else:
+        try:
+            n_check = int(check_tiles)
+        except ValueError:
+            n_check = -1
+        if n_check < 0:
+            raise click.BadParameter(f"{check_tiles!r} is not a number of tiles >= 0 or 'all'",
+                                     param_hint="--check-tiles")
     tissue = TissueConfig(thumb_mpp=thumb_mpp)
     grid = GridConfig(patch_px=patch_px, spacing_um_px=spacing_um_px, stride_px=stride_px,
                       min_tissue_fraction=min_tissue)
@@ -66,7 +82,7 @@ def _command(slides, mpp, as_json, qc_dir, thumb_mpp, patch_px, spacing_um_px, s
     reports = []
     for p in tqdm(paths, desc="inspect", unit="slide", disable=len(paths) < 2 or None):
         qc = qc_dir / f"{p.stem}_qc.png" if qc_dir else None
-        r = inspect_slide(p, mpp=mpp, backend=backend, tissue=tissue, grid=grid, qc_path=qc)
+        r = inspect_slide(p, mpp=mpp, backend=backend, tissue=tissue, grid=grid, qc_path=qc, check_tiles=n_check)
         reports.append(r)
         if not as_json:
             click.echo(_human(r))
