@@ -510,3 +510,77 @@ def test_reader_errors_name_the_file(tmp_path, filename, content, reader, match)
         reader(path)
     assert filename in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 11: damaged numbers and outlines that do not belong to the slide
+# --------------------------------------------------------------------------------------------
+
+
+def _feature(coords) -> str:
+    return ('{"type": "Feature", "properties": {"classification": {"name": "Tumor"}}, '
+            '"geometry": {"type": "Polygon", "coordinates": [%s]}}' % coords)
+
+
+@pytest.mark.parametrize("text,match", [
+    pytest.param(_feature("[[0, 0], [Infinity, 0], [5, 5], [0, 0]]"), "Infinity", id="Infinity"),
+    pytest.param(_feature("[[0, 0], [NaN, 0], [5, 5], [0, 0]]"), "NaN", id="NaN"),
+    pytest.param(_feature("[[0, 0], [1e400, 0], [5, 5], [0, 0]]"), "level-0 pixel", id="1e400"),
+    pytest.param(_feature("[[0, 0], [1e308, 0], [1e308, 1e308], [0, 0]]"), "level-0 pixel", id="1e308"),
+    pytest.param("[" * 100_000 + "]" * 100_000, "nested too deeply", id="100k-nested"),
+    pytest.param('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0]]]}}',
+                 "malformed geometry", id="two-points"),
+])
+def test_geojson_damage_is_an_annotation_error(tmp_path, text, match):
+    path = tmp_path / "bad.geojson"
+    path.write_text(text)
+    with pytest.raises(AnnotationError, match=match) as info:
+        read_geojson(path)
+    assert "bad.geojson" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_geojson_not_utf8_is_an_annotation_error(tmp_path):
+    path = tmp_path / "latin1.geojson"
+    path.write_bytes(_feature("[[0, 0], [5, 0], [5, 5], [0, 0]]").replace("Tumor", "Tum\xe9ur").encode("latin-1"))
+    with pytest.raises(AnnotationError, match="UTF-8"):
+        read_geojson(path)
+
+
+def test_asap_coordinate_beyond_any_slide_is_refused(tmp_path):
+    path = tmp_path / "huge.xml"
+    path.write_text(_asap_xml(_asap_annotation([(0, 0), ("1e308", 0), ("1e308", "1e308")])))
+    with pytest.raises(AnnotationError, match="not a level-0 pixel") as info:
+        read_asap_xml(path)
+    assert "huge.xml" in str(info.value)
+
+
+def test_rasterize_refuses_coordinates_beyond_any_slide_without_overflow(recwarn):
+    with pytest.raises(AnnotationError, match="level-0 pixel"):
+        rasterize(box(0, 0, 1e308, 1e308), l0_size=(1000, 1000), l0_mpp=0.25, mask_mpp=8.0)
+    assert not [w for w in recwarn if "overflow" in str(w.message)]
+
+
+def test_outline_off_the_slide_or_around_it_is_refused(tmp_path, caplog):
+    from wsi_toolkit.annotations import check_on_slide
+
+    size = (10_000, 8_000)
+    inside = Annotation(box(100, 100, 900, 900), group="_0")
+    check_on_slide([inside], size)  # fine, silent
+    with pytest.raises(AnnotationError, match="entirely outside"):
+        check_on_slide([inside, Annotation(box(20_000, 0, 30_000, 500), group="_0")], size, where="a.xml")
+    with pytest.raises(AnnotationError, match="surrounds the whole") as info:
+        check_on_slide([Annotation(box(-10, -10, 10_010, 8_010), group="Tumor")], size, where="a.xml")
+    assert "a.xml" in str(info.value) and "Tumor" in str(info.value)
+    with caplog.at_level(logging.WARNING, logger="wsi_toolkit.annotations"):
+        check_on_slide([Annotation(box(9_000, 100, 12_000, 900), group="_0")], size)
+    assert "beyond" in caplog.text
+    # The readers do the same when given the slide size.
+    path = tmp_path / "off.xml"
+    write_asap_xml(path, [Annotation(box(20_000, 0, 30_000, 500), group="_0")])
+    assert len(read_asap_xml(path)) == 1
+    with pytest.raises(AnnotationError, match="entirely outside"):
+        read_asap_xml(path, l0_size=size)
+    gj = tmp_path / "around.geojson"
+    write_geojson(gj, [Annotation(box(-5, -5, 20_000, 20_000), group="Tumor")])
+    with pytest.raises(AnnotationError, match="surrounds"):
+        read_geojson(gj, l0_size=size)

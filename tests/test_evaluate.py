@@ -458,3 +458,67 @@ def test_eval_config_validates():
 def test_froc_curve_needs_slides():
     with pytest.raises(ConfigError):
         froc_curve([])
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 11: detection CSVs that used to end in tracebacks or wrong line numbers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text,line", [
+    ("prob,x,y\n0.5,10,10\n0.5,abc,10\n", 3),          # header: the bad row is line 3 of the file
+    ("0.5,10,10\n\n\n0.5,abc,10\n", 4),                 # blank lines count
+    ("x,y,p\n1,2,0.5\n1,2\n", 3),
+])
+def test_detection_csv_errors_give_the_files_line_number(tmp_path, text, line):
+    (tmp_path / "d.csv").write_text(text)
+    with pytest.raises(DetectionFileError, match=rf"d\.csv: line {line}\b"):
+        read_detections_csv(tmp_path / "d.csv")
+
+
+@pytest.mark.parametrize("data,match", [
+    (b"prob,x,y\n0.5,10,10\n\xff\xfe,1,2\n", r"line 3 is not UTF-8"),
+    (b"0.5,1e300,10\n", r"line 1: .* not a level-0 pixel"),
+    (b"0.5,10,inf\n", r"line 1 .* non-finite"),
+    (b"0.5,1,2\x00\n", r"line 1"),
+])
+def test_detection_csv_damage_is_a_detection_file_error(tmp_path, data, match):
+    (tmp_path / "d.csv").write_bytes(data)
+    with pytest.raises(DetectionFileError, match=match):
+        read_detections_csv(tmp_path / "d.csv")
+
+
+def test_eval_mask_is_the_annotations_not_the_farthest_detection(tmp_path):
+    """A detection at (2e6, 2e6) grew the evaluation mask to 62501^2 px (3.6 GiB): it is a false
+    positive outside the mask instead."""
+    from wsi_toolkit.evaluate import _slide_truth
+
+    ann = tmp_path / "s.xml"
+    ann.write_text('<ASAP_Annotations><Annotations><Annotation Name="t" Type="Polygon" PartOfGroup="_0">'
+                   '<Coordinates><Coordinate Order="0" X="100" Y="100"/><Coordinate Order="1" X="3000" Y="100"/>'
+                   '<Coordinate Order="2" X="3000" Y="3000"/></Coordinates></Annotation></Annotations>'
+                   '</ASAP_Annotations>')
+    det = np.array([[0.9, 2500, 500], [0.5, 2_000_000, 2_000_000]])
+    is_tumour, mask, _ = _slide_truth(ann, l0_size=None, l0_mpp=0.25, config=EvalConfig(), detections=det)
+    assert is_tumour and mask.labels.shape == (math.ceil(3001 / 32), math.ceil(3001 / 32))
+    m = match_detections(det, mask)
+    assert m.n_fp == 1 and m.n_found == 1
+
+
+@pytest.mark.parametrize("mpp", [1e-6, 50.0, 0.0, float("nan")])
+def test_eval_config_mpp_must_be_physical(mpp):
+    with pytest.raises(ConfigError, match=r"\[0.05, 20\] um/px"):
+        EvalConfig(mpp=mpp)
+
+
+def test_annotation_off_the_slide_is_refused_when_the_slide_size_is_known(tmp_path):
+    from wsi_toolkit.errors import AnnotationError
+    from wsi_toolkit.evaluate import _slide_truth
+
+    ann = tmp_path / "s.xml"
+    ann.write_text('<ASAP_Annotations><Annotations><Annotation Name="t" Type="Polygon" PartOfGroup="_0">'
+                   '<Coordinates><Coordinate Order="0" X="90000" Y="100"/><Coordinate Order="1" X="99000" Y="100"/>'
+                   '<Coordinate Order="2" X="99000" Y="3000"/></Coordinates></Annotation></Annotations>'
+                   '</ASAP_Annotations>')
+    with pytest.raises(AnnotationError, match="entirely outside"):
+        _slide_truth(ann, l0_size=(4000, 4000), l0_mpp=0.25, config=EvalConfig(), detections=np.zeros((0, 3)))

@@ -39,6 +39,7 @@ from shapely.geometry.base import BaseGeometry
 from skimage.draw import polygon as draw_polygon
 
 from wsi_toolkit.errors import AnnotationError, ConfigError
+from wsi_toolkit.limits import MAX_COORD_L0
 
 __all__ = [
     "TUMOR_GROUPS",
@@ -52,6 +53,8 @@ __all__ = [
     "rasterize",
     "is_tumour_group",
     "is_exclusion_group",
+    "check_on_slide",
+    "MAX_ANNOTATION_BYTES",
 ]
 
 logger = logging.getLogger(__name__)
@@ -76,6 +79,9 @@ _DEFAULT_TUMOUR_COLOR = "#FF0000"
 _DEFAULT_EXCLUDE_COLOR = "#00FF00"
 
 Polygonal = shapely.Polygon | shapely.MultiPolygon
+
+#: Annotation files larger than this are refused, not parsed (Camelyon16's largest XML is ~5 MiB).
+MAX_ANNOTATION_BYTES = 256 * 2**20
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +213,10 @@ def rasterize(
         l0_xy = np.asarray(ring.coords, dtype=float)
         return l0_xy[:, 1] / l0_per_mask_px - 0.5, l0_xy[:, 0] / l0_per_mask_px - 0.5
 
-    for poly in _polygonal_parts(geometry):
+    parts = _polygonal_parts(geometry)
+    for poly in parts:
+        _check_coordinates(poly, "rasterize")
+    for poly in parts:
         if poly.is_empty:
             continue
         ext_r, ext_c = to_mask_rc(poly.exterior)
@@ -255,7 +264,7 @@ def _check_size(l0_size: Sequence[int]) -> tuple[int, int]:
 # --------------------------------------------------------------------------------------------
 
 
-def read_asap_xml(path: str | os.PathLike[str]) -> list[Annotation]:
+def read_asap_xml(path: str | os.PathLike[str], *, l0_size: tuple[int, int] | None = None) -> list[Annotation]:
     """Read an ASAP / Camelyon16 annotation XML file.
 
     Types ``Polygon``, ``Spline`` (its control points taken as polygon vertices) and
@@ -270,6 +279,9 @@ def read_asap_xml(path: str | os.PathLike[str]) -> list[Annotation]:
     ----------
     path : str or os.PathLike
         The ``.xml`` file.
+    l0_size : (int, int), optional
+        The slide's level-0 ``(width, height)``: the annotations are then checked against it
+        (:func:`check_on_slide`).
 
     Returns
     -------
@@ -279,13 +291,16 @@ def read_asap_xml(path: str | os.PathLike[str]) -> list[Annotation]:
     Raises
     ------
     AnnotationError
-        The file is missing, is not well-formed XML, is not an ASAP file, or holds a number that
-        cannot be parsed.
+        The file is missing, larger than 256 MiB, is not well-formed XML, is not an ASAP file, or
+        holds a number that cannot be parsed or is not a level-0 coordinate (``|v| > 2**24``); with
+        ``l0_size``, an outline off the slide or around all of it.
     """
     path = Path(path)
     _check_readable(path)
     try:
         root = ET.parse(path).getroot()
+    except RecursionError:
+        raise AnnotationError(f"{path}: XML nested too deeply to be ASAP annotations") from None
     except ET.ParseError as exc:
         raise AnnotationError(
             f"{path}: not well-formed XML ({exc}); re-export the annotations from ASAP or fix the file"
@@ -328,6 +343,8 @@ def read_asap_xml(path: str | os.PathLike[str]) -> list[Annotation]:
         if geom is None:
             continue
         annotations.append(Annotation(polygon=geom, group=group, name=name))
+    if l0_size is not None:
+        check_on_slide(annotations, l0_size, where=str(path))
     return annotations
 
 
@@ -436,6 +453,10 @@ def _parse_number(text: str | None, where: str, attr: str) -> float:
         ) from None
     if not math.isfinite(value):
         raise AnnotationError(f"{where}: {attr}={text!r} is not finite; fix the value in the file")
+    if attr != "Order" and abs(value) > MAX_COORD_L0:
+        raise AnnotationError(
+            f"{where}: {attr}={text!r} is not a level-0 pixel of any slide (|{attr}| <= {MAX_COORD_L0:,.0f}); "
+            "the file is damaged or not in level-0 pixels")
     return value
 
 
@@ -444,7 +465,7 @@ def _parse_number(text: str | None, where: str, attr: str) -> float:
 # --------------------------------------------------------------------------------------------
 
 
-def read_geojson(path: str | os.PathLike[str]) -> list[Annotation]:
+def read_geojson(path: str | os.PathLike[str], *, l0_size: tuple[int, int] | None = None) -> list[Annotation]:
     """Read polygons from a GeoJSON file (QuPath export or any GeoJSON).
 
     Accepts a ``FeatureCollection``, a bare list of Features, a single ``Feature`` or a bare
@@ -458,6 +479,9 @@ def read_geojson(path: str | os.PathLike[str]) -> list[Annotation]:
     ----------
     path : str or os.PathLike
         The ``.geojson`` / ``.json`` file, UTF-8.
+    l0_size : (int, int), optional
+        The slide's level-0 ``(width, height)``: the annotations are then checked against it
+        (:func:`check_on_slide`).
 
     Returns
     -------
@@ -467,14 +491,22 @@ def read_geojson(path: str | os.PathLike[str]) -> list[Annotation]:
     Raises
     ------
     AnnotationError
-        The file is missing, is not JSON, or is JSON but not GeoJSON.
+        The file is missing, larger than 256 MiB, is not JSON (NaN/Infinity included), nested
+        too deeply, is JSON but not GeoJSON, or has a coordinate that is not a level-0 pixel
+        (``|v| > 2**24``); with ``l0_size``, an outline off the slide or around all of it.
     """
     path = Path(path)
     _check_readable(path)
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not a JSON number")
+
     try:
         with open(path, encoding="utf-8") as fh:
-            doc = json.load(fh)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            doc = json.load(fh, parse_constant=no_constant)
+    except RecursionError:
+        raise AnnotationError(f"{path}: JSON nested too deeply to be GeoJSON (thousands of [ or {{)") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise AnnotationError(
             f"{path}: not valid UTF-8 JSON ({exc}); export the GeoJSON again or fix the file"
         ) from None
@@ -491,13 +523,16 @@ def read_geojson(path: str | os.PathLike[str]) -> list[Annotation]:
             continue
         try:
             geom = shapely.geometry.shape(geom_doc)
+        except RecursionError:
+            raise AnnotationError(f"{where}: geometry nested too deeply; fix or remove this feature") from None
         except Exception as exc:  # shapely raises several types for malformed geometry
             raise AnnotationError(
-                f"{where}: malformed geometry ({exc}); fix or remove this feature"
+                f"{where}: malformed geometry ({str(exc)[:200]}); fix or remove this feature"
             ) from None
         if not isinstance(geom, (shapely.Polygon, shapely.MultiPolygon, shapely.GeometryCollection)):
             logger.warning("%s: %s is not an area; skipped", where, geom.geom_type)
             continue
+        _check_coordinates(geom, where)
         polygon = _repair(geom, where)
         if polygon is None:
             continue
@@ -514,6 +549,8 @@ def read_geojson(path: str | os.PathLike[str]) -> list[Annotation]:
                 properties={k: v for k, v in props.items() if k not in ("name", "classification")},
             )
         )
+    if l0_size is not None:
+        check_on_slide(annotations, l0_size, where=str(path))
     return annotations
 
 
@@ -645,6 +682,55 @@ def _check_readable(path: Path) -> None:
         raise AnnotationError(f"{path}: annotation file not found; check the path")
     if not path.is_file():
         raise AnnotationError(f"{path}: not a file (a directory?); pass the annotation file itself")
+    size = path.stat().st_size
+    if size > MAX_ANNOTATION_BYTES:
+        raise AnnotationError(
+            f"{path}: {size:,} bytes; annotation files of whole slides are a few MiB (at most "
+            f"{MAX_ANNOTATION_BYTES // 2**20} MiB are read); is it the right file?")
+
+
+def _check_coordinates(geom: BaseGeometry, where: str) -> None:
+    """Refuse coordinates that are not level-0 pixels of any slide (non-finite, or beyond 2**24)."""
+    xy = shapely.get_coordinates(geom)
+    if xy.size == 0:
+        return
+    bad = ~np.isfinite(xy).all(axis=1) | (np.abs(xy) > MAX_COORD_L0).any(axis=1)
+    if bad.any():
+        x, y = xy[np.flatnonzero(bad)[0]]
+        raise AnnotationError(
+            f"{where}: vertex ({x:g}, {y:g}) is not a level-0 pixel of any slide (finite, |x|, |y| <= "
+            f"{MAX_COORD_L0:,.0f}); the file is damaged or not in level-0 pixels")
+
+
+def check_on_slide(annotations: Iterable[Annotation], l0_size: Sequence[int], *, where: str = "annotations",
+                   tolerance: float = 0.02) -> None:
+    """Check annotation outlines against the slide they annotate (level-0 ``(width, height)``).
+
+    Refused (:class:`AnnotationError`): an outline entirely off the slide (wrong slide, or
+    coordinates of another pyramid level or unit), and one whose area contains the whole slide
+    (every patch would be labelled with its group, e.g. all tumour). Warned: an outline reaching
+    more than ``tolerance`` of the slide's size beyond its edge (rasterising clips it).
+    """
+    w, h = _check_size(l0_size)
+    slide_box = shapely.box(0, 0, w, h)
+    margin_x, margin_y = tolerance * w, tolerance * h
+    for index, ann in enumerate(annotations):
+        label = f"{where}: annotation {index} ({ann.name!r}, group {ann.group!r})"
+        if ann.polygon.is_empty:
+            continue
+        x0, y0, x1, y1 = ann.polygon.bounds
+        if not ann.polygon.intersects(slide_box) or ann.polygon.intersection(slide_box).area == 0:
+            raise AnnotationError(
+                f"{label} lies entirely outside the {w:,} x {h:,} px slide (its bounds are x {x0:,.0f}..{x1:,.0f}, "
+                f"y {y0:,.0f}..{y1:,.0f}); is it the annotation of another slide, or in another level's pixels?")
+        if ann.polygon.covers(slide_box):
+            raise AnnotationError(
+                f"{label} surrounds the whole {w:,} x {h:,} px slide (bounds x {x0:,.0f}..{x1:,.0f}, "
+                f"y {y0:,.0f}..{y1:,.0f}), so every patch would be {ann.group or 'inside it'}; is it in another "
+                "level's pixels or of another slide?")
+        if x0 < -margin_x or y0 < -margin_y or x1 > w + margin_x or y1 > h + margin_y:
+            logger.warning("%s reaches beyond the %d x %d px slide (bounds x %.0f..%.0f, y %.0f..%.0f); the part "
+                           "off the slide is ignored", label, w, h, x0, x1, y0, y1)
 
 
 def _polygonal_parts(geom: BaseGeometry) -> list[shapely.Polygon]:

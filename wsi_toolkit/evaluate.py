@@ -93,6 +93,7 @@ from typing import Any, Literal
 import numpy as np
 
 from wsi_toolkit.errors import AnnotationError, ConfigError, DetectionFileError
+from wsi_toolkit.limits import MAX_COORD_L0, MAX_EVAL_MASK_PIXELS, MPP_RANGE_UM, in_range, range_text
 from wsi_toolkit.export import atomic_path, write_json_atomic, write_text_atomic
 
 __all__ = [
@@ -139,6 +140,8 @@ TARGET_FPS: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 #: The level-0 um/px the challenge code hard-codes; used here only for detection CSVs of slides
 #: whose resolution is known from nowhere else.
 CAMELYON16_L0_MPP = 0.243
+#: Detection CSVs larger than this are refused, not read into memory (~2 million detections).
+MAX_DETECTION_CSV_BYTES = 64 * 2**20
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,17 +430,38 @@ def read_detections_csv(path: str | os.PathLike[str]) -> np.ndarray:
     Raises
     ------
     DetectionFileError
-        Missing file, unparseable number, fewer than three columns, negative probability.
+        Missing file, not UTF-8, unparseable number, fewer than three columns, negative probability,
+        a coordinate beyond any slide (``|x|, |y| > 2**24``), a file over 64 MiB. The message names
+        the file and the line (counted in the file: the header and blank lines included).
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        size = path.stat().st_size
+        if size > MAX_DETECTION_CSV_BYTES:
+            raise DetectionFileError(
+                f"{path}: {size:,} bytes; a detection CSV holds at most a few thousand 'prob,x,y' lines (files up to "
+                f"{MAX_DETECTION_CSV_BYTES // 2**20} MiB are read); keep the candidates above a low probability")
+        data = path.read_bytes()
     except OSError as exc:
         raise DetectionFileError(f"{path}: cannot read the detection CSV ({exc.strerror or exc})") from None
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(cell.strip() for cell in r)]
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise DetectionFileError(
+            f"{path}: line {line} is not UTF-8 text (byte {data[exc.start]:#04x} at offset {exc.start}); a detection "
+            "CSV is plain 'prob,x,y' text, save it as UTF-8") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows: list[tuple[int, list[str]]] = []  # (line number in the file, cells)
+    try:
+        for row in reader:
+            if row and any(cell.strip() for cell in row):
+                rows.append((reader.line_num, row))
+    except csv.Error as exc:
+        raise DetectionFileError(f"{path}: line {reader.line_num} is not CSV ({exc})") from None
     cols = (0, 1, 2)
     if rows:
-        head = [cell.strip().casefold() for cell in rows[0]]
+        head = [cell.strip().casefold() for cell in rows[0][1]]
         try:
             float(head[0])
         except ValueError:
@@ -446,20 +470,26 @@ def read_detections_csv(path: str | os.PathLike[str]) -> np.ndarray:
                 cols = (i_p, head.index("x"), head.index("y"))
             except (StopIteration, ValueError):
                 raise DetectionFileError(
-                    f"{path}: header {rows[0]!r} does not name the columns p (or prob/probability/confidence), "
+                    f"{path}: header {rows[0][1]!r} does not name the columns p (or prob/probability/confidence), "
                     "x and y; write 'prob,x,y' lines without a header or name the columns") from None
             rows = rows[1:]
     out = np.zeros((len(rows), 3), np.float64)
-    for n, row in enumerate(rows):
+    for n, (line, row) in enumerate(rows):
         try:
             out[n] = [float(row[i]) for i in cols]
         except (IndexError, ValueError):
             raise DetectionFileError(
-                f"{path}: line {n + 1} {','.join(row)!r} is not 'prob,x,y' (numbers, x and y in level-0 px)") from None
-    if not np.all(np.isfinite(out)):
-        raise DetectionFileError(f"{path}: non-finite number in the detections")
-    if len(out) and out[:, 0].min() < 0:
-        raise DetectionFileError(f"{path}: probabilities must be >= 0; got {out[:, 0].min()!r}")
+                f"{path}: line {line} {','.join(row)[:200]!r} is not 'prob,x,y' (numbers, x and y in level-0 px)"
+            ) from None
+        p, x, y = out[n]
+        if not (math.isfinite(p) and math.isfinite(x) and math.isfinite(y)):
+            raise DetectionFileError(f"{path}: line {line} {','.join(row)[:200]!r} has a non-finite number")
+        if p < 0:
+            raise DetectionFileError(f"{path}: line {line}: probabilities must be >= 0; got {p!r}")
+        if abs(x) > MAX_COORD_L0 or abs(y) > MAX_COORD_L0:
+            raise DetectionFileError(
+                f"{path}: line {line}: ({x:g}, {y:g}) is not a level-0 pixel of any slide (|x|, |y| <= "
+                f"{MAX_COORD_L0:,.0f}); write x and y in level-0 px of the slide")
     out[:, 1:] = np.floor(out[:, 1:])
     return out
 
@@ -831,7 +861,17 @@ def read_mask_tiff(path: str | os.PathLike[str], *, l0_size: tuple[int, int] | N
         if not fine_enough:
             log.warning("%s: even level 0 (%dx%d) is coarser than the evaluation grid; upsampled", path, m0_w, m0_h)
         i = max(fine_enough) if fine_enough else 0
-        arr = np.asarray(levels[i].asarray())
+        _check_eval_mask_size((l0_w, l0_h), l0_per_px, where=str(path))
+        lw, lh = sizes[i]
+        if lw * lh > MAX_EVAL_MASK_PIXELS:
+            raise AnnotationError(
+                f"{path}: mask level {i} is {lw:,} x {lh:,} px and no coarser level is fine enough for the evaluation "
+                f"grid; at most {MAX_EVAL_MASK_PIXELS:,} px are read, save the mask as a pyramid (levels down to "
+                f"{l0_per_px:g}x)")
+        try:
+            arr = np.asarray(levels[i].asarray())
+        except (ValueError, RuntimeError, tifffile.TiffFileError) as exc:
+            raise AnnotationError(f"{path}: mask level {i} cannot be decoded ({exc}); the mask TIFF is damaged") from None
     if arr.ndim == 3:
         arr = arr[..., 0]
     if arr.ndim != 2:
@@ -889,9 +929,9 @@ class EvalConfig:
         if self.mask_value is not None and not (isinstance(self.mask_value, int) and self.mask_value > 0):
             raise ConfigError(
                 f"mask_value must be a positive integer (or None = any non-zero); got {self.mask_value!r}")
-        if self.mpp is not None and not (isinstance(self.mpp, (int, float)) and math.isfinite(self.mpp)
-                                         and self.mpp > 0):
-            raise ConfigError(f"mpp must be a positive number of um/px; got {self.mpp!r}")
+        if self.mpp is not None and not in_range(self.mpp, MPP_RANGE_UM):
+            raise ConfigError(f"mpp (--mpp) must be the slides' level-0 micrometres per pixel in "
+                              f"{range_text(MPP_RANGE_UM, 'um/px')} (Camelyon16: 0.243 or 0.226); got {self.mpp!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -1004,7 +1044,7 @@ def _find_annotation(index: Mapping[str, Path], stem: str, slide_path: Path | No
 def _slide_truth(ann: Path | None, *, l0_size: tuple[int, int] | None, l0_mpp: float | None, config: EvalConfig,
                  detections: np.ndarray) -> tuple[bool, EvaluationMask | None, float]:
     """(is tumour slide, evaluation mask or None, level-0 um/px used)."""
-    from wsi_toolkit.annotations import read_asap_xml, read_geojson, tumour_region
+    from wsi_toolkit.annotations import check_on_slide, read_asap_xml, read_geojson, tumour_region
 
     l0_per_px = float(2**config.level)
     if ann is None:
@@ -1031,12 +1071,24 @@ def _slide_truth(ann: Path | None, *, l0_size: tuple[int, int] | None, l0_mpp: f
                 log.warning("%s: slide resolution unknown; level-0 %.3f um/px assumed (pass --mpp)", ann, l0_mpp)
     if region.is_empty:
         return False, None, l0_mpp
-    if l0_size is None:  # detections only: cover the annotations and every detection
+    if l0_size is None:
+        # Detections only, the slide's size unknown: the mask covers the annotations. A detection beyond
+        # it is a false positive (label 0) whatever its coordinates; it never grows the mask.
         _, _, max_x, max_y = region.bounds
-        if len(detections):
-            max_x, max_y = max(max_x, detections[:, 1].max()), max(max_y, detections[:, 2].max())
         l0_size = (int(math.floor(max_x)) + 1, int(math.floor(max_y)) + 1)
+    else:
+        check_on_slide(anns, l0_size, where=str(ann))
+    _check_eval_mask_size(l0_size, l0_per_px, where=str(ann))
     return True, evaluation_mask(region, l0_size=l0_size, l0_mpp=l0_mpp, level=config.level), l0_mpp
+
+
+def _check_eval_mask_size(l0_size: tuple[int, int], l0_per_px: float, *, where: str) -> None:
+    rows, cols = (math.ceil(int(v) / l0_per_px) for v in (l0_size[1], l0_size[0]))
+    if rows * cols > MAX_EVAL_MASK_PIXELS:
+        raise ConfigError(
+            f"{where}: the evaluation mask of a {int(l0_size[0]):,} x {int(l0_size[1]):,} px slide would be {cols:,} x "
+            f"{rows:,} px, more than {MAX_EVAL_MASK_PIXELS:,} (a 130 mm slide at 0.08 um/px); the slide size or the "
+            "annotation coordinates are not level-0 px")
 
 
 def _read_heatmap(src: _Source) -> np.ndarray:
