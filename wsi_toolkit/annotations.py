@@ -38,7 +38,7 @@ import shapely.geometry
 from shapely.geometry.base import BaseGeometry
 from skimage.draw import polygon as draw_polygon
 
-from wsi_toolkit.errors import AnnotationError, ConfigError
+from wsi_toolkit.errors import AnnotationError, ConfigError, one_line
 from wsi_toolkit.limits import MAX_COORD_L0
 
 __all__ = [
@@ -303,7 +303,7 @@ def read_asap_xml(path: str | os.PathLike[str], *, l0_size: tuple[int, int] | No
         raise AnnotationError(f"{path}: XML nested too deeply to be ASAP annotations") from None
     except ET.ParseError as exc:
         raise AnnotationError(
-            f"{path}: not well-formed XML ({exc}); re-export the annotations from ASAP or fix the file"
+            f"{path}: not well-formed XML ({one_line(exc)}); re-export the annotations from ASAP or fix the file"
         ) from None
     if root.tag != "ASAP_Annotations":
         raise AnnotationError(
@@ -508,7 +508,7 @@ def read_geojson(path: str | os.PathLike[str], *, l0_size: tuple[int, int] | Non
         raise AnnotationError(f"{path}: JSON nested too deeply to be GeoJSON (thousands of [ or {{)") from None
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise AnnotationError(
-            f"{path}: not valid UTF-8 JSON ({exc}); export the GeoJSON again or fix the file"
+            f"{path}: not valid UTF-8 JSON ({one_line(exc)}); export the GeoJSON again or fix the file"
         ) from None
 
     features = _geojson_features(doc, path)
@@ -527,7 +527,7 @@ def read_geojson(path: str | os.PathLike[str], *, l0_size: tuple[int, int] | Non
             raise AnnotationError(f"{where}: geometry nested too deeply; fix or remove this feature") from None
         except Exception as exc:  # shapely raises several types for malformed geometry
             raise AnnotationError(
-                f"{where}: malformed geometry ({str(exc)[:200]}); fix or remove this feature"
+                f"{where}: malformed geometry ({one_line(exc, 200)}); fix or remove this feature"
             ) from None
         if not isinstance(geom, (shapely.Polygon, shapely.MultiPolygon, shapely.GeometryCollection)):
             logger.warning("%s: %s is not an area; skipped", where, geom.geom_type)
@@ -614,7 +614,7 @@ def write_geojson(
         text = json.dumps({"type": "FeatureCollection", "features": features}, indent=2, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise AnnotationError(
-            f"{path}: cannot write as JSON ({exc}); coordinates must be finite and properties "
+            f"{path}: cannot write as JSON ({one_line(exc)}); coordinates must be finite and properties "
             "JSON-serialisable (str, numbers, lists, dicts)"
         ) from None
     _atomic_write(path, (text + "\n").encode("utf-8"))

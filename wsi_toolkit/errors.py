@@ -22,7 +22,15 @@ __all__ = [
     "AnnotationError",
     "ModelPackageError",
     "DetectionFileError",
+    "one_line",
 ]
+
+
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """A third-party exception's text for our messages: whitespace runs (GEOS and expat put newlines
+    in theirs) as single spaces, cut at ``limit`` characters, so a CLI prints one line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class WsiToolkitError(Exception):

@@ -92,7 +92,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from wsi_toolkit.errors import AnnotationError, ConfigError, DetectionFileError
+from wsi_toolkit.errors import AnnotationError, ConfigError, DetectionFileError, one_line
 from wsi_toolkit.limits import MAX_COORD_L0, MAX_EVAL_MASK_PIXELS, MPP_RANGE_UM, in_range, range_text
 from wsi_toolkit.export import atomic_path, write_json_atomic, write_text_atomic
 
@@ -458,7 +458,7 @@ def read_detections_csv(path: str | os.PathLike[str]) -> np.ndarray:
             if row and any(cell.strip() for cell in row):
                 rows.append((reader.line_num, row))
     except csv.Error as exc:
-        raise DetectionFileError(f"{path}: line {reader.line_num} is not CSV ({exc})") from None
+        raise DetectionFileError(f"{path}: line {reader.line_num} is not CSV ({one_line(exc)})") from None
     cols = (0, 1, 2)
     if rows:
         head = [cell.strip().casefold() for cell in rows[0][1]]
@@ -841,7 +841,7 @@ def read_mask_tiff(path: str | os.PathLike[str], *, l0_size: tuple[int, int] | N
     try:
         tif = tifffile.TiffFile(path)
     except (OSError, ValueError, tifffile.TiffFileError) as exc:
-        raise AnnotationError(f"{path}: cannot read the mask TIFF ({exc})") from None
+        raise AnnotationError(f"{path}: cannot read the mask TIFF ({one_line(exc)})") from None
     with tif:
         if not tif.series:
             raise AnnotationError(f"{path}: the mask TIFF holds no image")
@@ -871,7 +871,7 @@ def read_mask_tiff(path: str | os.PathLike[str], *, l0_size: tuple[int, int] | N
         try:
             arr = np.asarray(levels[i].asarray())
         except (ValueError, RuntimeError, tifffile.TiffFileError) as exc:
-            raise AnnotationError(f"{path}: mask level {i} cannot be decoded ({exc}); the mask TIFF is damaged") from None
+            raise AnnotationError(f"{path}: mask level {i} cannot be decoded ({one_line(exc)}); the mask TIFF is damaged") from None
     if arr.ndim == 3:
         arr = arr[..., 0]
     if arr.ndim != 2:
@@ -1100,7 +1100,7 @@ def _read_heatmap(src: _Source) -> np.ndarray:
         with tifffile.TiffFile(path) as tif:
             data = tif.pages[0].asarray()
     except (OSError, ValueError, tifffile.TiffFileError) as exc:
-        raise ConfigError(f"{path}: cannot read the heatmap ({exc}); re-run wsi-infer with --overwrite") from None
+        raise ConfigError(f"{path}: cannot read the heatmap ({one_line(exc)}); re-run wsi-infer with --overwrite") from None
     if data.ndim == 3:
         data = data[..., 0]
     if list(data.shape) != list(geo.get("shape_rc", data.shape)):

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Mapping
 
-from wsi_toolkit.errors import SlideReadError
+from wsi_toolkit.errors import SlideReadError, one_line
 
 __all__ = ["mpp_from_openslide_properties", "mpp_from_tiff_resolution", "check_tiff_integrity"]
 
@@ -185,12 +185,13 @@ def check_tiff_integrity(path: Path) -> str | None:
                     if end > size:
                         problem = f"image directory {i} has pixel data up to byte {end:,}"
                         break
-        except tifffile.TiffFileError as exc:
+        except Exception as exc:  # noqa: BLE001 - tifffile raises TiffFileError, struct.error, ValueError,
+            # IndexError, KeyError... on damaged structures
             with open(path, "rb") as fh:
                 is_tiff = fh.read(2) in (b"II", b"MM")
             if not is_tiff:
                 return None  # not a TIFF: the backends decide
-            problem = f"its TIFF structure is damaged ({exc})"
+            problem = f"its TIFF structure is damaged ({one_line(exc)})"
     if problem is not None:
         raise SlideReadError(
             f"{path} is truncated or damaged: {problem} (the file has {size:,} bytes); "

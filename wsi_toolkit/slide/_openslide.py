@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_toolkit.errors import SlideFormatError, SlideReadError
+from wsi_toolkit.errors import SlideFormatError, SlideReadError, one_line
 from wsi_toolkit.slide._metadata import mpp_from_openslide_properties
 from wsi_toolkit.slide._reader import BACKGROUND_RGB, LevelInfo, SlideReader, snap_downsample
 
@@ -41,7 +41,7 @@ class OpenSlideReader(SlideReader):
             raise
         except openslide.OpenSlideError as exc:
             raise SlideFormatError(
-                f"{self.path} could not be opened by OpenSlide ({exc}); the file is damaged or "
+                f"{self.path} could not be opened by OpenSlide ({one_line(exc)}); the file is damaged or "
                 "not a whole-slide image"
             ) from exc
         self.properties = dict(self._osr.properties)
@@ -66,7 +66,7 @@ class OpenSlideReader(SlideReader):
             rgba = np.asarray(self._osr.read_region(l0_xy, level, size))
         except self._openslide.OpenSlideError as exc:
             raise SlideReadError(
-                f"{self.path}: reading level {level} at level-0 {l0_xy} size {size} failed ({exc}); "
+                f"{self.path}: reading level {level} at level-0 {l0_xy} size {size} failed ({one_line(exc)}); "
                 "the slide's pixel data is damaged, copy or download it again"
             ) from exc
         return _rgba_to_rgb(rgba)

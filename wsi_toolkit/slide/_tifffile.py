@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from wsi_toolkit.errors import SlideFormatError, SlideReadError, SlideTooLargeError
+from wsi_toolkit.errors import SlideFormatError, SlideReadError, SlideTooLargeError, one_line
 from wsi_toolkit.limits import MAX_SEGMENT_BYTES
 from wsi_toolkit.slide._metadata import mpp_from_aperio_description, mpp_from_tiff_resolution
 from wsi_toolkit.slide._reader import BACKGROUND_RGB, LevelInfo, SlideReader, snap_downsample
@@ -46,7 +46,7 @@ class TiffFileReader(SlideReader):
             self._tif = tifffile.TiffFile(self.path)
         except Exception as exc:  # tifffile raises TiffFileError, ValueError, struct.error...
             raise SlideFormatError(
-                f"{self.path} is not a readable TIFF ({exc}); whole-slide images must be TIFF-based "
+                f"{self.path} is not a readable TIFF ({one_line(exc)}); whole-slide images must be TIFF-based "
                 "(.tif, .svs, .ome.tif) or another format OpenSlide reads (.ndpi, .mrxs, .scn...)"
             ) from exc
         try:
@@ -55,6 +55,11 @@ class TiffFileReader(SlideReader):
         except SlideFormatError:
             self._tif.close()
             raise
+        except Exception as exc:  # noqa: BLE001 - tifffile's series/page parsing of a damaged structure
+            self._tif.close()
+            raise SlideFormatError(
+                f"{self.path}: its TIFF structure is not a readable image ({type(exc).__name__}: {one_line(exc)}); "
+                "the file is damaged, copy or convert the slide again") from exc
         self._fd = os.open(self.path, os.O_RDONLY)
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_bytes = int(cache_bytes)
@@ -104,10 +109,21 @@ class TiffFileReader(SlideReader):
         """Every tile/strip is decoded whole to read any pixel of it: refuse ones too large to decode
         (a single-strip image of a whole slide, or a forged tile size)."""
         for level, page in enumerate(self._pages):
+            if page.imagewidth < 1 or page.imagelength < 1:
+                raise SlideFormatError(f"{self.path}: level {level} is {page.imagewidth} x {page.imagelength} px; "
+                                       "the TIFF header is damaged")
             if page.is_tiled:
                 seg_w, seg_h, kind = page.tilewidth, page.tilelength, "tiles"
             else:
                 seg_w, seg_h, kind = page.imagewidth, min(page.rowsperstrip or page.imagelength, page.imagelength), "strips"
+            if seg_w < 1 or seg_h < 1:
+                raise SlideFormatError(f"{self.path}: level {level} has {kind} of {seg_w} x {seg_h} px; the TIFF "
+                                       "header is damaged")
+            n_segs = math.ceil(page.imagewidth / seg_w) * math.ceil(page.imagelength / seg_h)
+            if len(page.dataoffsets) < n_segs or len(page.databytecounts) < n_segs:
+                raise SlideFormatError(
+                    f"{self.path}: level {level} needs {n_segs:,} {kind} but lists {len(page.dataoffsets):,} offsets and "
+                    f"{len(page.databytecounts):,} byte counts; the TIFF header is damaged")
             nbytes = int(seg_w) * int(seg_h) * max(int(page.samplesperpixel), 3)
             if nbytes > MAX_SEGMENT_BYTES:
                 raise SlideTooLargeError(
@@ -131,7 +147,11 @@ class TiffFileReader(SlideReader):
         if "XResolution" in tags and "ResolutionUnit" in tags:
             xr, yr = tags["XResolution"].value, tags.get("YResolution")
             yr = yr.value if yr is not None else xr
-            got = mpp_from_tiff_resolution(_rational(xr), _rational(yr), int(tags["ResolutionUnit"].value))
+            try:
+                unit_code = int(tags["ResolutionUnit"].value)
+            except (TypeError, ValueError):
+                return None
+            got = mpp_from_tiff_resolution(_rational(xr), _rational(yr), unit_code)
             if got is not None:
                 unit = tags["ResolutionUnit"].value
                 name = getattr(unit, "name", str(unit)).lower()
@@ -200,7 +220,7 @@ class TiffFileReader(SlideReader):
         except Exception as exc:
             raise SlideReadError(
                 f"{self.path}: tile {index} of a {page.imagewidth}x{page.imagelength} level could not be "
-                f"decoded ({exc}); the slide's pixel data is damaged, copy or download it again"
+                f"decoded ({one_line(exc)}); the slide's pixel data is damaged, copy or download it again"
             ) from exc
         arr = arr.reshape(arr.shape[-3:])  # (1, 1, h, w, s) -> (h, w, s)
         if page.compression == APERIO_JP2K_YCBCR and arr.shape[-1] == 3:
@@ -226,10 +246,14 @@ class TiffFileReader(SlideReader):
 
 
 def _rational(v) -> float | None:
-    if isinstance(v, tuple):
-        num, den = v
-        return num / den if den else None
-    return float(v) if v is not None else None
+    """A TIFF RATIONAL (num, den) or number as a float; None when missing or malformed."""
+    try:
+        if isinstance(v, tuple):
+            num, den = v[:2]
+            return num / den if den else None
+        return float(v) if v is not None else None
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def _ome_mpp(ome_xml: str | None) -> tuple[float, float] | None:
