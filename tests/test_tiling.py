@@ -99,3 +99,19 @@ def test_bad_config_raises(kwargs):
 def test_mask_without_scale_raises():
     with pytest.raises(ConfigError, match="mask_l0_per_px"):
         make_grid(l0_size=(10, 10), l0_mpp=0.25, tissue_mask=np.ones((2, 2), bool))
+
+
+@pytest.mark.parametrize("kwargs", [dict(patch_px=10**9), dict(patch_px=7), dict(stride_px=4097),
+                                    dict(spacing_um_px=1e-9), dict(spacing_um_px=21.0), dict(patch_px=True),
+                                    dict(min_tissue_fraction=float("nan"))])
+def test_grid_config_outside_physical_range(kwargs):
+    with pytest.raises(ConfigError, match=r"\[|min_tissue"):
+        GridConfig(**kwargs)
+
+
+def test_grid_with_too_many_cells_is_refused_before_allocating():
+    # 100,000 px at 0.25 um/px with 1 px cells of 0.05 um: 2 billion x 2 billion cells.
+    with pytest.raises(ConfigError, match="larger stride"):
+        make_grid(l0_size=(100_000, 100_000), l0_mpp=0.25, config=GridConfig(stride_px=1, spacing_um_px=0.05))
+    with pytest.raises(ConfigError, match=r"\[0.05, 20\] um/px"):
+        make_grid(l0_size=(1000, 1000), l0_mpp=1e-6)

@@ -28,8 +28,9 @@ Ranges and why
     Scanners write 240-1024 px tiles (3 MiB decoded at most); a single-strip image of a whole
     slide would have to be decoded in one piece to read any pixel of it.
 ``MAX_THUMBNAIL_PIXELS`` = 2**28 (268 million px, 768 MiB RGB): a 130 x 130 mm slide at 8 um/px.
-``MAX_GRID_CELLS`` = 2**26 (67 million cells): a 130 x 130 mm slide has 17.5 million PCam cells
-    (31.1 um); finer grids are far beyond what inference could run.
+``MAX_GRID_CELLS`` = 2**25 (33.5 million cells, 512 MiB as the (N, 2) int64 cell list): a 130 x
+    130 mm slide has 17.5 million PCam cells (31.1 um); finer grids are far beyond what inference
+    could run.
 ``MAX_COORD_L0`` = 2**24 px (16.8 million), an annotation or detection coordinate (level-0 px):
     six times the longest possible slide; the largest integer a float32 holds exactly. Anything
     beyond is not a pixel of any slide (a different unit or frame, or a damaged file).
@@ -59,7 +60,7 @@ SLIDE_MAX_SIDE_MM = 130.0
 SLIDE_MAX_SIDE_PX = 2**22
 MAX_SEGMENT_BYTES = 256 * 2**20
 MAX_THUMBNAIL_PIXELS = 2**28
-MAX_GRID_CELLS = 2**26
+MAX_GRID_CELLS = 2**25
 MAX_COORD_L0 = float(2**24)
 MAX_EVAL_MASK_PIXELS = 2**27
 

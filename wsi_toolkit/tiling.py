@@ -220,8 +220,8 @@ def make_grid(
             f"{config.spacing_um_px:g} um/px has {shape_rc[0]:,} x {shape_rc[1]:,} cells, more than {MAX_GRID_CELLS:,}; "
             "use a larger stride")
     if tissue_mask is None:
-        rr, cc = np.mgrid[0 : shape_rc[0], 0 : shape_rc[1]]
-        grid_rc = np.column_stack([rr.ravel(), cc.ravel()]).astype(np.int64)
+        grid_rc = np.empty((shape_rc[0] * shape_rc[1], 2), np.int64)  # row-major, no temporaries
+        grid_rc[:, 0], grid_rc[:, 1] = np.divmod(np.arange(len(grid_rc), dtype=np.int64), shape_rc[1])
         frac = np.ones(len(grid_rc), np.float32)
     else:
         if mask_l0_per_px is None or not mask_l0_per_px > 0:
