@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from wsi_toolkit.cli._common import run_click, setup_logging
+from wsi_toolkit.cli._common import check_mpp_option, run_click, setup_logging
 
 __all__ = ["train_main", "eval_main", "patches_main", "main"]
 
@@ -195,7 +195,8 @@ def _parse_assignments(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--no-balance", is_flag=True, help="Keep each slide's own tumour prevalence instead of balancing.")
 @click.option("--min-tissue", type=float, default=0.5, help="Minimum tissue fraction of a patch's centre cell.")
 @click.option("--seed", type=int, default=0)
-@click.option("--mpp", type=float, default=None, help="Level-0 um/px for slides without resolution metadata.")
+@click.option("--mpp", type=float, default=None, callback=check_mpp_option,
+              help="Level-0 um/px for slides without resolution metadata.")
 @click.option("-v", "--verbose", count=True)
 def _patches_command(slides, annotations, out, per_slide, split_fractions, assign, no_balance, min_tissue, seed, mpp,
                      verbose) -> int:

@@ -163,16 +163,19 @@ def _plan_slide(path: Path, *, annotations: Path | None, mpp: float | None, min_
         # Camelyon16 naming: a tumour slide without its XML would give mislabelled negatives.
         raise ConfigError(f"{path.name} is named like a Camelyon16 tumour slide but has no annotation "
                           f"{path.stem}.xml in {annotations or path.parent}; its patches cannot be labelled")
-    tumour = tumour_region(read_asap_xml(plan.annotation)) if plan.annotation else shapely.Polygon()
     tissue_cfg = TissueConfig()
     with open_slide(path, mpp=mpp) as slide:
+        # Outlines off the slide or around all of it are refused, ones reaching past it warned of:
+        # either would label patches by a drawing that does not belong to this slide.
+        tumour = (tumour_region(read_asap_xml(plan.annotation, l0_size=slide.dimensions)) if plan.annotation
+                  else shapely.Polygon())
         plan.mpp = slide.mpp
         plan.synthetic = slide.is_synthetic
         thumb = slide.thumbnail(mpp=tissue_cfg.thumb_mpp)
         tissue = detect_tissue(thumb, l0_mpp=slide.mpp, config=tissue_cfg)
         grid = make_grid(l0_size=slide.dimensions, l0_mpp=slide.mpp,
                          config=GridConfig(min_tissue_fraction=min_tissue_fraction),
-                         tissue_mask=tissue.mask, mask_l0_per_px=tissue.l0_per_px)
+                         tissue_mask=tissue.mask, mask_l0_per_px=tissue.l0_per_px, require_patches=False)
         plan.cand_xy = grid.patch_l0_xy()
         plan.cand_label = _patch_labels(tumour, plan.cand_xy, patch_l0=grid.patch_l0)
     plan.tumour_mm2 = float(tumour.area) * plan.mpp**2 / 1e6

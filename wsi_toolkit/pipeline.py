@@ -90,8 +90,10 @@ class RunConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
 
     def __post_init__(self) -> None:
-        if not 0 <= self.threshold <= 1:
-            raise ConfigError(f"threshold must be in [0, 1]; got {self.threshold!r}")
+        for name in ("threshold", "min_tissue_fraction"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ConfigError(f"{name} must be a number in [0, 1]; got {v!r}")
         if self.merge not in (None, "centre", "mean"):
             raise ConfigError(f"merge must be 'centre' or 'mean'; got {self.merge!r}")
         if self.stride_px is not None and not (isinstance(self.stride_px, int) and self.stride_px > 0):

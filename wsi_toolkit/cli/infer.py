@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from wsi_toolkit.cli._common import run_click, setup_logging
+from wsi_toolkit.cli._common import check_mpp_option, run_click, setup_logging
 from wsi_toolkit.inference import InferenceConfig
 from wsi_toolkit.pipeline import RunConfig, run_batch
 from wsi_toolkit.slide import find_slides
@@ -32,7 +32,8 @@ class _BatchSize(click.ParamType):
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Model package folder (config.json + torchscript_model.pt, WSInfer format).")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path), help="Output folder.")
-@click.option("--mpp", type=float, default=None, help="Micrometres per level-0 pixel; overrides slide metadata.")
+@click.option("--mpp", type=float, default=None, callback=check_mpp_option,
+              help="Micrometres per level-0 pixel; overrides slide metadata.")
 @click.option("--stride-px", type=int, default=None,
               help="Grid stride in model pixels [default: patch/3 for centre-label models (PCam: 32), else patch].")
 @click.option("--merge", type=click.Choice(["centre", "mean"]), default=None,
