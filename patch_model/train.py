@@ -467,12 +467,17 @@ class DihedralBatch(RandTransform):
 class HedJitterBatch(RandTransform):
     """H&E stain augmentation (Tellez et al. 2018, "H&E stain augmentation improves
     generalization of convolutional networks for histopathological mitosis detection"): each
-    training image is taken to haematoxylin-eosin-DAB optical density with scikit-image's
-    colour-deconvolution matrices (``skimage.color.hed_from_rgb`` / ``rgb_from_hed``, the same
-    maths as ``rgb2hed``/``hed2rgb``), each stain channel becomes ``s * a + b`` with ``a`` in
-    ``[1 - sigma, 1 + sigma]`` and ``b`` in ``[-sigma, sigma]`` drawn per image and channel, and
-    the result goes back to RGB, clipped to [0, 1]. Mimics the stain differences between labs
-    and scanners. Float ``(N, 3, H, W)`` in [0, 1] (after ``IntToFloatTensor``); training only.
+    training image is taken to haematoxylin-eosin-DAB optical density (natural log, the unit of
+    the paper's ``b``) with scikit-image's colour-deconvolution matrices
+    (``skimage.color.hed_from_rgb`` / ``rgb_from_hed``), each stain channel becomes ``s * a + b``
+    with ``a`` in ``[1 - sigma, 1 + sigma]`` and ``b`` in ``[-sigma, sigma]`` drawn per image and
+    channel (sigma 0.05: the paper's "HED-light"), and the result goes back to RGB, clipped to
+    [0, 1]. Mimics the stain differences between labs and scanners. Float ``(N, 3, H, W)`` in
+    [0, 1] (after ``IntToFloatTensor``); training only.
+
+    (``skimage.color.rgb2hed`` divides the optical density by ``-ln(1e-6)`` = 13.8; a shift of
+    0.05 in *those* units is a 0.69 OD shift, which turns glass pink or grey: a first version
+    here did that and lost 4 points of accuracy, docs/validation.md.)
     """
 
     order, split_idx = 25, 0
@@ -499,15 +504,15 @@ class HedJitterBatch(RandTransform):
 
 def hed_jitter(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, *, to_hed: torch.Tensor,
                to_rgb: torch.Tensor) -> torch.Tensor:
-    """RGB float ``(N, 3, H, W)`` in [0, 1] -> stains ``* scale + shift`` (both ``(N, 1, 3)``) ->
-    RGB, clipped to [0, 1]. With ``scale = 1, shift = 0`` it returns ``x`` (up to float rounding).
-    Optical density as in ``skimage.color.rgb2hed``: ``log(max(rgb, 1e-6)) / log(1e-6)``."""
+    """RGB float ``(N, 3, H, W)`` in [0, 1] -> stain optical densities ``* scale + shift`` (both
+    ``(N, 1, 3)``; OD = ``-ln(max(rgb, 1e-6))`` deconvolved with ``to_hed``) -> RGB, clipped to
+    [0, 1]. With ``scale = 1, shift = 0`` it returns ``x`` (up to float rounding). The stains are
+    ``skimage.color.rgb2hed``'s times ``-ln(1e-6)`` (before its clipping at 0)."""
     n, c, h, w = x.shape
-    log_adjust = math.log(1e-6)
     rgb = x.float().permute(0, 2, 3, 1).reshape(n, h * w, c).clamp_min(1e-6)
-    stains = (torch.log(rgb) / log_adjust) @ to_hed.to(x.device)
+    stains = -torch.log(rgb) @ to_hed.to(x.device)
     stains = stains * scale + shift
-    out = torch.exp((stains * log_adjust) @ to_rgb.to(x.device)).clamp(0, 1)
+    out = torch.exp(-(stains @ to_rgb.to(x.device))).clamp(0, 1)
     return out.reshape(n, h, w, c).permute(0, 3, 1, 2).to(x.dtype).contiguous()
 
 

@@ -376,6 +376,16 @@ def test_hed_jitter_is_identity_without_jitter_and_moves_stains_with_it():
     h_before = rgb2hed(rgb[0])[..., 0]
     h_after = rgb2hed(more_h[0].permute(1, 2, 0).numpy())[..., 0]
     assert (h_after - h_before).mean() > 0.005
+    # The shift is in natural-log optical density (the paper's unit): 0.05 moves skimage's H
+    # channel (OD / 13.8) by 0.05 / 13.8, not by 0.05 (which would tint white glass).
+    shift = torch.zeros(4, 1, 3)
+    shift[0, 0, 0] = 0.05
+    moved = hed_jitter(x, torch.ones(4, 1, 3), shift, to_hed=to_hed, to_rgb=to_rgb)
+    dh = rgb2hed(moved[0].permute(1, 2, 0).numpy())[..., 0] - h_before
+    assert np.median(dh) == pytest.approx(0.05 / -np.log(1e-6), rel=0.05)
+    glass = torch.ones(1, 3, 4, 4)
+    tinted = hed_jitter(glass, torch.ones(1, 1, 3), torch.full((1, 1, 3), 0.05), to_hed=to_hed, to_rgb=to_rgb)
+    assert tinted.min() > 0.85  # white glass stays near white
     assert torch.allclose(more_h[1:], x[1:], atol=1e-4)
     # The batch transform: train only, values stay in [0, 1], every image changed a little.
     tfm = HedJitterBatch(sigma=0.05)
