@@ -242,7 +242,8 @@ def test_inspect_refuses_mpp_out_of_range(small_slide, tmp_path, mpp):
 def test_infer_refuses_mpp_out_of_range(small_slide, model_dir, tmp_path, mpp):
     run = run_cli("wsi_toolkit.cli.infer", small_slide, "--model", model_dir, "--out", tmp_path / "out",
                   "--mpp", mpp, "--workers", "0", "--no-progress", cwd=tmp_path)
-    assert_one_line_error(run, "[0.05, 20] um/px", "--mpp", rc=1)
+    assert_one_line_error(run, "[0.05, 20] um/px", "--mpp", rc=2)  # a usage error, before any slide runs
+    assert not (tmp_path / "out").exists()
 
 
 def test_eval_refuses_mpp_out_of_range(tmp_path):
