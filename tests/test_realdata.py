@@ -102,10 +102,11 @@ def test_short_real_training_beats_chance(real_model):
     majority = max(test["confusion_matrix"][0][0] + test["confusion_matrix"][0][1],
                    test["confusion_matrix"][1][0] + test["confusion_matrix"][1][1]) / test["n"]
     assert majority < 0.65  # chance (always the larger class) is ~0.6 here
-    # A clear margin over chance (0.62), with room for run-to-run spread across CPUs (fp32 sums in
-    # another order change a from-scratch run's path; 399 patches give +-2.3% of standard error).
-    assert test["accuracy"] >= 0.72, test
-    assert test["roc_auc"] >= 0.78, test
+    # A clear margin over chance (0.62). Measured on the dev VM (AVX-512): test accuracy 0.822, ROC
+    # AUC 0.874 (valid 0.789 / 0.850); the bars leave room for run-to-run spread across CPUs (fp32
+    # sums in another order change a from-scratch run's path; 399 patches: +-2% standard error).
+    assert test["accuracy"] >= 0.75, test
+    assert test["roc_auc"] >= 0.80, test
     cfg = json.loads((real_model / "model" / "config.json").read_text())
     assert cfg["wsi_toolkit"]["training"]["leaky"] is True
     assert cfg["wsi_toolkit"]["synthetic"] is False
