@@ -27,3 +27,13 @@ def synthetic_slides(tmp_path_factory, small_spec):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory):
+    """A SYNTHETIC colour-rule model package (96 px input), written once per test session."""
+    from wsi_toolkit.synthetic_model import make_colour_rule_package
+
+    path = tmp_path_factory.mktemp("model") / "colour_rule"
+    make_colour_rule_package(path, input_size=96)
+    return path

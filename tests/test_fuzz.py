@@ -161,16 +161,22 @@ def asap_documents(draw):
     return data, size
 
 
+def _check_annotations(got) -> None:
+    """A parser's result, when it returned one: annotations with area, coordinates in range."""
+    from wsi_toolkit.annotations import Annotation
+
+    for ann in got or ():
+        assert isinstance(ann, Annotation) and ann.polygon.area > 0
+        assert np.all(np.abs(np.asarray(ann.polygon.bounds)) <= limits.MAX_COORD_L0)
+
+
 def _asap(fuzz_dir, doc):
-    from wsi_toolkit.annotations import Annotation, read_asap_xml
+    from wsi_toolkit.annotations import read_asap_xml
 
     data, size = doc
     path = write(fuzz_dir, "a.xml", data)
     got, _ = expect_clean(lambda: read_asap_xml(path, l0_size=size), AnnotationError)
-    if got is not None:
-        for ann in got:
-            assert isinstance(ann, Annotation) and ann.polygon.area > 0
-            assert np.all(np.abs(np.asarray(ann.polygon.bounds)) <= limits.MAX_COORD_L0)
+    _check_annotations(got)
 
 
 test_fuzz_asap_xml, test_fuzz_asap_xml_slow = fuzz(asap_documents(), examples=300)(_asap)
@@ -231,15 +237,12 @@ def geojson_documents(draw):
 
 
 def _geojson(fuzz_dir, doc):
-    from wsi_toolkit.annotations import Annotation, read_geojson
+    from wsi_toolkit.annotations import read_geojson
 
     data, size = doc
     path = write(fuzz_dir, "a.geojson", data)
     got, _ = expect_clean(lambda: read_geojson(path, l0_size=size), AnnotationError)
-    if got is not None:
-        for ann in got:
-            assert isinstance(ann, Annotation) and ann.polygon.area > 0
-            assert np.all(np.abs(np.asarray(ann.polygon.bounds)) <= limits.MAX_COORD_L0)
+    _check_annotations(got)
 
 
 test_fuzz_geojson, test_fuzz_geojson_slow = fuzz(geojson_documents(), examples=300)(_geojson)

@@ -21,17 +21,9 @@ from wsi_toolkit.cli.infer import main
 from wsi_toolkit.model_package import Preprocess, load_model_package
 from wsi_toolkit.slide import open_slide
 from wsi_toolkit.synthetic import ALIGNMENT_SPEC, write_synthetic_slide
-from wsi_toolkit.synthetic_model import make_colour_rule_package
 from wsi_toolkit.tiling import GridConfig, make_grid
 
 ALIGN_SPEC = ALIGNMENT_SPEC  # level 0 at 0.243 um/px divides by 4: OpenSlide reads level 2 pixel-exactly
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "colour_rule"
-    make_colour_rule_package(path, input_size=96)
-    return path
 
 
 @pytest.fixture(scope="module")

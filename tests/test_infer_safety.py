@@ -32,7 +32,7 @@ from wsi_toolkit.export.regions import TumourRegion
 from wsi_toolkit.model_package import pcam_config, save_model_package
 from wsi_toolkit.pipeline import RESERVED_NAMES, safe_dir_name
 from wsi_toolkit.synthetic import Blob, SyntheticSpec, write_synthetic_slide
-from wsi_toolkit.synthetic_model import ColourRuleNet, make_colour_rule_package
+from wsi_toolkit.synthetic_model import ColourRuleNet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,13 +43,6 @@ TINY_SPEC = SyntheticSpec(
     tumours=(Blob((470.0, 380.0), (150.0, 110.0), angle_deg=30, wobble=0.15, lobes=4, phase=1.0),),
     seed=11,
 )
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("model") / "colour_rule"
-    make_colour_rule_package(path, input_size=96)
-    return path
 
 
 @pytest.fixture(scope="module")

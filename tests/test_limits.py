@@ -157,15 +157,6 @@ def assert_one_line_error(run: Run, *needles: str, rc: int | tuple[int, ...] = (
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from wsi_toolkit.synthetic_model import make_colour_rule_package
-
-    path = tmp_path_factory.mktemp("limits_model") / "model"
-    make_colour_rule_package(path, input_size=96)
-    return path
-
-
 def model_with(tmp_path: Path, model_dir: Path, **changes) -> Path:
     """A copy of the model package with config.json fields changed."""
     dst = tmp_path / "model_changed"
