@@ -55,7 +55,7 @@ LEAKY_NOTE = (
 # Pure functions
 
 
-def binary_metrics(probs: np.ndarray, labels: np.ndarray, *, tumour_index: int = 1,
+def binary_metrics(probs: np.ndarray, labels: np.ndarray, *, tumor_index: int = 1,
                    class_names: Sequence[str] = ("notumor", "tumor")) -> dict[str, Any]:
     """Accuracy, ROC AUC of P(tumour), confusion matrix and counts.
 
@@ -72,18 +72,18 @@ def binary_metrics(probs: np.ndarray, labels: np.ndarray, *, tumour_index: int =
     pred = probs.argmax(1)
     n_cls = probs.shape[1]
     cm = confusion_matrix(labels, pred, labels=list(range(n_cls))) if len(labels) else np.zeros((n_cls, n_cls), int)
-    is_tumour = labels == tumour_index
+    is_tumor = labels == tumor_index
     auc = None
-    if len(labels) and 0 < is_tumour.sum() < len(labels):
-        auc = float(roc_auc_score(is_tumour, probs[:, tumour_index]))
-    tp = int(cm[tumour_index, tumour_index])
-    pos = int(cm[tumour_index].sum())
-    neg_idx = [i for i in range(n_cls) if i != tumour_index]
+    if len(labels) and 0 < is_tumor.sum() < len(labels):
+        auc = float(roc_auc_score(is_tumor, probs[:, tumor_index]))
+    tp = int(cm[tumor_index, tumor_index])
+    pos = int(cm[tumor_index].sum())
+    neg_idx = [i for i in range(n_cls) if i != tumor_index]
     tn = int(cm[np.ix_(neg_idx, neg_idx)].sum())
     neg = int(cm[neg_idx].sum())
     return {
         "n": int(len(labels)),
-        "n_tumor": int(is_tumour.sum()),
+        "n_tumor": int(is_tumor.sum()),
         "accuracy": float((pred == labels).mean()) if len(labels) else None,
         "roc_auc": auc,
         "sensitivity": tp / pos if pos else None,
@@ -137,16 +137,16 @@ def plot_confusion_matrix(cm: np.ndarray, class_names: Sequence[str], path: str 
     return Path(path)
 
 
-def plot_roc(scores: np.ndarray, is_tumour: np.ndarray, path: str | os.PathLike, *, title: str = "") -> Path:
-    """ROC curve of P(tumour) ``scores`` against boolean ``is_tumour``."""
+def plot_roc(scores: np.ndarray, is_tumor: np.ndarray, path: str | os.PathLike, *, title: str = "") -> Path:
+    """ROC curve of P(tumour) ``scores`` against boolean ``is_tumor``."""
     from sklearn.metrics import roc_auc_score, roc_curve
 
     fig = _figure((4.6, 4.4))
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], color="grey", ls=":")
-    if 0 < is_tumour.sum() < len(is_tumour):
-        fpr, tpr, _ = roc_curve(is_tumour, scores)
-        ax.plot(fpr, tpr, label=f"AUC {roc_auc_score(is_tumour, scores):.4f}")
+    if 0 < is_tumor.sum() < len(is_tumor):
+        fpr, tpr, _ = roc_curve(is_tumor, scores)
+        ax.plot(fpr, tpr, label=f"AUC {roc_auc_score(is_tumor, scores):.4f}")
         ax.legend(loc="lower right")
     else:
         ax.text(0.5, 0.5, "one class only: no ROC", ha="center")
@@ -231,7 +231,7 @@ def evaluate_package(
     leaky = bool(getattr(ds, "leaky", False))
     if leaky:
         logger.warning("%s split %r: %s", data, split, LEAKY_NOTE)
-    tumour = cfg.tumour_index()
+    tumor = cfg.tumor_index()
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=int(workers),
                                          collate_fn=_collate)
     probs, labels = [], []
@@ -245,14 +245,14 @@ def evaluate_package(
             bar.update(len(y))
     probs_a = np.concatenate(probs) if probs else np.zeros((0, cfg.num_classes), np.float32)
     labels_a = np.concatenate(labels) if labels else np.zeros(0, np.int64)
-    metrics = binary_metrics(probs_a, labels_a, tumour_index=tumour, class_names=cfg.class_names)
+    metrics = binary_metrics(probs_a, labels_a, tumor_index=tumor, class_names=cfg.class_names)
     result = EvalResult(package=Path(package), data=Path(data), split=split, tta=tta, leaky=leaky, metrics=metrics,
                         probs=probs_a.astype(np.float32), labels=labels_a, seconds=time.perf_counter() - t0)
     out_dir = Path(out) if out is not None else Path(package) / f"eval_{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     label = f"{split}{' (LEAKY)' if leaky else ''}{', 8-view TTA' if tta else ''}"
     acc = metrics["accuracy"]
-    plot_roc(probs_a[:, tumour] if len(probs_a) else np.zeros(0), labels_a == tumour, out_dir / "roc.png",
+    plot_roc(probs_a[:, tumor] if len(probs_a) else np.zeros(0), labels_a == tumor, out_dir / "roc.png",
              title=f"{Path(package).name} on {label}: accuracy {acc:.4f}" if acc is not None else label)
     (out_dir / "eval.json").write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n",
                                        encoding="utf-8")

@@ -8,7 +8,7 @@ candidates here are the cells of the toolkit's own PCam grid (:func:`wsi_toolkit
 stride 32 px over the tissue of :func:`wsi_toolkit.tissue.detect_tissue`), so a candidate's
 centre region is exactly one heatmap cell, and overlapping candidates are sampled without
 replacement. Tumour comes from ASAP XML (Camelyon16's format; groups ``_0``/``_1``/``Tumor``
-minus exclusion ``_2``, see :func:`wsi_toolkit.annotations.tumour_region`).
+minus exclusion ``_2``, see :func:`wsi_toolkit.annotations.tumor_region`).
 
 Splits are by slide (never by patch): a slide's patches are all in one split, so valid/test
 numbers are not inflated by near-duplicate patches of training slides.
@@ -44,7 +44,7 @@ import shapely
 from tqdm.auto import tqdm
 
 from patch_model.data import PCAM_MPP, PCAM_PATCH_PX, PCAM_SPLITS, _PCamWriter
-from wsi_toolkit.annotations import read_asap_xml, tumour_region
+from wsi_toolkit.annotations import read_asap_xml, tumor_region
 from wsi_toolkit.errors import ConfigError, WsiToolkitError
 from wsi_toolkit.slide import open_slide
 from wsi_toolkit.tiling import GridConfig, make_grid
@@ -73,29 +73,29 @@ def _centre_boxes(l0_xy: np.ndarray, patch_l0: float) -> np.ndarray:
     return shapely.box(x0, y0, x0 + third, y0 + third)
 
 
-def _patch_labels(tumour_l0: Any, l0_xy: np.ndarray, *, patch_l0: float) -> np.ndarray:
+def _patch_labels(tumor_l0: Any, l0_xy: np.ndarray, *, patch_l0: float) -> np.ndarray:
     """Vectorised :func:`patch_label`: int64 (N,) for patch top-lefts ``l0_xy`` (N, 2)."""
     l0_xy = np.asarray(l0_xy, np.float64).reshape(-1, 2)
     out = np.zeros(len(l0_xy), np.int64)
-    if tumour_l0 is None or tumour_l0.is_empty or not len(l0_xy):
+    if tumor_l0 is None or tumor_l0.is_empty or not len(l0_xy):
         return out
     boxes = _centre_boxes(l0_xy, patch_l0)
-    shapely.prepare(tumour_l0)
-    hit = shapely.intersects(tumour_l0, boxes)
+    shapely.prepare(tumor_l0)
+    hit = shapely.intersects(tumor_l0, boxes)
     if hit.any():
         # Touching along an edge or at a point is no tumour pixel: require some area.
-        area = shapely.area(shapely.intersection(tumour_l0, boxes[hit]))
+        area = shapely.area(shapely.intersection(tumor_l0, boxes[hit]))
         out[np.flatnonzero(hit)] = area > 0
     return out
 
 
-def patch_label(tumour_geometry_l0: Any, patch_l0_xy: Sequence[float], *, patch_l0: float) -> int:
+def patch_label(tumor_geometry_l0: Any, patch_l0_xy: Sequence[float], *, patch_l0: float) -> int:
     """PCam label of one patch: 1 iff tumour covers some area of the patch's centre third.
 
     Parameters
     ----------
-    tumour_geometry_l0
-        Shapely (Multi)Polygon of tumour in level-0 px (e.g. :func:`tumour_region`); empty or
+    tumor_geometry_l0
+        Shapely (Multi)Polygon of tumour in level-0 px (e.g. :func:`tumor_region`); empty or
         None means no tumour.
     patch_l0_xy
         Top-left ``(x, y)`` of the patch in level-0 px.
@@ -113,7 +113,7 @@ def patch_label(tumour_geometry_l0: Any, patch_l0_xy: Sequence[float], *, patch_
     """
     if not (isinstance(patch_l0, (int, float, np.integer, np.floating)) and math.isfinite(patch_l0) and patch_l0 > 0):
         raise ConfigError(f"patch_l0 must be a positive number of level-0 px; got {patch_l0!r}")
-    return int(_patch_labels(tumour_geometry_l0, np.asarray([patch_l0_xy], np.float64), patch_l0=float(patch_l0))[0])
+    return int(_patch_labels(tumor_geometry_l0, np.asarray([patch_l0_xy], np.float64), patch_l0=float(patch_l0))[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -128,7 +128,7 @@ class _SlidePlan:
     annotation: Path | None = None
     mpp: float = math.nan
     synthetic: bool = False
-    tumour_mm2: float = 0.0
+    tumor_mm2: float = 0.0
     cand_xy: np.ndarray = field(default_factory=lambda: np.zeros((0, 2)))
     cand_label: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     split: str | None = None
@@ -145,7 +145,7 @@ class _SlidePlan:
         return int(len(self.cand_label) - self.cand_label.sum())
 
     @property
-    def is_tumour(self) -> bool:
+    def is_tumor(self) -> bool:
         return self.n_pos > 0
 
 
@@ -167,7 +167,7 @@ def _plan_slide(path: Path, *, annotations: Path | None, mpp: float | None, min_
     with open_slide(path, mpp=mpp) as slide:
         # Outlines off the slide or around all of it are refused, ones reaching past it warned of:
         # either would label patches by a drawing that does not belong to this slide.
-        tumour = (tumour_region(read_asap_xml(plan.annotation, l0_size=slide.dimensions)) if plan.annotation
+        tumor = (tumor_region(read_asap_xml(plan.annotation, l0_size=slide.dimensions)) if plan.annotation
                   else shapely.Polygon())
         plan.mpp = slide.mpp
         plan.synthetic = slide.is_synthetic
@@ -177,11 +177,11 @@ def _plan_slide(path: Path, *, annotations: Path | None, mpp: float | None, min_
                          config=GridConfig(min_tissue_fraction=min_tissue_fraction),
                          tissue_mask=tissue.mask, mask_l0_per_px=tissue.l0_per_px, require_patches=False)
         plan.cand_xy = grid.patch_l0_xy()
-        plan.cand_label = _patch_labels(tumour, plan.cand_xy, patch_l0=grid.patch_l0)
-    plan.tumour_mm2 = float(tumour.area) * plan.mpp**2 / 1e6
-    if plan.annotation is not None and not tumour.is_empty and plan.n_pos == 0:
+        plan.cand_label = _patch_labels(tumor, plan.cand_xy, patch_l0=grid.patch_l0)
+    plan.tumor_mm2 = float(tumor.area) * plan.mpp**2 / 1e6
+    if plan.annotation is not None and not tumor.is_empty and plan.n_pos == 0:
         logger.warning("%s: annotated tumour (%.3f mm2) covers no centre region of a tissue patch; "
-                       "its patches are all negatives", path.name, plan.tumour_mm2)
+                       "its patches are all negatives", path.name, plan.tumor_mm2)
     return plan
 
 
@@ -214,7 +214,7 @@ def _assign_splits(plans: list[_SlidePlan], fractions: Mapping[str, float], expl
             p.split = explicit[p.stem]
         else:
             rest.append(p)
-    for group in ([p for p in rest if p.is_tumour], [p for p in rest if not p.is_tumour]):
+    for group in ([p for p in rest if p.is_tumor], [p for p in rest if not p.is_tumor]):
         group = sorted(group, key=lambda p: p.stem)
         order = rng.permutation(len(group))
         counts = _allocate(len(group), fractions)
@@ -464,7 +464,7 @@ def _summary(plans: list[_SlidePlan], failed: dict, written: dict, *, out: Path,
             continue
         slides[p.stem] = {
             "path": str(p.path), "split": p.split, "annotation": None if p.annotation is None else str(p.annotation),
-            "mpp": p.mpp, "tumour_mm2": round(p.tumour_mm2, 6), "synthetic": p.synthetic,
+            "mpp": p.mpp, "tumor_mm2": round(p.tumor_mm2, 6), "synthetic": p.synthetic,
             "candidates": len(p.cand_label), "candidates_pos": p.n_pos,
             "n_pos": p.take_pos, "n_neg": p.take_neg,
         }
@@ -475,7 +475,7 @@ def _summary(plans: list[_SlidePlan], failed: dict, written: dict, *, out: Path,
             **counts,
             "pos_fraction": round(counts["n_pos"] / n, 4) if n else None,
             "slides": sorted(s for s, v in slides.items() if v["split"] == split and v["n_pos"] + v["n_neg"]),
-            "tumour_slides": sorted(s for s, v in slides.items() if v["split"] == split and v["n_pos"]),
+            "tumor_slides": sorted(s for s, v in slides.items() if v["split"] == split and v["n_pos"]),
             "x": f"camelyonpatch_level_2_split_{split}_x.h5",
             "y": f"camelyonpatch_level_2_split_{split}_y.h5",
             "meta": _META.format(split=split),

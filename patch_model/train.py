@@ -101,7 +101,7 @@ logger = logging.getLogger(__name__)
 
 #: Class names, in PCam label order: index 1 ("tumor") is PCam label 1.
 CLASS_NAMES: tuple[str, str] = ("notumor", "tumor")
-TUMOUR_INDEX = 1
+TUMOR_INDEX = 1
 PCAM_PATCH_PX = 96
 
 Precision = Literal["auto", "fp32", "fp16", "bf16"]
@@ -1088,12 +1088,12 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
         return probs.float().numpy(), targs.numpy().astype(np.int64), losses.float().numpy()
 
     v_probs, v_targs, v_losses = predict("valid")
-    valid_metrics = binary_metrics(v_probs, v_targs, tumour_index=TUMOUR_INDEX, class_names=CLASS_NAMES)
+    valid_metrics = binary_metrics(v_probs, v_targs, tumor_index=TUMOR_INDEX, class_names=CLASS_NAMES)
     valid_metrics["leaky"] = leaky
     test_metrics = None
     if "test" in data.items:
         t_probs, t_targs, _ = predict("test")
-        test_metrics = binary_metrics(t_probs, t_targs, tumour_index=TUMOUR_INDEX, class_names=CLASS_NAMES)
+        test_metrics = binary_metrics(t_probs, t_targs, tumor_index=TUMOR_INDEX, class_names=CLASS_NAMES)
         test_metrics["leaky"] = bool(getattr(splits["test"], "leaky", False))
 
     # ---- plots ------------------------------------------------------------------------------
@@ -1111,7 +1111,7 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
         x = _valid_inputs(data, top_patches, device)
         cams = gradcam(learn.model, x, layer=learn.model[0], class_idx=torch.as_tensor(v_probs[top].argmax(1)))
     rows = [{"index": int(i), "true": CLASS_NAMES[v_targs[i]], "pred": CLASS_NAMES[int(v_probs[i].argmax())],
-             "loss": float(v_losses[i]), "p_tumor": float(v_probs[i, TUMOUR_INDEX])} for i in top]
+             "loss": float(v_losses[i]), "p_tumor": float(v_probs[i, TUMOR_INDEX])} for i in top]
     plots["top_losses_gradcam"] = plot_top_losses_gradcam(
         top_patches, cams, rows, out / "top_losses_gradcam.png",
         title=f"top {k} valid losses{note}, Grad-CAM of the predicted class").name
@@ -1128,7 +1128,7 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
             "mean": list(spec.mean), "std": list(spec.std), "device": str(device), "precision": precision,
             "workers": workers, "world_size": max(world, 1), "layout": layout, "lr": lr_info,
             "lr_find_iters": lr_iters, "train_batches_per_epoch": n_batches,
-            "class_names": list(CLASS_NAMES), "tumour_index": TUMOUR_INDEX,
+            "class_names": list(CLASS_NAMES), "tumor_index": TUMOR_INDEX,
             "augmentation": _describe_augment(config.augment),
             "resize": f"96 -> {config.size} px, bilinear antialiased (= inference Preprocess)" if config.size != 96
             else "none (native 96 px)",

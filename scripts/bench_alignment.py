@@ -43,15 +43,15 @@ def main() -> int:
         run = json.loads((d / "run.json").read_text())
         cell_l0 = run["heatmap"]["cell_l0"]
         heat = tifffile.imread(d / "heatmap.tif", key=0)
-        truth = rasterize(s.tumour_l0, l0_size=s.level0_size, l0_mpp=mpp, mask_mpp=cell_l0 * mpp)
+        truth = rasterize(s.tumor_l0, l0_size=s.level0_size, l0_mpp=mpp, mask_mpp=cell_l0 * mpp)
         found = (heat >= 128)[: truth.shape[0], : truth.shape[1]]
         iou = (found & truth).sum() / (found | truth).sum()
         err = np.hypot(*(np.argwhere(found).mean(axis=0) - np.argwhere(truth).mean(axis=0)))
         print(json.dumps({"bench": "alignment", "synthetic": True, "slide_mpp": mpp, "heatmap_um_px": run["heatmap"]["mpp"],
                           "backend": run["slide"]["backend"], "iou": round(float(iou), 3),
                           "centroid_error_cells": round(float(err), 3),
-                          "tumour_mm2_found": round(run["tumor_area_mm2"], 4),
-                          "tumour_mm2_truth": round(s.tumour_mm2, 4)}))
+                          "tumor_mm2_found": round(run["tumor_area_mm2"], 4),
+                          "tumor_mm2_truth": round(s.tumor_mm2, 4)}))
     return 0
 
 

@@ -10,7 +10,7 @@ from wsi_toolkit.synthetic import make_spec, write_synthetic_slide
 @pytest.fixture(scope="session")
 def small_spec():
     """A ~1 mm^2 specimen: two sections with tumours, a faint section and pen marks."""
-    return make_spec(tissue_mm2=1.0, n_tumours=2, faint=True, pen=True, seed=3)
+    return make_spec(tissue_mm2=1.0, n_tumors=2, faint=True, pen=True, seed=3)
 
 
 @pytest.fixture(scope="session")

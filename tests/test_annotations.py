@@ -18,11 +18,11 @@ from wsi_toolkit.annotations import (
     TUMOR_GROUPS,
     Annotation,
     is_exclusion_group,
-    is_tumour_group,
+    is_tumor_group,
     rasterize,
     read_asap_xml,
     read_geojson,
-    tumour_region,
+    tumor_region,
     write_asap_xml,
     write_geojson,
 )
@@ -58,7 +58,7 @@ def _asap_xml(annotations_xml: str) -> str:
 
 
 @pytest.mark.parametrize(
-    ("name", "tumour", "exclusion"),
+    ("name", "tumor", "exclusion"),
     [
         ("_0", True, False),
         ("_1", True, False),
@@ -75,8 +75,8 @@ def _asap_xml(annotations_xml: str) -> str:
         (None, False, False),
     ],
 )
-def test_group_classification(name, tumour, exclusion):
-    assert is_tumour_group(name) is tumour
+def test_group_classification(name, tumor, exclusion):
+    assert is_tumor_group(name) is tumor
     assert is_exclusion_group(name) is exclusion
 
 
@@ -142,13 +142,13 @@ def test_asap_write_splits_multipolygon_into_parts(tmp_path):
     assert _same_geometry(shapely.union_all([a.polygon for a in read]), multi)
 
 
-def test_asap_write_turns_tumour_hole_into_exclusion(tmp_path):
+def test_asap_write_turns_tumor_hole_into_exclusion(tmp_path):
     outer, hole = box(0, 0, 100, 100), box(25, 25, 75, 75)
     path = tmp_path / "hole.xml"
     write_asap_xml(path, [Annotation(outer.difference(hole), "Tumor")])
     read = read_asap_xml(path)
     assert sorted(a.group for a in read) == ["Tumor", "_2"]
-    assert tumour_region(read).area == pytest.approx(100 * 100 - 50 * 50)
+    assert tumor_region(read).area == pytest.approx(100 * 100 - 50 * 50)
 
 
 def test_asap_write_drops_hole_of_other_group_with_warning(tmp_path, caplog):
@@ -238,7 +238,7 @@ def test_asap_repairs_self_intersecting_polygon(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-def test_tumour_region_subtracts_exclusions():
+def test_tumor_region_subtracts_exclusions():
     anns = [
         Annotation(box(0, 0, 100, 100), "_0"),  # 10 000
         Annotation(box(50, 0, 150, 100), "_1"),  # overlaps the first by 50 x 100: union 15 000
@@ -247,7 +247,7 @@ def test_tumour_region_subtracts_exclusions():
         Annotation(box(120, 20, 200, 40), "_2"),  # overlaps tumour on x 120..150: -30*20 = -600
         Annotation(box(500, 500, 600, 600), "Stroma"),  # ignored
     ]
-    region = tumour_region(anns)
+    region = tumor_region(anns)
     assert region.area == pytest.approx(15_000 + 1_600 - 400 - 600)
     assert not region.contains(shapely.Point(20, 20))
     assert region.contains(shapely.Point(60, 60))
@@ -257,8 +257,8 @@ def test_tumour_region_subtracts_exclusions():
 @pytest.mark.parametrize(
     "anns", [[], [Annotation(box(0, 0, 5, 5), "_2")], [Annotation(box(0, 0, 5, 5), "Stroma")]]
 )
-def test_tumour_region_empty_without_tumour(anns):
-    region = tumour_region(anns)
+def test_tumor_region_empty_without_tumor(anns):
+    region = tumor_region(anns)
     assert isinstance(region, shapely.Polygon)
     assert region.is_empty
 

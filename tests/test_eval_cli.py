@@ -26,18 +26,18 @@ MPP = 0.243
 
 # Tumour radii 220..350 um: 440+ um across, far above the 200 um ITC size. The 40 um one is an ITC
 # (80 um across + 75 um dilation = ~155 um < 275 um).
-TUMOUR_1 = SyntheticSpec(
+TUMOR_1 = SyntheticSpec(
     size_um=(3000.0, 2200.0),
     tissue=(Blob((1500.0, 1100.0), (1250.0, 850.0), angle_deg=5, wobble=0.1, lobes=5, phase=0.3),),
-    tumours=(Blob((1000.0, 1000.0), (300.0, 240.0), angle_deg=20, wobble=0.15, lobes=4, phase=1.0),
+    tumors=(Blob((1000.0, 1000.0), (300.0, 240.0), angle_deg=20, wobble=0.15, lobes=4, phase=1.0),
              Blob((2050.0, 1250.0), (260.0, 220.0), angle_deg=70, wobble=0.15, lobes=4, phase=2.0),
              Blob((1700.0, 550.0), (40.0, 35.0), wobble=0.05, lobes=3, phase=0.0)),
     seed=21,
 )
-TUMOUR_2 = SyntheticSpec(
+TUMOR_2 = SyntheticSpec(
     size_um=(2600.0, 2000.0),
     tissue=(Blob((1300.0, 1000.0), (1050.0, 780.0), angle_deg=-10, wobble=0.1, lobes=5, phase=0.7),),
-    tumours=(Blob((1200.0, 950.0), (350.0, 280.0), angle_deg=30, wobble=0.15, lobes=4, phase=1.5),),
+    tumors=(Blob((1200.0, 950.0), (350.0, 280.0), angle_deg=30, wobble=0.15, lobes=4, phase=1.5),),
     seed=22,
 )
 
@@ -50,10 +50,10 @@ def evaluated(tmp_path_factory):
     ann.mkdir()
     truth = {}
     for name, spec, xml in [
-        ("tumor_001", TUMOUR_1, True),
-        ("tumor_002", TUMOUR_2, True),
-        ("normal_001", make_spec(tissue_mm2=1.0, n_tumours=0, seed=5), True),   # empty annotation file
-        ("normal_002", make_spec(tissue_mm2=1.0, n_tumours=0, seed=6), False),  # no annotation file
+        ("tumor_001", TUMOR_1, True),
+        ("tumor_002", TUMOR_2, True),
+        ("normal_001", make_spec(tissue_mm2=1.0, n_tumors=0, seed=5), True),   # empty annotation file
+        ("normal_002", make_spec(tissue_mm2=1.0, n_tumors=0, seed=6), False),  # no annotation file
     ]:
         s = write_synthetic_slide(slides / f"{name}.tif", spec, mpp=MPP, tile=256, xml=xml)
         if xml:
@@ -102,15 +102,15 @@ def test_per_slide_table(eval_run):
         float(rows[s]["score"]) for s in ("normal_001", "normal_002"))
 
 
-def test_detections_lie_on_the_true_tumours(evaluated, eval_run):
+def test_detections_lie_on_the_true_tumors(evaluated, eval_run):
     _, evaluation = eval_run
     for name, slide in evaluated["truth"].items():
         det = read_detections_csv(evaluation / "detections" / f"{name}.csv")
-        if slide.tumour_l0.is_empty:
+        if slide.tumor_l0.is_empty:
             continue
         assert len(det) >= 1
         # Independent of the evaluation mask: the distance from the truth polygon, in um.
-        dist_um = np.array([slide.tumour_l0.distance(shapely.Point(x, y)) for _, x, y in det]) * MPP
+        dist_um = np.array([slide.tumor_l0.distance(shapely.Point(x, y)) for _, x, y in det]) * MPP
         assert dist_um.max() < 37.5, dist_um.max()
 
 

@@ -23,7 +23,7 @@ from wsi_toolkit.evaluate import (
     EvaluationMask,
     detections_from_heatmap,
     evaluation_mask,
-    evaluation_mask_from_tumour,
+    evaluation_mask_from_tumor,
     froc,
     froc_curve,
     match_detections,
@@ -85,7 +85,7 @@ def test_detection_in_the_37_5_um_dilation_ring_is_a_hit(offset_um, hit):
     (6, 1),   # 48 um apart: every gap pixel is <= 3 px (24 um) from one of them -> one lesion
     (15, 2),  # 120 um apart: the middle pixel is 8 px (64 um) from both -> two lesions
 ])
-def test_tumours_closer_than_75_um_are_one_lesion(gap_px, n_labels):
+def test_tumors_closer_than_75_um_are_one_lesion(gap_px, n_labels):
     region = shapely.union_all([px_box(10, 10, 60, 60), px_box(60 + gap_px, 10, 110 + gap_px, 60)])
     mask = evaluation_mask(region, l0_size=SIZE, l0_mpp=L0_MPP)
     assert mask.n_labels == n_labels
@@ -120,8 +120,8 @@ def test_itc_is_major_axis_below_275_um_after_dilation(radius_um, l0_mpp, itc):
     assert len(mask.lesion_labels) == (0 if itc else 1)
 
 
-def test_empty_tumour_gives_an_empty_mask():
-    mask = evaluation_mask_from_tumour(np.zeros((10, 12), bool), eval_mpp=8.0)
+def test_empty_tumor_gives_an_empty_mask():
+    mask = evaluation_mask_from_tumor(np.zeros((10, 12), bool), eval_mpp=8.0)
     assert mask.n_labels == 0 and mask.labels.shape == (10, 12)
     assert mask.lesion_labels.size == 0
 
@@ -132,15 +132,15 @@ def test_empty_tumour_gives_an_empty_mask():
 
 
 @pytest.fixture(scope="module")
-def two_tumour_masks():
+def two_tumor_masks():
     t1 = evaluation_mask(px_box(20, 20, 70, 70), l0_size=SIZE, l0_mpp=L0_MPP)       # one lesion, 400 um
     t2 = evaluation_mask(px_box(100, 100, 160, 140), l0_size=SIZE, l0_mpp=L0_MPP)   # one lesion
     return t1, t2
 
 
 @pytest.mark.parametrize("probs", [(0.9, 0.6), (0.9, 0.9)])
-def test_perfect_detector_scores_one(two_tumour_masks, probs):
-    t1, t2 = two_tumour_masks
+def test_perfect_detector_scores_one(two_tumor_masks, probs):
+    t1, t2 = two_tumor_masks
     slides = [
         (det((probs[0], at(45, 45))), t1),
         (det((probs[1], at(130, 120))), t2),
@@ -165,7 +165,7 @@ def test_perfect_detector_scores_one(two_tumour_masks, probs):
     np.testing.assert_array_equal(again.thresholds, result.thresholds)
 
 
-def test_detections_in_isolated_tumour_cells_change_nothing():
+def test_detections_in_isolated_tumor_cells_change_nothing():
     # One lesion (pixels 20..69) and an ITC (disk of 60 um radius around pixel (150, 150)).
     region = shapely.union_all([px_box(20, 20, 70, 70), shapely.Point(150 * K, 150 * K).buffer(60 / L0_MPP)])
     mask = evaluation_mask(region, l0_size=SIZE, l0_mpp=L0_MPP)
@@ -256,16 +256,16 @@ def test_sensitivity_pick_rule(targets, expected):
     np.testing.assert_allclose(got, expected)
 
 
-def test_normal_slide_detections_are_all_false_positives(two_tumour_masks):
-    t1, _ = two_tumour_masks
+def test_normal_slide_detections_are_all_false_positives(two_tumor_masks):
+    t1, _ = two_tumor_masks
     # The same coordinates that hit the lesion on T1 are false positives on a normal slide.
     m = match_detections(det((0.9, at(45, 45)), (0.2, at(1, 1))), None)
-    assert m.n_fp == 2 and m.n_lesions == 0 and not m.is_tumour
+    assert m.n_fp == 2 and m.n_lesions == 0 and not m.is_tumor
     assert match_detections(det((0.9, at(45, 45))), t1).n_fp == 0
 
 
-def test_detection_outside_the_mask_is_a_false_positive(two_tumour_masks):
-    t1, _ = two_tumour_masks
+def test_detection_outside_the_mask_is_a_false_positive(two_tumor_masks):
+    t1, _ = two_tumor_masks
     m = match_detections(det((0.5, (-10, 100)), (0.5, (SIZE[0] + 5, 100))), t1)
     assert m.n_fp == 2
 
@@ -277,7 +277,7 @@ def test_no_lesions_gives_undefined_score():
 
 def _reference_froc(slides):
     """An independent, loop-by-loop statement of the Camelyon16 rules (for the random cross-check)."""
-    fps, tps, n_tumours = [], [], 0
+    fps, tps, n_tumors = [], [], 0
     for dets, mask in slides:
         if mask is None:
             fps += [p for p, _, _ in dets]
@@ -292,10 +292,10 @@ def _reference_froc(slides):
                 best[lab] = p
         lesions = [v for v in range(1, int(mask.labels.max()) + 1) if v not in mask.itc_labels]
         tps += [best.get(v, 0.0) for v in lesions]
-        n_tumours += len(lesions)
+        n_tumors += len(lesions)
     thresholds = sorted(set(fps + tps) - {0.0})
     avg = [sum(f >= t for f in fps) / len(slides) for t in thresholds] + [0.0]
-    sens = [sum(s >= t for s in tps) / n_tumours for t in thresholds] + [0.0]
+    sens = [sum(s >= t for s in tps) / n_tumors for t in thresholds] + [0.0]
     avg_r, sens_r = avg[::-1], sens[::-1]
     picks = [sens_r[min(bisect.bisect_left(avg_r, t), len(sens_r) - 1)] for t in TARGET_FPS]
     return sum(picks) / 6, avg, sens
@@ -437,10 +437,10 @@ def test_mask_tiff_matches_the_polygon_truth(tmp_path, mask_scale):
     full[256 // s:2816 // s, 256 // s:3840 // s] = 1     # tissue
     full[512 // s:1536 // s, 1024 // s:2048 // s] = 2    # tumour: level-0 [1024, 2048) x [512, 1536)
     write_mask_pyramid(tmp_path / "m_mask.tif", full)
-    tumour, size, _ = read_mask_tiff(tmp_path / "m_mask.tif", l0_size=(l0_w, l0_h), l0_per_px=32, tumour_value=2)
+    tumor, size, _ = read_mask_tiff(tmp_path / "m_mask.tif", l0_size=(l0_w, l0_h), l0_per_px=32, tumor_value=2)
     expected = np.zeros((96, 128), bool)
     expected[16:48, 32:64] = True  # level-0 / 32
-    np.testing.assert_array_equal(tumour, expected)
+    np.testing.assert_array_equal(tumor, expected)
     assert size == (l0_w, l0_h)
     nonzero, _, _ = read_mask_tiff(tmp_path / "m_mask.tif", l0_size=(l0_w, l0_h), l0_per_px=32)
     assert nonzero.sum() == (2816 - 256) // 32 * (3840 - 256) // 32  # any non-zero: the tissue too
@@ -499,8 +499,8 @@ def test_eval_mask_is_the_annotations_not_the_farthest_detection(tmp_path):
                    '<Coordinate Order="2" X="3000" Y="3000"/></Coordinates></Annotation></Annotations>'
                    '</ASAP_Annotations>')
     det = np.array([[0.9, 2500, 500], [0.5, 2_000_000, 2_000_000]])
-    is_tumour, mask, _ = _slide_truth(ann, l0_size=None, l0_mpp=0.25, config=EvalConfig(), detections=det)
-    assert is_tumour and mask.labels.shape == (math.ceil(3001 / 32), math.ceil(3001 / 32))
+    is_tumor, mask, _ = _slide_truth(ann, l0_size=None, l0_mpp=0.25, config=EvalConfig(), detections=det)
+    assert is_tumor and mask.labels.shape == (math.ceil(3001 / 32), math.ceil(3001 / 32))
     m = match_detections(det, mask)
     assert m.n_fp == 1 and m.n_found == 1
 

@@ -21,7 +21,7 @@ from wsi_toolkit.export import (
     blend_heatmap,
     colormap,
     render_overlay,
-    tumour_regions,
+    tumor_regions,
     write_heatmap_tiff,
     write_json_atomic,
     write_regions_asap,
@@ -74,7 +74,7 @@ def _disc_heatmap(l0_mpp: float, *, centre_um=(2100.0, 1700.0), radius_um=450.0)
 def test_disc_becomes_one_region_of_the_right_size_and_place(l0_mpp):
     centre_um, radius_um = (2100.0, 1700.0), 450.0
     hm, _ = _disc_heatmap(l0_mpp, centre_um=centre_um, radius_um=radius_um)
-    regions = tumour_regions(hm, threshold=0.5)
+    regions = tumor_regions(hm, threshold=0.5)
     assert len(regions) == 1
     reg = regions[0]
     poly = reg.polygon_l0
@@ -104,7 +104,7 @@ def test_regions_are_sorted_filtered_and_8_connected():
     p[11, 11] = 0.7
     p[15:17, 3:5] = 0.4  # below threshold
     hm = Heatmap(prob=p, predicted=np.ones_like(p, bool), cell_l0=cell, l0_mpp=l0_mpp, merge="centre")
-    regions = tumour_regions(hm, threshold=0.5)
+    regions = tumor_regions(hm, threshold=0.5)
     assert [r.max_prob for r in regions] == pytest.approx([0.95, 0.6])
     diag = regions[0]
     assert diag.polygon_l0.area == pytest.approx(2 * cell**2)
@@ -115,24 +115,24 @@ def test_regions_are_sorted_filtered_and_8_connected():
     assert square.polygon_l0.bounds == pytest.approx((2 * cell, 2 * cell, 5 * cell, 5 * cell))
     assert square.longest_diameter_um == pytest.approx(math.hypot(3, 3) * PCAM_CELL_UM)
     # min_area_um2 drops the 2-cell region (1935 um^2) but keeps the 9-cell one (8707 um^2).
-    kept = tumour_regions(hm, threshold=0.5, min_area_um2=3 * PCAM_CELL_UM**2)
+    kept = tumor_regions(hm, threshold=0.5, min_area_um2=3 * PCAM_CELL_UM**2)
     assert [r.max_prob for r in kept] == pytest.approx([0.6])
-    assert tumour_regions(hm, threshold=0.99) == []
+    assert tumor_regions(hm, threshold=0.99) == []
     with pytest.raises(ConfigError):
-        tumour_regions(hm, threshold=1.5)
+        tumor_regions(hm, threshold=1.5)
 
 
-def test_unpredicted_cells_are_never_tumour():
+def test_unpredicted_cells_are_never_tumor():
     p = np.full((5, 5), 0.9, np.float32)
     predicted = np.zeros((5, 5), bool)
     hm = Heatmap(prob=p, predicted=predicted, cell_l0=128.0, l0_mpp=0.243, merge="centre")
-    assert tumour_regions(hm, threshold=0.5) == []
+    assert tumor_regions(hm, threshold=0.5) == []
 
 
 @pytest.mark.parametrize("l0_mpp", [0.243, 0.226])
 def test_regions_round_trip_through_geojson_and_asap(tmp_path, l0_mpp):
     hm, _ = _disc_heatmap(l0_mpp)
-    regions = tumour_regions(hm, threshold=0.5)
+    regions = tumor_regions(hm, threshold=0.5)
     reg = regions[0]
 
     write_regions_geojson(tmp_path / "tumor.geojson", regions, slide_name="slide_001")

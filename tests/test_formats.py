@@ -19,7 +19,7 @@ from wsi_toolkit.synthetic import APERIO_JP2K_YCBCR, make_spec, write_synthetic_
 def svs_pair(tmp_path_factory):
     """The same small SYNTHETIC specimen as a JPEG SVS and as a JPEG 2000 SVS, 0.499 um/px."""
     root = tmp_path_factory.mktemp("formats")
-    spec = make_spec(tissue_mm2=0.3, n_tumours=1, faint=False, pen=False, seed=5)
+    spec = make_spec(tissue_mm2=0.3, n_tumors=1, faint=False, pen=False, seed=5)
     jpeg = write_synthetic_slide(root / "jpeg.svs", spec, mpp=0.499, flavour="svs", tile=256, quality=95)
     j2k = write_synthetic_slide(root / "j2k.svs", spec, mpp=0.499, flavour="svs-j2k", tile=256, quality=95)
     nompp = write_synthetic_slide(root / "nompp.svs", spec, mpp=0.499, flavour="svs-nompp", tile=256)

@@ -44,7 +44,7 @@ def read_tiles(path):
 
 
 @pytest.mark.parametrize("mpp", [0.243, 0.226])
-def test_heatmap_aligns_with_known_tumour(align_slides, model_dir, tmp_path, mpp):
+def test_heatmap_aligns_with_known_tumor(align_slides, model_dir, tmp_path, mpp):
     s = align_slides[mpp]
     assert infer([s.path], model_dir, tmp_path) == 0
     run = json.loads((tmp_path / s.path.stem / "run.json").read_text())
@@ -55,7 +55,7 @@ def test_heatmap_aligns_with_known_tumour(align_slides, model_dir, tmp_path, mpp
         heat = tif.pages[0].asarray()
     heat = heat[..., 0] if heat.ndim == 3 else heat
     found = heat >= 128  # probability >= 0.5
-    truth = rasterize(s.tumour_l0, l0_size=s.level0_size, l0_mpp=mpp, mask_mpp=cell_l0 * mpp)
+    truth = rasterize(s.tumor_l0, l0_size=s.level0_size, l0_mpp=mpp, mask_mpp=cell_l0 * mpp)
     h, w = truth.shape
     found = found[:h, :w]
     iou = (found & truth).sum() / (found | truth).sum()
@@ -69,7 +69,7 @@ def test_heatmap_aligns_with_known_tumour(align_slides, model_dir, tmp_path, mpp
     assert len(regions) == 1
     poly = regions[0].polygon
     assert poly.is_valid
-    overlap = poly.intersection(s.tumour_l0).area / poly.union(s.tumour_l0).area
+    overlap = poly.intersection(s.tumor_l0).area / poly.union(s.tumor_l0).area
     assert overlap >= 0.7
 
 
@@ -96,7 +96,7 @@ def test_probabilities_equal_model_on_independently_read_patches(align_slides, m
         patches = np.stack([slide.read_at_mpp(xy, (96, 96), 0.972) for xy in grid.patch_l0_xy()[idx]])
     with torch.no_grad():
         x = Preprocess(package.config)(torch.from_numpy(patches))
-        expected = torch.softmax(package.model(x).float(), dim=1)[:, package.config.tumour_index()].numpy()
+        expected = torch.softmax(package.model(x).float(), dim=1)[:, package.config.tumor_index()].numpy()
     got = np.array([float(rows[i]["prob_tumor"]) for i in idx])
     assert np.abs(got - expected).max() < 1e-4
     minxy = np.array([[int(rows[i]["minx"]), int(rows[i]["miny"])] for i in idx])
@@ -121,8 +121,8 @@ def test_exports_reopen_in_independent_readers(align_slides, model_dir, tmp_path
     xml = read_asap_xml(d / "tumor.xml")
     assert len(geo) >= 1
     g_union = shapely.union_all([a.polygon for a in geo])
-    x_tumour = shapely.union_all([a.polygon for a in xml if a.group == "Tumor"])
-    assert g_union.symmetric_difference(x_tumour).area < 1e-6 * g_union.area
+    x_tumor = shapely.union_all([a.polygon for a in xml if a.group == "Tumor"])
+    assert g_union.symmetric_difference(x_tumor).area < 1e-6 * g_union.area
     minx, miny, maxx, maxy = g_union.bounds
     assert 0 <= minx and maxx <= s.level0_size[0] and 0 <= miny and maxy <= s.level0_size[1]
     feature = json.loads((d / "tumor.geojson").read_text())["features"][0]

@@ -28,7 +28,7 @@ import torch
 from wsi_toolkit.cli.infer import main
 from wsi_toolkit.export import clean_stale_partials, csv_text, region_feature_id, write_regions_geojson, \
     write_summary_csv
-from wsi_toolkit.export.regions import TumourRegion
+from wsi_toolkit.export.regions import TumorRegion
 from wsi_toolkit.model_package import pcam_config, save_model_package
 from wsi_toolkit.pipeline import RESERVED_NAMES, safe_dir_name
 from wsi_toolkit.synthetic import Blob, SyntheticSpec, write_synthetic_slide
@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_SPEC = SyntheticSpec(
     size_um=(1000.0, 800.0),
     tissue=(Blob((500.0, 400.0), (380.0, 290.0), angle_deg=10, wobble=0.1, lobes=5, phase=0.3),),
-    tumours=(Blob((470.0, 380.0), (150.0, 110.0), angle_deg=30, wobble=0.15, lobes=4, phase=1.0),),
+    tumors=(Blob((470.0, 380.0), (150.0, 110.0), angle_deg=30, wobble=0.15, lobes=4, phase=1.0),),
     seed=11,
 )
 
@@ -301,8 +301,8 @@ def test_stale_partials_of_dead_processes_are_removed_when_a_slide_starts(tiny, 
 def test_geojson_feature_ids_are_deterministic(tmp_path):
     import shapely
 
-    regions = [TumourRegion(shapely.box(0, 0, 10, 10), 0.9, 0.8, 1e-4, 14.0),
-               TumourRegion(shapely.box(20, 0, 30, 10), 0.7, 0.6, 1e-4, 14.0)]
+    regions = [TumorRegion(shapely.box(0, 0, 10, 10), 0.9, 0.8, 1e-4, 14.0),
+               TumorRegion(shapely.box(20, 0, 30, 10), 0.7, 0.6, 1e-4, 14.0)]
     write_regions_geojson(tmp_path / "a.geojson", regions, slide_name="s.tif")
     write_regions_geojson(tmp_path / "b.geojson", regions, slide_name="s.tif")
     assert (tmp_path / "a.geojson").read_bytes() == (tmp_path / "b.geojson").read_bytes()

@@ -77,14 +77,14 @@ def _patches(n: int = 4, size: int = 96, seed: int = 0) -> torch.Tensor:
 def test_config_round_trip_keeps_unknown_keys_and_extra():
     d = _zoo(
         model_card={"authors": ["A. N. Other"], "licence": "CC-BY-4.0"},
-        wsi_toolkit={"label_semantics": "centre", "tumour_class": "tumor", "sha256": "ab" * 32,
+        wsi_toolkit={"label_semantics": "centre", "tumor_class": "tumor", "sha256": "ab" * 32,
                      "metrics": {"auc": 0.97}, "synthetic": False},
     )
     cfg = ModelConfig.from_dict(d)
     assert cfg.unknown["model_card"]["authors"] == ("A. N. Other",)
     assert cfg.extra["metrics"]["auc"] == 0.97
-    assert cfg.tumour_class == "tumor" and cfg.label_semantics == "centre"
-    assert "tumour_class" not in cfg.extra
+    assert cfg.tumor_class == "tumor" and cfg.label_semantics == "centre"
+    assert "tumor_class" not in cfg.extra
     assert cfg.to_dict() == d
     assert ModelConfig.from_dict(json.loads(cfg.to_json())) == cfg
 
@@ -115,7 +115,7 @@ def test_wsinfer_zoo_config_loads():
     assert cfg.input_size == 224
     assert cfg.patch_size_pixels == 350 and cfg.spacing_um_px == 0.5
     assert [s.name for s in cfg.transform] == ["Resize", "ToTensor", "Normalize"]
-    assert cfg.tumour_index() == 1
+    assert cfg.tumor_index() == 1
     # No "wsi_toolkit" object: a foreign model whose labels speak of the whole patch.
     assert cfg.label_semantics == "whole"
 
@@ -124,7 +124,7 @@ def test_pcam_config_defaults():
     cfg = pcam_config()
     assert (cfg.patch_size_pixels, cfg.spacing_um_px, cfg.input_size) == (96, 0.972, 224)
     assert cfg.label_semantics == "centre"
-    assert cfg.tumour_index() == 1
+    assert cfg.tumor_index() == 1
     assert cfg.to_dict()["transform"][0] == {"name": "Resize", "arguments": {"size": 224}}
     native = pcam_config(input_size=96)
     assert native.input_size == 96
@@ -153,7 +153,7 @@ def test_pcam_config_defaults():
         (lambda d: d["transform"][2]["arguments"].update(std=[0.1, 0.0, 0.1]), "transform[2].arguments.std"),
         (lambda d: d["transform"][0]["arguments"].update(size=-3), "transform[0].arguments.size"),
         (lambda d: d["transform"].pop(1), "transform"),
-        (lambda d: d.update(wsi_toolkit={"tumour_class": "cancer"}), "wsi_toolkit.tumour_class"),
+        (lambda d: d.update(wsi_toolkit={"tumor_class": "cancer"}), "wsi_toolkit.tumor_class"),
         (lambda d: d.update(wsi_toolkit={"label_semantics": "middle"}), "wsi_toolkit.label_semantics"),
         (lambda d: d.update(wsi_toolkit=[1, 2]), "wsi_toolkit"),
     ],
@@ -176,9 +176,9 @@ def test_normalize_before_totensor_is_rejected():
             {"name": "Normalize", "arguments": {"mean": [0, 0, 0], "std": [1, 1, 1]}}, {"name": "ToTensor"}]))
 
 
-def test_tumour_class_explicit():
-    cfg = ModelConfig.from_dict(_zoo(class_names=["tumor", "stroma"], wsi_toolkit={"tumour_class": "stroma"}))
-    assert cfg.tumour_index() == 1
+def test_tumor_class_explicit():
+    cfg = ModelConfig.from_dict(_zoo(class_names=["tumor", "stroma"], wsi_toolkit={"tumor_class": "stroma"}))
+    assert cfg.tumor_index() == 1
 
 
 @pytest.mark.parametrize(
@@ -191,21 +191,21 @@ def test_tumour_class_explicit():
         (["benign", "malignant"], 1),
     ],
 )
-def test_tumour_class_by_synonym(names, index):
+def test_tumor_class_by_synonym(names, index):
     cfg = ModelConfig.from_dict(_zoo(num_classes=len(names), class_names=names))
-    assert cfg.tumour_index() == index
+    assert cfg.tumor_index() == index
 
 
-def test_tumour_class_single_output_is_zero():
+def test_tumor_class_single_output_is_zero():
     cfg = ModelConfig.from_dict(_zoo(num_classes=1, class_names=["lesion"]))
-    assert cfg.tumour_index() == 0
+    assert cfg.tumor_index() == 0
 
 
-def test_tumour_class_none_found_lists_names():
+def test_tumor_class_none_found_lists_names():
     cfg = ModelConfig.from_dict(_zoo(class_names=["lymphocytes", "other"]))
     with pytest.raises(ModelPackageError, match="lymphocytes.*other") as info:
-        cfg.tumour_index()
-    assert "tumour_class" in str(info.value)
+        cfg.tumor_index()
+    assert "tumor_class" in str(info.value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,7 +373,7 @@ def test_load_detects_class_count_mismatch(tiny_package):
     path, _, _ = tiny_package
     d = json.loads((path / CONFIG_NAME).read_text())
     d["num_classes"], d["class_names"] = 3, ["notumor", "tumor", "other"]
-    d["wsi_toolkit"].pop("tumour_class")
+    d["wsi_toolkit"].pop("tumor_class")
     (path / CONFIG_NAME).write_text(json.dumps(d))
     with pytest.raises(ModelPackageError, match=r"expects num_classes=3.*got 2"):
         load_model_package(path)
@@ -515,13 +515,13 @@ def test_colour_rule_on_colour_numbers(colour_rule, base, nuclei, coverage, lo, 
 
 
 def test_colour_rule_reads_only_the_centre(colour_rule, texture):
-    tumour = texture.level_tile("tumour", 4)[:96, :96]
+    tumor = texture.level_tile("tumour", 4)[:96, :96]
     normal = texture.level_tile("normal", 4)[:96, :96]
-    centre_tumour = normal.copy()
-    centre_tumour[32:64, 32:64] = tumour[32:64, 32:64]
-    rim_tumour = tumour.copy()
-    rim_tumour[32:64, 32:64] = normal[32:64, 32:64]
-    p = colour_rule.predict_proba(torch.from_numpy(np.stack([centre_tumour, rim_tumour])))
+    centre_tumor = normal.copy()
+    centre_tumor[32:64, 32:64] = tumor[32:64, 32:64]
+    rim_tumor = tumor.copy()
+    rim_tumor[32:64, 32:64] = normal[32:64, 32:64]
+    p = colour_rule.predict_proba(torch.from_numpy(np.stack([centre_tumor, rim_tumor])))
     assert p[0] > 0.9 and p[1] < 0.1
 
 
@@ -577,3 +577,11 @@ def test_config_json_that_is_no_config(tmp_path, text, match):
     with pytest.raises(ModelPackageError, match=match) as info:
         read_config_json(path)
     assert CONFIG_NAME in str(info.value)
+
+
+def test_legacy_tumour_class_key_is_read():
+    """Packages written before the names settled on ``tumor`` spelt the key ``tumour_class``."""
+    d = _zoo(class_names=["tumor", "stroma"], wsi_toolkit={"tumour_class": "stroma"})
+    cfg = ModelConfig.from_dict(d)
+    assert cfg.tumor_class == "stroma" and cfg.tumor_index() == 1
+    assert "tumour_class" not in cfg.to_dict()["wsi_toolkit"] and cfg.to_dict()["wsi_toolkit"]["tumor_class"] == "stroma"

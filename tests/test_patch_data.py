@@ -346,8 +346,8 @@ def test_patch_label_centre_third(l0_mpp, side, gap_px, expected):
         "top": (mid - 10, lo - gap_px - s, mid + 10, lo - gap_px),
         "bottom": (mid - 10, hi + gap_px, mid + 10, hi + gap_px + s),
     }[side]
-    tumour = shapely.box(x0 + box[0], y0 + box[1], x0 + box[2], y0 + box[3])
-    assert patch_label(tumour, (x0, y0), patch_l0=patch_l0) == expected
+    tumor = shapely.box(x0 + box[0], y0 + box[1], x0 + box[2], y0 + box[3])
+    assert patch_label(tumor, (x0, y0), patch_l0=patch_l0) == expected
 
 
 def test_patch_label_empty_geometry_is_negative():
@@ -360,13 +360,13 @@ def test_patch_label_empty_geometry_is_negative():
 # --------------------------------------------------------------------------------------------
 
 
-def _tumour_spec(seed, n_tumours):
-    spec = make_spec(tissue_mm2=0.6, n_tumours=n_tumours, faint=False, pen=False, seed=seed)
-    tumours = []
-    for host in spec.tissue[:n_tumours]:
+def _tumor_spec(seed, n_tumors):
+    spec = make_spec(tissue_mm2=0.6, n_tumors=n_tumors, faint=False, pen=False, seed=seed)
+    tumors = []
+    for host in spec.tissue[:n_tumors]:
         r = 0.55 * min(host.radii_um)  # ~150 um radius: ~70 PCam cells of tumour
-        tumours.append(Blob(host.centre_um, (r, 0.85 * r), angle_deg=20.0 * seed, wobble=0.1, lobes=4))
-    return dataclasses.replace(spec, tumours=tuple(tumours))
+        tumors.append(Blob(host.centre_um, (r, 0.85 * r), angle_deg=20.0 * seed, wobble=0.1, lobes=4))
+    return dataclasses.replace(spec, tumors=tuple(tumors))
 
 
 @pytest.mark.parametrize("n, expected", [
@@ -384,10 +384,10 @@ def test_slides_are_shared_over_splits_with_each_split_served_first(n, expected)
 def cut(tmp_path_factory):
     src = tmp_path_factory.mktemp("slides")
     truth = {
-        "tumor_a": write_synthetic_slide(src / "tumor_a.tif", _tumour_spec(1, 1), mpp=0.243, tile=256),
-        "tumor_b": write_synthetic_slide(src / "tumor_b.tif", _tumour_spec(2, 2), mpp=0.226, tile=256),
-        "tumor_c": write_synthetic_slide(src / "tumor_c.tif", _tumour_spec(3, 1), mpp=0.243, tile=256),
-        "normal_a": write_synthetic_slide(src / "normal_a.tif", make_spec(tissue_mm2=0.6, n_tumours=0, faint=False,
+        "tumor_a": write_synthetic_slide(src / "tumor_a.tif", _tumor_spec(1, 1), mpp=0.243, tile=256),
+        "tumor_b": write_synthetic_slide(src / "tumor_b.tif", _tumor_spec(2, 2), mpp=0.226, tile=256),
+        "tumor_c": write_synthetic_slide(src / "tumor_c.tif", _tumor_spec(3, 1), mpp=0.243, tile=256),
+        "normal_a": write_synthetic_slide(src / "normal_a.tif", make_spec(tissue_mm2=0.6, n_tumors=0, faint=False,
                                                                          pen=False, seed=4),
                                           mpp=0.243, tile=256, xml=False),
     }
@@ -414,7 +414,7 @@ def test_cut_records_failed_slides_and_continues(cut):
     assert summary["synthetic"] is True
 
 
-def test_cut_splits_are_slide_disjoint_with_tumour_in_each(cut):
+def test_cut_splits_are_slide_disjoint_with_tumor_in_each(cut):
     summary, _, _, metas = cut
     assert set(metas) == {"train", "valid", "test"}
     slides_per_split = {s: {r["slide"] for r in rows} for s, rows in metas.items()}
@@ -447,15 +447,15 @@ def test_cut_labels_match_the_truth_polygon(cut):
             third = 96 * 0.972 / t.mpp / 3
             x, y = float(r["l0_x"]) + third, float(r["l0_y"]) + third
             centre = shapely.box(x, y, x + third, y + third)
-            overlap = t.tumour_l0.intersection(centre).area
-            if 0 < overlap < 1 or (overlap == 0 and centre.distance(t.tumour_l0.boundary) < 0.01):
+            overlap = t.tumor_l0.intersection(centre).area
+            if 0 < overlap < 1 or (overlap == 0 and centre.distance(t.tumor_l0.boundary) < 0.01):
                 continue  # within rounding of the XML / 2-decimal CSV: either label is right
             assert int(r["label"]) == int(overlap > 0), r
             checked += 1
     assert checked > 100
 
 
-def test_cut_positives_look_like_tumour(cut):
+def test_cut_positives_look_like_tumor(cut):
     """Synthetic tumour is darker and more purple than normal tissue: so must the positives be."""
     _, _, out, _ = cut
     ds = PCamH5(out, "train")

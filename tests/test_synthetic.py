@@ -15,7 +15,7 @@ import shapely
 import shapely.affinity
 import tifffile
 
-from wsi_toolkit.annotations import is_tumour_group, read_asap_xml, tumour_region
+from wsi_toolkit.annotations import is_tumor_group, read_asap_xml, tumor_region
 from wsi_toolkit.errors import ConfigError, MissingMppError
 from wsi_toolkit.slide import open_slide
 from wsi_toolkit.synthetic import (
@@ -78,13 +78,13 @@ def test_make_spec_is_deterministic_and_validated():
             make_spec(tissue_mm2=bad)
 
 
-@pytest.mark.parametrize("kwargs", [dict(), dict(faint=False, pen=False), dict(n_tumours=3, seed=5)])
-def test_spec_tissue_area_and_tumours_inside(kwargs):
+@pytest.mark.parametrize("kwargs", [dict(), dict(faint=False, pen=False), dict(n_tumors=3, seed=5)])
+def test_spec_tissue_area_and_tumors_inside(kwargs):
     spec = make_spec(tissue_mm2=TISSUE_MM2, **kwargs)
     assert spec.tissue_um().area / 1e6 == pytest.approx(TISSUE_MM2, rel=0.05)
-    tumour = spec.tumour_um()
-    assert not tumour.is_empty
-    assert tumour.difference(spec.tissue_um()).area < 1e-6 * tumour.area
+    tumor = spec.tumor_um()
+    assert not tumor.is_empty
+    assert tumor.difference(spec.tissue_um()).area < 1e-6 * tumor.area
     # Everything drawn lies on the slide.
     w, h = spec.size_um
     slide_box = shapely.box(0, 0, w, h)
@@ -122,24 +122,24 @@ def test_file_opens_at_the_right_scale(slides, spec, key):
 def test_truth_geometry(slides, spec, key):
     s = slides[key]
     assert s.tissue_mm2 == pytest.approx(TISSUE_MM2, rel=0.05)
-    assert s.tumour_mm2 > 0.005
-    assert s.tumour_l0.difference(s.tissue_l0).area < 1e-6 * s.tumour_l0.area
+    assert s.tumor_mm2 > 0.005
+    assert s.tumor_l0.difference(s.tissue_l0).area < 1e-6 * s.tumor_l0.area
     # Level-0 truth = the specimen in micrometres divided by mpp.
     assert same_region(to_um(s.tissue_l0, s.mpp), spec.tissue_um(), 1e-9)
-    assert same_region(to_um(s.tumour_l0, s.mpp), spec.tumour_um(), 1e-9)
+    assert same_region(to_um(s.tumor_l0, s.mpp), spec.tumor_um(), 1e-9)
     w0, h0 = s.level0_size
     assert shapely.box(0, 0, w0, h0).contains(s.tissue_l0)
 
 
 @pytest.mark.parametrize("key", SLIDES, ids=slide_ids)
-def test_asap_xml_holds_the_tumour_truth(slides, key):
+def test_asap_xml_holds_the_tumor_truth(slides, key):
     s = slides[key]
     assert s.xml_path == s.path.with_suffix(".xml") and s.xml_path.is_file()
     annotations = read_asap_xml(s.xml_path)
-    assert annotations and all(is_tumour_group(a.group) for a in annotations)
+    assert annotations and all(is_tumor_group(a.group) for a in annotations)
     got = shapely.union_all([a.polygon for a in annotations])
-    assert same_region(got, s.tumour_l0, 0.01)
-    assert same_region(tumour_region(annotations), s.tumour_l0, 0.01)
+    assert same_region(got, s.tumor_l0, 0.01)
+    assert same_region(tumor_region(annotations), s.tumor_l0, 0.01)
 
 
 @pytest.mark.parametrize("key", SLIDES, ids=slide_ids)
@@ -163,14 +163,14 @@ def test_files_are_labelled_synthetic(slides, key):
 
 def _points_um(spec):
     """A point deep inside a tumour, one in normal tissue far from any tumour, one on glass (um)."""
-    tumour = spec.tumour_um().buffer(-25)
-    tumour = max(getattr(tumour, "geoms", [tumour]), key=lambda g: g.area)
+    tumor = spec.tumor_um().buffer(-25)
+    tumor = max(getattr(tumor, "geoms", [tumor]), key=lambda g: g.area)
     normal = shapely.union_all([b.polygon_um() for b in spec.tissue])
-    normal = normal.difference(spec.tumour_um().buffer(80)).buffer(-40)
+    normal = normal.difference(spec.tumor_um().buffer(80)).buffer(-40)
     normal = max(getattr(normal, "geoms", [normal]), key=lambda g: g.area)
     glass = (150.0, 150.0)  # make_spec leaves a 600 um margin around the tissue
     assert not spec.tissue_um().buffer(100).contains(shapely.Point(glass))
-    return tumour.representative_point().coords[0], normal.representative_point().coords[0], glass
+    return tumor.representative_point().coords[0], normal.representative_point().coords[0], glass
 
 
 def _patch_mean(slide, point_um, *, size_px=32, mpp=PCAM_MPP):
@@ -180,13 +180,13 @@ def _patch_mean(slide, point_um, *, size_px=32, mpp=PCAM_MPP):
 
 
 @pytest.mark.parametrize("key", SLIDES, ids=slide_ids)
-def test_tumour_is_more_purple_than_normal_tissue_and_glass_is_white(slides, spec, key):
-    tumour_pt, normal_pt, glass_pt = _points_um(spec)
+def test_tumor_is_more_purple_than_normal_tissue_and_glass_is_white(slides, spec, key):
+    tumor_pt, normal_pt, glass_pt = _points_um(spec)
     with open_synthetic(slides[key]) as slide:
-        tumour, normal, glass = (_patch_mean(slide, p) for p in (tumour_pt, normal_pt, glass_pt))
-    assert tumour[0] < normal[0] - 15  # less red
-    assert tumour.sum() < normal.sum() - 30  # darker
-    assert tumour[2] > tumour[1] + 30  # purple: blue well above green
+        tumor, normal, glass = (_patch_mean(slide, p) for p in (tumor_pt, normal_pt, glass_pt))
+    assert tumor[0] < normal[0] - 15  # less red
+    assert tumor.sum() < normal.sum() - 30  # darker
+    assert tumor[2] > tumor[1] + 30  # purple: blue well above green
     assert normal[0] > normal[1] + 20  # eosin pink: red above green
     assert glass.min() > 230 and np.ptp(glass) < 10  # near white, no tint
 
@@ -222,12 +222,12 @@ def test_same_spec_at_two_resolutions(slides):
     assert a.spec == b.spec
     # The truth in micrometres is identical ...
     assert same_region(to_um(a.tissue_l0, a.mpp), to_um(b.tissue_l0, b.mpp), 1e-9)
-    assert same_region(to_um(a.tumour_l0, a.mpp), to_um(b.tumour_l0, b.mpp), 1e-9)
+    assert same_region(to_um(a.tumor_l0, a.mpp), to_um(b.tumor_l0, b.mpp), 1e-9)
     assert a.tissue_mm2 == pytest.approx(b.tissue_mm2, rel=1e-9)
     # ... so in level-0 px it scales by the ratio of the pixel sizes.
     ratio = a.mpp / b.mpp  # 0.243 / 0.226: the Utrecht slide has 7.5 % more px per um
-    assert b.tumour_l0.area == pytest.approx(a.tumour_l0.area * ratio**2, rel=1e-9)
-    ca, cb = a.tumour_l0.centroid, b.tumour_l0.centroid
+    assert b.tumor_l0.area == pytest.approx(a.tumor_l0.area * ratio**2, rel=1e-9)
+    ca, cb = a.tumor_l0.centroid, b.tumor_l0.centroid
     assert (cb.x, cb.y) == pytest.approx((ca.x * ratio, ca.y * ratio), rel=1e-9)
     assert b.level0_size[0] == pytest.approx(a.level0_size[0] * ratio, abs=1.5)
     # And read at the same physical scale, the two files show the same picture.

@@ -215,7 +215,7 @@ def test_settings_json_resolves_the_recipe(trained):
         ("resnet18", 96, False, 1, 1, 64)
     r = s["resolved"]
     assert r["body_init"] == "random" and r["precision"] == "fp32" and r["device"] == "cpu"
-    assert r["class_names"] == ["notumor", "tumor"] and r["tumour_index"] == 1
+    assert r["class_names"] == ["notumor", "tumor"] and r["tumor_index"] == 1
     assert r["mean"] == list(IMAGENET_MEAN) and r["lr_find_iters"] == 10
 
 
@@ -231,7 +231,7 @@ def test_exported_config_is_valid_wsinfer_config(trained):
     else:
         jsonschema.validate(raw, WSINFER_SCHEMA)
     ours = raw["wsi_toolkit"]
-    assert ours["tumour_class"] == "tumor" and ours["label_semantics"] == "centre" and ours["synthetic"] is True
+    assert ours["tumor_class"] == "tumor" and ours["label_semantics"] == "centre" and ours["synthetic"] is True
     assert ours["training"]["layout"] == "pcam-h5" and ours["training"]["leaky"] is False
     assert ours["training"]["recipe"]["arch"] == "resnet18" and ours["metrics"]["valid"]["n"] == 64
 
@@ -253,7 +253,7 @@ def test_package_loads_and_matches_the_learner(trained, tiny_pcam):
     softmax) equal the learner's get_preds on the same patches, to 1e-4."""
     _, out, _ = trained
     pkg = load_model_package(out / "model")
-    assert pkg.config.class_names == CLASS_NAMES and pkg.config.tumour_index() == 1 and pkg.config.is_synthetic
+    assert pkg.config.class_names == CLASS_NAMES and pkg.config.tumor_index() == 1 and pkg.config.is_synthetic
     splits = open_splits(tiny_pcam)
     data = build_dataloaders(splits, size=96, batch_size=64, workers=0)
     learn = build_learner(data, resolve_arch("resnet18"), pretrained=False, path=out)
@@ -647,9 +647,9 @@ def _slow_spec(seed: int):
     tissue = Blob(c, (1000.0, 800.0), angle_deg=float(rng.uniform(-20, 20)), wobble=0.1, lobes=5,
                   phase=float(rng.uniform(0, 6)))
     off = rng.uniform(-100, 100, 2)
-    tumour = Blob((c[0] + off[0], c[1] + off[1]), (650.0, 520.0), angle_deg=float(rng.uniform(0, 180)),
+    tumor = Blob((c[0] + off[0], c[1] + off[1]), (650.0, 520.0), angle_deg=float(rng.uniform(0, 180)),
                   wobble=0.15, lobes=4, phase=float(rng.uniform(0, 6)))
-    return SyntheticSpec((2600.0, 2200.0), (tissue,), (tumour,), seed=seed)
+    return SyntheticSpec((2600.0, 2200.0), (tissue,), (tumor,), seed=seed)
 
 
 @pytest.mark.slow

@@ -7,12 +7,12 @@ Camelyon16 convention
 ---------------------
 Lesion annotations are in groups ``_0`` and ``_1`` (older files: ``Tumor``, ``metastases``),
 and regions *inside* a lesion that are not tumour are in group ``_2``. The tumour region of a
-slide is therefore ``union(tumour groups) - union(exclusion groups)``, see :func:`tumour_region`.
+slide is therefore ``union(tumour groups) - union(exclusion groups)``, see :func:`tumor_region`.
 
 Example
 -------
 >>> anns = read_asap_xml("tumor_001.xml")                                # doctest: +SKIP
->>> region = tumour_region(anns)                                         # doctest: +SKIP
+>>> region = tumor_region(anns)                                         # doctest: +SKIP
 >>> mask_rc = rasterize(region, l0_size=(97792, 221184), l0_mpp=0.243,
 ...                     mask_mpp=7.776)                                   # doctest: +SKIP
 """
@@ -49,9 +49,9 @@ __all__ = [
     "write_asap_xml",
     "read_geojson",
     "write_geojson",
-    "tumour_region",
+    "tumor_region",
     "rasterize",
-    "is_tumour_group",
+    "is_tumor_group",
     "is_exclusion_group",
     "check_on_slide",
     "MAX_ANNOTATION_BYTES",
@@ -75,7 +75,7 @@ _ASAP_POINT_TYPES = frozenset({"dot", "pointset"})
 _ASAP_NO_GROUP = "None"
 
 _HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
-_DEFAULT_TUMOUR_COLOR = "#FF0000"
+_DEFAULT_TUMOR_COLOR = "#FF0000"
 _DEFAULT_EXCLUDE_COLOR = "#00FF00"
 
 Polygonal = shapely.Polygon | shapely.MultiPolygon
@@ -119,7 +119,7 @@ class Annotation:
             )
 
 
-def is_tumour_group(name: str | None) -> bool:
+def is_tumor_group(name: str | None) -> bool:
     """True when ``name`` is one of :data:`TUMOR_GROUPS` (case-insensitive, spaces ignored)."""
     return name is not None and name.strip().casefold() in _TUMOR_KEYS
 
@@ -129,7 +129,7 @@ def is_exclusion_group(name: str | None) -> bool:
     return name is not None and name.strip().casefold() in _EXCLUDE_KEYS
 
 
-def tumour_region(annotations: Iterable[Annotation]) -> Polygonal:
+def tumor_region(annotations: Iterable[Annotation]) -> Polygonal:
     """The tumour area of a slide: union of tumour groups minus union of exclusion groups.
 
     Parameters
@@ -142,15 +142,15 @@ def tumour_region(annotations: Iterable[Annotation]) -> Polygonal:
     shapely.Polygon or shapely.MultiPolygon
         Level-0 px. An empty ``Polygon`` when there is no tumour annotation.
     """
-    tumour, exclude = [], []
+    tumor, exclude = [], []
     for ann in annotations:
-        if is_tumour_group(ann.group):
-            tumour.append(ann.polygon)
+        if is_tumor_group(ann.group):
+            tumor.append(ann.polygon)
         elif is_exclusion_group(ann.group):
             exclude.append(ann.polygon)
-    if not tumour:
+    if not tumor:
         return shapely.Polygon()
-    region = shapely.union_all(tumour)
+    region = shapely.union_all(tumor)
     if exclude:
         region = region.difference(shapely.union_all(exclude))
     return _as_polygonal(_polygonal_parts(region))
@@ -360,7 +360,7 @@ def write_asap_xml(
 
     - a MultiPolygon is written as one ``<Annotation>`` per part (names get `` part N``);
     - ASAP has no holes: a hole of a *tumour*-group polygon is written as its own annotation in
-      the exclusion group ``_2`` (the Camelyon16 way, so :func:`tumour_region` of the file read
+      the exclusion group ``_2`` (the Camelyon16 way, so :func:`tumor_region` of the file read
       back equals the original); holes of any other group are dropped with a logged warning.
 
     Group ``""`` is written as ``PartOfGroup="None"``. The ``<AnnotationGroups>`` section lists
@@ -417,7 +417,7 @@ def write_asap_xml(
             add(poly.exterior, ann.group, name)
             if not poly.interiors:
                 continue
-            if is_tumour_group(ann.group):
+            if is_tumor_group(ann.group):
                 for hole_no, hole in enumerate(poly.interiors, start=1):
                     add(hole, EXCLUDE_GROUPS[0], f"{name or 'Annotation'} hole {hole_no}")
             else:
@@ -781,8 +781,8 @@ def _check_colors(group_colors: Mapping[str, str] | None) -> dict[str, str]:
 def _group_color(group: str, colors: Mapping[str, str]) -> str:
     if group in colors:
         return colors[group]
-    if is_tumour_group(group):
-        return _DEFAULT_TUMOUR_COLOR
+    if is_tumor_group(group):
+        return _DEFAULT_TUMOR_COLOR
     if is_exclusion_group(group):
         return _DEFAULT_EXCLUDE_COLOR
     # A fixed colour per name, so files written twice are identical apart from feature ids.

@@ -111,7 +111,7 @@ __all__ = [
     "SlideEval",
     "EvalReport",
     "evaluation_mask",
-    "evaluation_mask_from_tumour",
+    "evaluation_mask_from_tumor",
     "detections_from_heatmap",
     "match_detections",
     "froc_curve",
@@ -214,16 +214,16 @@ class EvaluationMask:
         return out
 
 
-def evaluation_mask_from_tumour(tumour_rc: np.ndarray, *, eval_mpp: float,
+def evaluation_mask_from_tumor(tumor_rc: np.ndarray, *, eval_mpp: float,
                                 l0_per_px: float = float(2**EVAL_LEVEL)) -> EvaluationMask:
     """The evaluation mask of a boolean tumour mask already at the evaluation resolution.
 
     Parameters
     ----------
-    tumour_rc : ndarray, bool, (rows, cols)
+    tumor_rc : ndarray, bool, (rows, cols)
         True = tumour, one pixel = ``eval_mpp`` um.
     eval_mpp : float
-        um per pixel of ``tumour_rc`` (``32 * l0_mpp`` for the Camelyon16 level 5).
+        um per pixel of ``tumor_rc`` (``32 * l0_mpp`` for the Camelyon16 level 5).
     l0_per_px : float
         Level-0 px per pixel (32), to map detections.
 
@@ -236,23 +236,23 @@ def evaluation_mask_from_tumour(tumour_rc: np.ndarray, *, eval_mpp: float,
     from scipy import ndimage
     from skimage.measure import label, regionprops
 
-    tumour = np.asarray(tumour_rc).astype(bool)
-    if tumour.ndim != 2:
-        raise ConfigError(f"tumour_rc must be a 2-D mask (rows, cols); got shape {tumour.shape}")
+    tumor = np.asarray(tumor_rc).astype(bool)
+    if tumor.ndim != 2:
+        raise ConfigError(f"tumor_rc must be a 2-D mask (rows, cols); got shape {tumour.shape}")
     if not (math.isfinite(eval_mpp) and eval_mpp > 0):
         raise ConfigError(f"eval_mpp must be a positive number of um/px; got {eval_mpp!r}")
-    labels = np.zeros(tumour.shape, np.int32)
-    if not tumour.any():
+    labels = np.zeros(tumor.shape, np.int32)
+    if not tumor.any():
         return EvaluationMask(labels=labels, itc_labels=frozenset(), mpp=eval_mpp, l0_per_px=l0_per_px)
     join_px = (DILATION_UM / 2.0) / eval_mpp
     # Work in the tumour's bounding box plus a margin wider than the dilation: the crop's border is
     # then background (or the image border), so distances, filled holes and labels are the same as
     # on the whole image.
-    rows, cols = np.nonzero(tumour)
+    rows, cols = np.nonzero(tumor)
     margin = int(math.ceil(join_px)) + 2
-    r0, r1 = max(rows.min() - margin, 0), min(rows.max() + margin + 1, tumour.shape[0])
-    c0, c1 = max(cols.min() - margin, 0), min(cols.max() + margin + 1, tumour.shape[1])
-    crop = tumour[r0:r1, c0:c1]
+    r0, r1 = max(rows.min() - margin, 0), min(rows.max() + margin + 1, tumor.shape[0])
+    c0, c1 = max(cols.min() - margin, 0), min(cols.max() + margin + 1, tumor.shape[1])
+    crop = tumor[r0:r1, c0:c1]
     distance = ndimage.distance_transform_edt(~crop)
     filled = ndimage.binary_fill_holes(distance < join_px)
     crop_labels = label(filled, connectivity=2)
@@ -262,15 +262,15 @@ def evaluation_mask_from_tumour(tumour_rc: np.ndarray, *, eval_mpp: float,
     return EvaluationMask(labels=labels, itc_labels=itc, mpp=eval_mpp, l0_per_px=l0_per_px)
 
 
-def evaluation_mask(tumour_l0: Any, *, l0_size: tuple[int, int], l0_mpp: float,
+def evaluation_mask(tumor_l0: Any, *, l0_size: tuple[int, int], l0_mpp: float,
                     level: int = EVAL_LEVEL) -> EvaluationMask:
     """The Camelyon16 evaluation mask of tumour polygons.
 
     Parameters
     ----------
-    tumour_l0 : shapely geometry or iterable of shapely polygons
+    tumor_l0 : shapely geometry or iterable of shapely polygons
         The tumour region in level-0 px ``(x, y)`` (e.g.
-        :func:`wsi_toolkit.annotations.tumour_region` of an ASAP XML); holes respected.
+        :func:`wsi_toolkit.annotations.tumor_region` of an ASAP XML); holes respected.
     l0_size : (int, int)
         Slide level-0 ``(width, height)`` px.
     l0_mpp : float
@@ -289,13 +289,13 @@ def evaluation_mask(tumour_l0: Any, *, l0_size: tuple[int, int], l0_mpp: float,
 
     if not (isinstance(level, (int, np.integer)) and 0 <= level <= 12):
         raise ConfigError(f"level must be an integer in 0..12; got {level!r}")
-    if not isinstance(tumour_l0, shapely.Geometry):
-        parts = list(tumour_l0)
-        tumour_l0 = shapely.union_all(parts) if parts else shapely.Polygon()
+    if not isinstance(tumor_l0, shapely.Geometry):
+        parts = list(tumor_l0)
+        tumor_l0 = shapely.union_all(parts) if parts else shapely.Polygon()
     l0_per_px = float(2**int(level))
     eval_mpp = l0_per_px * float(l0_mpp)
-    tumour_rc = rasterize(tumour_l0, l0_size=l0_size, l0_mpp=l0_mpp, mask_mpp=eval_mpp)
-    return evaluation_mask_from_tumour(tumour_rc, eval_mpp=eval_mpp, l0_per_px=l0_per_px)
+    tumor_rc = rasterize(tumor_l0, l0_size=l0_size, l0_mpp=l0_mpp, mask_mpp=eval_mpp)
+    return evaluation_mask_from_tumor(tumor_rc, eval_mpp=eval_mpp, l0_per_px=l0_per_px)
 
 
 # --------------------------------------------------------------------------------------------
@@ -505,7 +505,7 @@ class SlideMatch:
 
     Attributes
     ----------
-    is_tumour : bool
+    is_tumor : bool
         The slide has an evaluation mask (a normal slide has none: every detection is an FP).
     n_detections : int
     fp_probs : ndarray, float64, (n_fp,)
@@ -524,7 +524,7 @@ class SlideMatch:
         Detections that fell on an ITC label (ignored).
     """
 
-    is_tumour: bool
+    is_tumor: bool
     n_detections: int
     fp_probs: np.ndarray = field(repr=False)
     lesion_labels: np.ndarray = field(repr=False)
@@ -565,7 +565,7 @@ def match_detections(detections: np.ndarray, mask: EvaluationMask | None) -> Sli
     det = _check_detections(detections)
     n = len(det)
     if mask is None:
-        return SlideMatch(is_tumour=False, n_detections=n, fp_probs=det[:, 0].copy(),
+        return SlideMatch(is_tumor=False, n_detections=n, fp_probs=det[:, 0].copy(),
                           lesion_labels=np.zeros(0, np.int64), lesion_probs=np.zeros(0),
                           lesion_best=np.zeros(0, np.int64), hit_labels=np.zeros(n, np.int64))
     hit = mask.label_at(det[:, 1:3])
@@ -577,7 +577,7 @@ def match_detections(detections: np.ndarray, mask: EvaluationMask | None) -> Sli
         lab, p = int(hit[i]), float(det[i, 0])
         if p > best_prob[lab]:  # strict: the first of equal probabilities keeps the lesion
             best_prob[lab], best_idx[lab] = p, i
-    return SlideMatch(is_tumour=True, n_detections=n, fp_probs=det[hit == 0, 0].copy(), lesion_labels=lesions,
+    return SlideMatch(is_tumor=True, n_detections=n, fp_probs=det[hit == 0, 0].copy(), lesion_labels=lesions,
                       lesion_probs=best_prob[lesions], lesion_best=best_idx[lesions], hit_labels=hit,
                       n_itc=len(mask.itc_labels), n_itc_hits=int(np.count_nonzero(is_itc)))
 
@@ -811,7 +811,7 @@ def _tiff_mpp(page: Any) -> float | None:
 
 
 def read_mask_tiff(path: str | os.PathLike[str], *, l0_size: tuple[int, int] | None, l0_per_px: float,
-                   tumour_value: int | None = None) -> tuple[np.ndarray, tuple[int, int], float | None]:
+                   tumor_value: int | None = None) -> tuple[np.ndarray, tuple[int, int], float | None]:
     """A Camelyon16-style mask TIFF as a boolean tumour mask on the evaluation grid.
 
     The mask is mapped onto the slide by its size: the level-0 extent of the slide
@@ -826,13 +826,13 @@ def read_mask_tiff(path: str | os.PathLike[str], *, l0_size: tuple[int, int] | N
         Slide level-0 ``(width, height)`` px.
     l0_per_px : float
         Level-0 px per evaluation pixel (32).
-    tumour_value : int or None
+    tumor_value : int or None
         Pixel value of tumour; None = any non-zero value.
 
     Returns
     -------
-    (tumour_rc, l0_size, mask_l0_mpp)
-        ``tumour_rc`` bool ``(ceil(h / k), ceil(w / k))``; the level-0 size used; the um/px of the
+    (tumor_rc, l0_size, mask_l0_mpp)
+        ``tumor_rc`` bool ``(ceil(h / k), ceil(w / k))``; the level-0 size used; the um/px of the
         mask's level 0 from its resolution tags (None without tags).
     """
     import tifffile
@@ -882,10 +882,10 @@ def read_mask_tiff(path: str | os.PathLike[str], *, l0_size: tuple[int, int] | N
     cols = np.minimum(np.floor((np.arange(e_w) + 0.5) * l0_per_px * m_w / l0_w).astype(np.int64), m_w - 1)
     rows = np.minimum(np.floor((np.arange(e_h) + 0.5) * l0_per_px * m_h / l0_h).astype(np.int64), m_h - 1)
     sampled = arr[np.ix_(rows, cols)]
-    tumour = sampled != 0 if tumour_value is None else sampled == tumour_value
+    tumor = sampled != 0 if tumor_value is None else sampled == tumor_value
     if mask_mpp is not None:
         mask_mpp = mask_mpp * m0_w / l0_w  # um per slide level-0 px
-    return tumour, (l0_w, l0_h), mask_mpp
+    return tumor, (l0_w, l0_h), mask_mpp
 
 
 @dataclass(frozen=True)
@@ -1044,25 +1044,25 @@ def _find_annotation(index: Mapping[str, Path], stem: str, slide_path: Path | No
 def _slide_truth(ann: Path | None, *, l0_size: tuple[int, int] | None, l0_mpp: float | None, config: EvalConfig,
                  detections: np.ndarray) -> tuple[bool, EvaluationMask | None, float]:
     """(is tumour slide, evaluation mask or None, level-0 um/px used)."""
-    from wsi_toolkit.annotations import check_on_slide, read_asap_xml, read_geojson, tumour_region
+    from wsi_toolkit.annotations import check_on_slide, read_asap_xml, read_geojson, tumor_region
 
     l0_per_px = float(2**config.level)
     if ann is None:
         return False, None, l0_mpp if l0_mpp is not None else (config.mpp or CAMELYON16_L0_MPP)
     suffix = ann.suffix.lower()
     if suffix in (".tif", ".tiff"):
-        tumour_rc, l0_size, tag_mpp = read_mask_tiff(ann, l0_size=l0_size, l0_per_px=l0_per_px,
-                                                     tumour_value=config.mask_value)
+        tumor_rc, l0_size, tag_mpp = read_mask_tiff(ann, l0_size=l0_size, l0_per_px=l0_per_px,
+                                                     tumor_value=config.mask_value)
         if l0_mpp is None:
             l0_mpp = config.mpp or tag_mpp
             if l0_mpp is None:
                 log.warning("%s: resolution unknown; level-0 %.3f um/px assumed (pass --mpp)", ann, CAMELYON16_L0_MPP)
                 l0_mpp = CAMELYON16_L0_MPP
-        if not tumour_rc.any():
+        if not tumor_rc.any():
             return False, None, l0_mpp
-        return True, evaluation_mask_from_tumour(tumour_rc, eval_mpp=l0_per_px * l0_mpp, l0_per_px=l0_per_px), l0_mpp
+        return True, evaluation_mask_from_tumor(tumor_rc, eval_mpp=l0_per_px * l0_mpp, l0_per_px=l0_per_px), l0_mpp
     anns = read_asap_xml(ann) if suffix == ".xml" else read_geojson(ann)
-    region = tumour_region(anns)
+    region = tumor_region(anns)
     if l0_mpp is None:
         l0_mpp = config.mpp
         if l0_mpp is None:
@@ -1186,12 +1186,12 @@ def evaluate_results(results: str | os.PathLike[str], annotations: str | os.Path
         ann = _find_annotation(index, src.stem, slide_path)
         if ann is not None:
             used_annotations.add(ann)
-        is_tumour, mask, l0_mpp = _slide_truth(ann, l0_size=l0_size, l0_mpp=l0_mpp, config=config,
+        is_tumor, mask, l0_mpp = _slide_truth(ann, l0_size=l0_size, l0_mpp=l0_mpp, config=config,
                                                detections=detections)
         match = match_detections(detections, mask)
         matches.append(match)
         write_detections_csv(out / "detections" / f"{src.stem}.csv", detections)
-        rows.append(SlideEval(slide=src.stem, source=src.kind, truth="tumor" if is_tumour else "normal",
+        rows.append(SlideEval(slide=src.stem, source=src.kind, truth="tumor" if is_tumor else "normal",
                               score=float(score), n_detections=match.n_detections, n_fp=match.n_fp,
                               n_lesions=match.n_lesions, lesions_found=match.n_found, lesions_missed=match.n_missed,
                               n_itc=match.n_itc, itc_hits=match.n_itc_hits, l0_mpp=float(l0_mpp),
@@ -1224,14 +1224,14 @@ def evaluate_results(results: str | os.PathLike[str], annotations: str | os.Path
     plot_froc(result, files["froc_plot"], title=f"{prefix}FROC {result.score:.3f}: {result.n_slides} slides, "
                                                 f"{result.n_lesions} lesions")
     plot_roc(scores, truths, files["roc_plot"], title=f"{prefix}slide-level ROC (score: {config.slide_score})")
-    n_tumour = sum(truths)
+    n_tumor = sum(truths)
     metrics = {
         "froc": _finite_or_none(result.score),
         "sensitivities": {f"{t:g}": _finite_or_none(s) for t, s in zip(result.targets, result.sensitivities)},
         "slide_auc": _finite_or_none(auc),
         "n_slides": len(rows),
-        "n_tumor_slides": n_tumour,
-        "n_normal_slides": len(rows) - n_tumour,
+        "n_tumor_slides": n_tumor,
+        "n_normal_slides": len(rows) - n_tumor,
         "n_lesions": result.n_lesions,
         "n_lesions_found": result.n_found,
         "n_itc_excluded": result.n_itc,

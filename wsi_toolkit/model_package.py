@@ -21,7 +21,7 @@ here. ``config.json`` holds WSInfer's keys::
         {"name": "ToTensor"},
         {"name": "Normalize", "arguments": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}}
       ],
-      "wsi_toolkit": {"label_semantics": "centre", "tumour_class": "tumor", "sha256": "..."}
+      "wsi_toolkit": {"label_semantics": "centre", "tumor_class": "tumor", "sha256": "..."}
     }
 
 Everything of ours lives in the one namespaced object ``"wsi_toolkit"`` (which class is the tumour,
@@ -76,7 +76,7 @@ __all__ = [
     "pcam_config",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "TUMOUR_CLASS_SYNONYMS",
+    "TUMOR_CLASS_SYNONYMS",
     "CONFIG_NAME",
     "read_config_json",
     "TORCHSCRIPT_NAME",
@@ -97,7 +97,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: Class names (compared case-insensitively, spaces and hyphens read as "_") taken to mean tumour
 #: when a config does not name its tumour class explicitly.
-TUMOUR_CLASS_SYNONYMS = (
+TUMOR_CLASS_SYNONYMS = (
     "tumor", "tumour", "tumor_tissue", "tumour_tissue", "mets", "metastasis", "metastases",
     "cancer", "positive", "malignant",
 )
@@ -285,8 +285,8 @@ class ModelConfig:
     values raise :class:`ModelPackageError` naming the field. Collections are stored immutably
     (tuples, read-only mappings).
 
-    - ``tumour_class``: which class is "tumour" (``wsi_toolkit.tumour_class``); ``None`` = found by
-      name, see :meth:`tumour_index`.
+    - ``tumor_class``: which class is "tumour" (``wsi_toolkit.tumor_class``); ``None`` = found by
+      name, see :meth:`tumor_index`.
     - ``label_semantics``: ``"centre"`` when a label speaks of the patch's centre region (PCam:
       tumour in the centre 32x32 of 96x96), ``"whole"`` when it speaks of the whole patch.
     - ``extra``: the rest of the ``"wsi_toolkit"`` object (provenance, metrics, sha256, ...).
@@ -300,7 +300,7 @@ class ModelConfig:
     spacing_um_px: float
     transform: tuple[TransformStep, ...]
     spec_version: str = "1.0"
-    tumour_class: str | None = None
+    tumor_class: str | None = None
     label_semantics: LabelSemantics = "centre"
     extra: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
     unknown: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
@@ -357,18 +357,18 @@ class ModelConfig:
                 fail(f"transform[{i}]", "Normalize must come after ToTensor (it works on float tensors)")
         object.__setattr__(self, "transform", tuple(steps))
 
-        if self.tumour_class is not None and self.tumour_class not in names:
-            fail(f"{NAMESPACE}.tumour_class",
-                 f"{self.tumour_class!r} is not one of class_names {list(names)}")
+        if self.tumor_class is not None and self.tumor_class not in names:
+            fail(f"{NAMESPACE}.tumor_class",
+                 f"{self.tumor_class!r} is not one of class_names {list(names)}")
         if self.label_semantics not in _LABEL_SEMANTICS:
             fail(f"{NAMESPACE}.label_semantics",
                  f"must be one of {list(_LABEL_SEMANTICS)}; got {self.label_semantics!r}")
 
         if not isinstance(self.extra, Mapping):
             fail(NAMESPACE, f"must be an object; got {self.extra!r}")
-        clash = {"tumour_class", "label_semantics"} & set(self.extra)
+        clash = {"tumor_class", "label_semantics"} & set(self.extra)
         if clash:
-            fail(NAMESPACE, f"{sorted(clash)} are ModelConfig fields; pass them as tumour_class= / "
+            fail(NAMESPACE, f"{sorted(clash)} are ModelConfig fields; pass them as tumor_class= / "
                             "label_semantics=, not inside extra")
         object.__setattr__(self, "extra", _freeze(self.extra, field=NAMESPACE))
         if not isinstance(self.unknown, Mapping):
@@ -397,13 +397,14 @@ class ModelConfig:
             if not isinstance(ours, Mapping):
                 raise ModelPackageError(f"must be an object; got {ours!r}", field=NAMESPACE)
             ours = dict(ours)
-            tumour_class = ours.pop("tumour_class", None)
+            legacy = ours.pop("tumour_class", None)  # packages written before 0.2 spelt it this way
+            tumor_class = ours.pop("tumor_class", legacy)
             label_semantics = ours.pop("label_semantics", "centre" if has_ours else "whole")
             unknown = {k: v for k, v in d.items() if k not in WSINFER_KEYS and k != NAMESPACE}
             return cls(
                 architecture=d["architecture"], num_classes=d["num_classes"], class_names=d["class_names"],
                 patch_size_pixels=d["patch_size_pixels"], spacing_um_px=d["spacing_um_px"],
-                transform=d["transform"], spec_version=d["spec_version"], tumour_class=tumour_class,
+                transform=d["transform"], spec_version=d["spec_version"], tumor_class=tumor_class,
                 label_semantics=label_semantics, extra=ours, unknown=unknown,
             )
         except ModelPackageError as e:
@@ -425,8 +426,8 @@ class ModelConfig:
             return out
         out.update(_thaw(self.unknown))
         ours: dict[str, Any] = {"label_semantics": self.label_semantics}
-        if self.tumour_class is not None:
-            ours["tumour_class"] = self.tumour_class
+        if self.tumor_class is not None:
+            ours["tumor_class"] = self.tumor_class
         ours.update(_thaw(self.extra))
         out[NAMESPACE] = ours
         return out
@@ -453,24 +454,24 @@ class ModelConfig:
     def is_synthetic(self) -> bool:
         return bool(self.extra.get("synthetic", False))
 
-    def tumour_index(self) -> int:
+    def tumor_index(self) -> int:
         """Index into ``class_names`` of the tumour class.
 
-        The explicit ``tumour_class`` if set; else 0 for a single-output (sigmoid) model; else the
-        first class whose name is one of :data:`TUMOUR_CLASS_SYNONYMS` (case-insensitive).
+        The explicit ``tumor_class`` if set; else 0 for a single-output (sigmoid) model; else the
+        first class whose name is one of :data:`TUMOR_CLASS_SYNONYMS` (case-insensitive).
         """
-        if self.tumour_class is not None:
-            return self.class_names.index(self.tumour_class)
+        if self.tumor_class is not None:
+            return self.class_names.index(self.tumor_class)
         if self.num_classes == 1:
             return 0
         for i, name in enumerate(self.class_names):
-            if _norm_name(name) in TUMOUR_CLASS_SYNONYMS:
+            if _norm_name(name) in TUMOR_CLASS_SYNONYMS:
                 return i
         raise ModelPackageError(
             f"no class looks like tumour among class_names {list(self.class_names)} (looked for "
-            f"{', '.join(TUMOUR_CLASS_SYNONYMS)}); name it in config.json as "
-            f'"{NAMESPACE}": {{"tumour_class": "<one of the class names>"}}',
-            field=f"{NAMESPACE}.tumour_class")
+            f"{', '.join(TUMOR_CLASS_SYNONYMS)}); name it in config.json as "
+            f'"{NAMESPACE}": {{"tumor_class": "<one of the class names>"}}',
+            field=f"{NAMESPACE}.tumor_class")
 
 
 def pcam_config(
@@ -504,7 +505,7 @@ def pcam_config(
         patch_size_pixels=PCAM_PATCH_PX,
         spacing_um_px=PCAM_SPACING_UM_PX,
         transform=tuple(steps),
-        tumour_class=class_names[1] if len(class_names) == 2 else None,
+        tumor_class=class_names[1] if len(class_names) == 2 else None,
         label_semantics="centre",
         extra=dict(extra or {}),
     )
@@ -623,7 +624,7 @@ class ModelPackage:
 
     def predict_proba(self, patches_uint8: torch.Tensor) -> torch.Tensor:
         """``(N, H, W, 3)`` uint8 patches -> ``(N,)`` float32 tumour probability on the CPU."""
-        return self.predict_class_proba(patches_uint8)[:, self.config.tumour_index()].contiguous()
+        return self.predict_class_proba(patches_uint8)[:, self.config.tumor_index()].contiguous()
 
 
 def _as_logits(out: Any, config: ModelConfig, *, source: str | None = None) -> torch.Tensor:

@@ -40,7 +40,7 @@ from wsi_toolkit.errors import ConfigError, SlideNotFoundError, SlidePermissionE
 from wsi_toolkit.export import (
     clean_stale_partials,
     render_overlay,
-    tumour_regions,
+    tumor_regions,
     write_heatmap_tiff,
     write_json_atomic,
     write_regions_asap,
@@ -171,18 +171,18 @@ def run_slide(slide_path: str | Path, package: ModelPackage, out_dir: str | Path
         l0_mpp = slide.mpp
     result = run_inference(slide_path, grid, package, config=config.inference, mpp=config.mpp,
                            backend=config.backend, desc=slide_path.name)
-    tumour_idx = package.config.tumour_index()
-    p_tumour = result.probs[:, tumour_idx] if result.probs.shape[1] > 1 else result.probs[:, 0]
-    heatmap = stitch(grid, p_tumour, merge=merge)
-    regions = tumour_regions(heatmap, threshold=config.threshold)
-    slide_score = float(p_tumour.max()) if len(p_tumour) else 0.0
+    tumor_idx = package.config.tumor_index()
+    p_tumor = result.probs[:, tumor_idx] if result.probs.shape[1] > 1 else result.probs[:, 0]
+    heatmap = stitch(grid, p_tumor, merge=merge)
+    regions = tumor_regions(heatmap, threshold=config.threshold)
+    slide_score = float(p_tumor.max()) if len(p_tumor) else 0.0
     tumor_area = float(sum(r.area_mm2 for r in regions))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
     class_names = list(package.config.class_names)
     if result.probs.shape[1] == 1:
-        probs_by_class = {class_names[tumour_idx]: result.probs[:, 0]}
+        probs_by_class = {class_names[tumor_idx]: result.probs[:, 0]}
     else:
         probs_by_class = {name: result.probs[:, i] for i, name in enumerate(class_names)}
     write_tiles_csv(out_dir / "tiles.csv", grid, probs_by_class)
@@ -202,7 +202,7 @@ def run_slide(slide_path: str | Path, package: ModelPackage, out_dir: str | Path
         "synthetic": synthetic,
         "slide": slide_info,
         "model": {"path": str(package.path), "sha256": package.sha256, "architecture": package.config.architecture,
-                  "class_names": class_names, "tumour_class": class_names[tumour_idx],
+                  "class_names": class_names, "tumor_class": class_names[tumor_idx],
                   "patch_size_pixels": package.config.patch_size_pixels,
                   "spacing_um_px": package.config.spacing_um_px, "label_semantics": package.config.label_semantics,
                   "synthetic": bool(package.config.extra.get("synthetic"))},

@@ -54,7 +54,7 @@ APERIO_JP2K_YCBCR = 33003
 # Colours (RGB) of the synthetic stain. Tumour is denser and more purple than normal tissue.
 _BACKGROUND = (243, 242, 244)
 _NORMAL = ((232, 168, 208), (88, 58, 150))  # (eosin base, nuclei), nuclei ~ lymphocytes
-_TUMOUR = ((196, 128, 196), (104, 62, 160))
+_TUMOR = ((196, 128, 196), (104, 62, 160))
 _FAINT = ((238, 224, 234), (214, 196, 222))
 PEN_COLOURS = {"blue": (38, 72, 190), "green": (40, 150, 78), "black": (28, 28, 36)}
 
@@ -120,7 +120,7 @@ class SyntheticSpec:
 
     size_um: tuple[float, float]
     tissue: tuple[Blob, ...]
-    tumours: tuple[Blob, ...] = ()
+    tumors: tuple[Blob, ...] = ()
     faint: tuple[Blob, ...] = ()
     pen: tuple[PenStroke, ...] = ()
     seed: int = 0
@@ -129,12 +129,12 @@ class SyntheticSpec:
         """All tissue (normal, tumour and faint) as one shapely geometry in micrometres."""
         return shapely.union_all([b.polygon_um() for b in self.tissue + self.faint])
 
-    def tumour_um(self):
+    def tumor_um(self):
         """Tumour regions (clipped to the normal-tissue blobs) in micrometres."""
-        if not self.tumours:
+        if not self.tumors:
             return Polygon()
         tissue = shapely.union_all([b.polygon_um() for b in self.tissue])
-        return shapely.union_all([b.polygon_um() for b in self.tumours]).intersection(tissue)
+        return shapely.union_all([b.polygon_um() for b in self.tumors]).intersection(tissue)
 
 
 @dataclass(frozen=True)
@@ -148,27 +148,27 @@ class SyntheticSlide:
     level0_size: tuple[int, int]
     spec: SyntheticSpec
     tissue_l0: object  # shapely geometry, level-0 px
-    tumour_l0: object
+    tumor_l0: object
 
     @property
     def tissue_mm2(self) -> float:
         return self.tissue_l0.area * self.mpp**2 / 1e6
 
     @property
-    def tumour_mm2(self) -> float:
-        return self.tumour_l0.area * self.mpp**2 / 1e6
+    def tumor_mm2(self) -> float:
+        return self.tumor_l0.area * self.mpp**2 / 1e6
 
 
 def make_spec(
     *,
     tissue_mm2: float = 4.0,
-    n_tumours: int = 2,
+    n_tumors: int = 2,
     faint: bool = True,
     pen: bool = True,
     seed: int = 0,
 ) -> SyntheticSpec:
     """A lymph-node-like specimen: two tissue sections of ``tissue_mm2`` in all (about),
-    ``n_tumours`` tumour regions inside them, optionally a faint section and pen strokes."""
+    ``n_tumors`` tumour regions inside them, optionally a faint section and pen strokes."""
     if tissue_mm2 <= 0:
         raise ConfigError(f"tissue_mm2 must be positive; got {tissue_mm2}")
     rng = np.random.default_rng(seed)
@@ -197,15 +197,15 @@ def make_spec(
                                 phase=float(rng.uniform(0, 6))))
         x += 2 * r * 1.15 + 400.0
         height = max(height, 2 * r * 1.15)
-    tumours = []
-    for i in range(n_tumours):
+    tumors = []
+    for i in range(n_tumors):
         host = blobs[i % len(blobs)]
         rx, ry = host.radii_um
         ang = float(rng.uniform(0, 2 * math.pi))
         d = float(rng.uniform(0.15, 0.35))
         c = (host.centre_um[0] + d * rx * math.cos(ang), host.centre_um[1] + d * ry * math.sin(ang))
         r = float(rng.uniform(0.18, 0.28)) * min(rx, ry)
-        tumours.append(Blob(c, (r, r * float(rng.uniform(0.7, 1.0))), angle_deg=float(rng.uniform(0, 180)),
+        tumors.append(Blob(c, (r, r * float(rng.uniform(0.7, 1.0))), angle_deg=float(rng.uniform(0, 180)),
                             wobble=0.2, lobes=4, phase=float(rng.uniform(0, 6))))
     width = x - 400.0 + margin
     height = height + 2 * margin
@@ -219,7 +219,7 @@ def make_spec(
             PenStroke(((margin + 0.75 * width, y), (margin + 0.75 * width + 60, y + 60)), "black", 200.0),
         ]
         height = y + 150 + 400.0
-    return SyntheticSpec((width, height), tuple(blobs), tuple(tumours), tuple(faint_blobs), tuple(strokes), seed)
+    return SyntheticSpec((width, height), tuple(blobs), tuple(tumors), tuple(faint_blobs), tuple(strokes), seed)
 
 
 #: One large tumour in one tissue section: big enough that the IoU of a heatmap at 31 um/px with
@@ -228,7 +228,7 @@ def make_spec(
 ALIGNMENT_SPEC = SyntheticSpec(
     size_um=(2600.0, 1999.3),
     tissue=(Blob((1300.0, 1000.0), (1050.0, 780.0), angle_deg=10, wobble=0.1, lobes=5, phase=0.3),),
-    tumours=(Blob((1150.0, 950.0), (380.0, 290.0), angle_deg=30, wobble=0.15, lobes=4, phase=1.0),),
+    tumors=(Blob((1150.0, 950.0), (380.0, 290.0), angle_deg=30, wobble=0.15, lobes=4, phase=1.0),),
     seed=11,
 )
 
@@ -247,7 +247,7 @@ class _Texture:
         scale = (tile / 512) ** 2
         self._l0 = {
             "normal": self._make(rng, *_NORMAL, n_nuclei=int(260 * scale), radius=(5, 8)),
-            "tumour": self._make(rng, *_TUMOUR, n_nuclei=int(300 * scale), radius=(8, 13)),
+            "tumour": self._make(rng, *_TUMOR, n_nuclei=int(300 * scale), radius=(8, 13)),
             "faint": self._make(rng, *_FAINT, n_nuclei=int(200 * scale), radius=(5, 8)),
             "background": self._noise(rng, _BACKGROUND, 2.0),
         }
@@ -290,10 +290,10 @@ class _Shapes:
         self.spec = spec
         self.normal = shapely.union_all([b.polygon_um() for b in spec.tissue])
         self.faint = shapely.union_all([b.polygon_um() for b in spec.faint]) if spec.faint else Polygon()
-        self.tumour = spec.tumour_um()
+        self.tumor = spec.tumor_um()
         self.pen = shapely.union_all([s.geometry_um() for s in spec.pen]) if spec.pen else Polygon()
         self.anything = shapely.union_all([self.normal, self.faint, self.pen])
-        for g in (self.normal, self.faint, self.tumour, self.pen, self.anything):
+        for g in (self.normal, self.faint, self.tumor, self.pen, self.anything):
             shapely.prepare(g)
 
 
@@ -308,9 +308,9 @@ def _render_tile(shapes: _Shapes, tex: _Texture, *, mpp: float, k: int, lvl_y: i
     # Whole-tile fast paths: most tiles are all glass or all of one tissue class.
     if not shapes.anything.intersects(box):
         return tex.level_tile("background", k)
-    if shapes.tumour.contains(box):
+    if shapes.tumor.contains(box):
         return tex.level_tile("tumour", k)
-    if shapes.normal.contains(box) and not shapes.tumour.intersects(box) and not shapes.pen.intersects(box):
+    if shapes.normal.contains(box) and not shapes.tumor.intersects(box) and not shapes.pen.intersects(box):
         return tex.level_tile("normal", k)
 
     # Pixel centres in micrometres.
@@ -337,9 +337,9 @@ def _render_tile(shapes: _Shapes, tex: _Texture, *, mpp: float, k: int, lvl_y: i
     normal = union_mask(spec.tissue)
     if normal is not None:
         out = np.where(normal[..., None], tex.level_tile("normal", k), out)
-        tumour = union_mask(spec.tumours)
-        if tumour is not None:
-            out = np.where((tumour & normal)[..., None], tex.level_tile("tumour", k), out)
+        tumor = union_mask(spec.tumors)
+        if tumor is not None:
+            out = np.where((tumor & normal)[..., None], tex.level_tile("tumour", k), out)
     for s in spec.pen:
         if hits(s.geometry_um().bounds):
             m = _capsules_contain(s, xs, ys)
@@ -491,13 +491,13 @@ def write_synthetic_slide(
                          flavour=flavour, tile=tile, quality=quality)
     to_l0 = 1.0 / mpp
     tissue_l0 = shapely.affinity.scale(spec.tissue_um(), to_l0, to_l0, origin=(0, 0))
-    tumour_l0 = shapely.affinity.scale(spec.tumour_um(), to_l0, to_l0, origin=(0, 0))
+    tumor_l0 = shapely.affinity.scale(spec.tumor_um(), to_l0, to_l0, origin=(0, 0))
     xml_path = None
     if xml:
         from wsi_toolkit.annotations import Annotation, write_asap_xml
 
         xml_path = path.with_suffix(".xml")
-        parts = getattr(tumour_l0, "geoms", [tumour_l0]) if not tumour_l0.is_empty else []
+        parts = getattr(tumor_l0, "geoms", [tumor_l0]) if not tumor_l0.is_empty else []
         write_asap_xml(xml_path, [Annotation(polygon=p, group="Tumor", name=f"Annotation {i}")
                                   for i, p in enumerate(parts)])
-    return SyntheticSlide(path, xml_path, mpp, flavour, l0_size, spec, tissue_l0, tumour_l0)
+    return SyntheticSlide(path, xml_path, mpp, flavour, l0_size, spec, tissue_l0, tumor_l0)

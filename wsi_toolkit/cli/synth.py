@@ -25,18 +25,18 @@ from wsi_toolkit.cli._common import run_click, setup_logging
 @click.option("--no-pen", is_flag=True, help="Leave out the pen marks on the glass.")
 @click.option("--tile", type=int, default=512, show_default=True)
 @click.option("-v", "--verbose", count=True)
-def _command(out, mpp, flavour, tissue_mm2, tumours, seed, no_faint, no_pen, tile, verbose) -> int:
+def _command(out, mpp, flavour, tissue_mm2, tumors, seed, no_faint, no_pen, tile, verbose) -> int:
     """Write a SYNTHETIC slide to OUT (and its tumour annotations to OUT with suffix .xml).
     Not patient data: for tests, demos and benchmarks."""
     from wsi_toolkit.synthetic import make_spec, write_synthetic_slide
 
     setup_logging(verbose)
-    spec = make_spec(tissue_mm2=tissue_mm2, n_tumours=tumours, faint=not no_faint, pen=not no_pen, seed=seed)
+    spec = make_spec(tissue_mm2=tissue_mm2, n_tumors=tumors, faint=not no_faint, pen=not no_pen, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     s = write_synthetic_slide(out, spec, mpp=mpp, flavour=flavour, tile=tile)
     click.echo(json.dumps({"path": str(s.path), "xml": str(s.xml_path), "synthetic": True, "mpp": s.mpp,
                            "flavour": s.flavour, "level0_size": list(s.level0_size),
-                           "tissue_mm2": round(s.tissue_mm2, 4), "tumour_mm2": round(s.tumour_mm2, 4)}))
+                           "tissue_mm2": round(s.tissue_mm2, 4), "tumor_mm2": round(s.tumor_mm2, 4)}))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 - :func:`write_heatmap_tiff`: tiled pyramidal TIFF at the heatmap's um/px (OpenSlide, QuPath, ASAP)
 - :func:`render_overlay`: overlay PNG (thumbnail + colour map + tissue outline + legend)
-- :func:`tumour_regions`, :func:`write_regions_geojson`, :func:`write_regions_asap`: QuPath
+- :func:`tumor_regions`, :func:`write_regions_geojson`, :func:`write_regions_asap`: QuPath
   GeoJSON and ASAP XML of thresholded regions, level-0 px, with measurements
 - :func:`write_tiles_csv`, :func:`write_summary_csv`, :func:`write_json_atomic`: tables and JSON
 
@@ -13,10 +13,10 @@ from wsi_toolkit.export._atomic import atomic_path, clean_stale_partials, write_
 from wsi_toolkit.export.heatmap_tiff import HEATMAP_TIFF_CONTENT, heatmap_pyramid, write_heatmap_tiff
 from wsi_toolkit.export.overlay import INFERNO_LUT, blend_heatmap, colormap, heatmap_on_grid, render_overlay
 from wsi_toolkit.export.regions import (
-    TUMOUR_GROUP,
-    TumourRegion,
+    TUMOR_GROUP,
+    TumorRegion,
     region_feature_id,
-    tumour_regions,
+    tumor_regions,
     write_regions_asap,
     write_regions_geojson,
 )
@@ -34,9 +34,9 @@ __all__ = [
     "heatmap_on_grid",
     "blend_heatmap",
     "render_overlay",
-    "TUMOUR_GROUP",
-    "TumourRegion",
-    "tumour_regions",
+    "TUMOR_GROUP",
+    "TumorRegion",
+    "tumor_regions",
     "region_feature_id",
     "write_regions_geojson",
     "write_regions_asap",

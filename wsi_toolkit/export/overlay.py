@@ -88,7 +88,7 @@ _TITLE_FG = (255, 255, 255)
 _LEGEND_BG = (255, 255, 255)
 _LEGEND_FG = (0, 0, 0)
 _TISSUE_RGB = (0, 200, 0)
-_TUMOUR_RGB = (0, 255, 255)
+_TUMOR_RGB = (0, 255, 255)
 _BAR_PX = 512  # colour bar length: each LUT entry spans 2 px
 _BAR_X0 = 16
 
@@ -184,7 +184,7 @@ def _polygons(geoms) -> list[shapely.Polygon]:
         geoms = [geoms]
     out: list[shapely.Polygon] = []
     for g in geoms:
-        g = getattr(g, "polygon_l0", g)  # TumourRegion
+        g = getattr(g, "polygon_l0", g)  # TumorRegion
         out.extend(p for p in shapely.get_parts(g) if isinstance(p, shapely.Polygon) and not p.is_empty)
     return out
 
@@ -219,7 +219,7 @@ def _draw_legend(draw: ImageDraw.ImageDraw, img: Image.Image, *, top: int, width
     if tissue:
         keys.append((_TISSUE_RGB, "tissue outline"))
     if threshold is not None:
-        keys.append((_TUMOUR_RGB, f"tumour region (p >= {threshold:g})"))
+        keys.append((_TUMOR_RGB, f"tumour region (p >= {threshold:g})"))
     keys.append((None, "no colour = not predicted"))
     for i, (colour, label) in enumerate(keys):
         y = top + 10 + 20 * i
@@ -258,7 +258,7 @@ def render_overlay(
     title : str
         Text of the title bar (e.g. the slide name).
     threshold : float, optional
-        Draw the outlines of :func:`~wsi_toolkit.export.regions.tumour_regions` at this
+        Draw the outlines of :func:`~wsi_toolkit.export.regions.tumor_regions` at this
         probability (cyan) and mark it on the colour bar.
     path : str or os.PathLike, optional
         PNG to write (atomically).
@@ -281,10 +281,10 @@ def render_overlay(
     tissue = _polygons(tissue_polygons_l0)
     _draw_outlines(draw, tissue, l0_per_px=panel_l0_per_px, y0=TITLE_BAR_PX, colour=_TISSUE_RGB, width=line_px)
     if threshold is not None:
-        from wsi_toolkit.export.regions import tumour_regions
+        from wsi_toolkit.export.regions import tumor_regions
 
-        regions = _polygons(tumour_regions(heatmap, threshold=threshold))
-        _draw_outlines(draw, regions, l0_per_px=panel_l0_per_px, y0=TITLE_BAR_PX, colour=_TUMOUR_RGB,
+        regions = _polygons(tumor_regions(heatmap, threshold=threshold))
+        _draw_outlines(draw, regions, l0_per_px=panel_l0_per_px, y0=TITLE_BAR_PX, colour=_TUMOR_RGB,
                        width=line_px + 1)
     # Outlines may overflow into the bars: draw the bars last.
     draw.rectangle([(0, 0), (pw - 1, TITLE_BAR_PX - 1)], fill=_TITLE_BG)

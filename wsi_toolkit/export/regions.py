@@ -33,15 +33,15 @@ from wsi_toolkit.export._atomic import atomic_path
 from wsi_toolkit.heatmap import Heatmap
 from wsi_toolkit.tissue import mask_to_polygons
 
-__all__ = ["TumourRegion", "tumour_regions", "write_regions_geojson", "write_regions_asap", "region_feature_id",
-           "TUMOUR_GROUP"]
+__all__ = ["TumorRegion", "tumor_regions", "write_regions_geojson", "write_regions_asap", "region_feature_id",
+           "TUMOR_GROUP"]
 
 #: Group / QuPath classification of the written regions.
-TUMOUR_GROUP = "Tumor"
+TUMOR_GROUP = "Tumor"
 
 
 @dataclass(frozen=True)
-class TumourRegion:
+class TumorRegion:
     """One tumour region of a heatmap.
 
     Attributes
@@ -81,7 +81,7 @@ def _longest_diameter_l0(geom: shapely.Geometry) -> float:
     return float(pdist(xy).max())
 
 
-def tumour_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: float = 0.0) -> list[TumourRegion]:
+def tumor_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: float = 0.0) -> list[TumorRegion]:
     """Tumour regions: 8-connected components of predicted cells with ``prob >= threshold``.
 
     Parameters
@@ -94,7 +94,7 @@ def tumour_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: fl
 
     Returns
     -------
-    list of TumourRegion
+    list of TumorRegion
         Sorted by ``max_prob`` descending (ties: larger area first).
     """
     if not (isinstance(threshold, (int, float, np.integer, np.floating)) and 0 <= threshold <= 1):
@@ -107,7 +107,7 @@ def tumour_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: fl
         return []
     labels = measure.label(mask, connectivity=2)
     cell_l0, l0_mpp = heatmap.cell_l0, heatmap.l0_mpp
-    regions: list[TumourRegion] = []
+    regions: list[TumorRegion] = []
     for props in measure.regionprops(labels):
         r0, c0, r1, c1 = props.bbox
         component = labels[r0:r1, c0:c1] == props.label
@@ -120,7 +120,7 @@ def tumour_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: fl
             continue
         cell_probs = heatmap.prob[r0:r1, c0:c1][component].astype(np.float64)
         regions.append(
-            TumourRegion(
+            TumorRegion(
                 polygon_l0=poly,
                 max_prob=float(cell_probs.max()),
                 mean_prob=float(cell_probs.mean()),
@@ -132,7 +132,7 @@ def tumour_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: fl
     return regions
 
 
-def _annotations(regions: list[TumourRegion], *, slide_name: str = "", measurements: bool) -> list[Annotation]:
+def _annotations(regions: list[TumorRegion], *, slide_name: str = "", measurements: bool) -> list[Annotation]:
     out = []
     for index, reg in enumerate(regions, start=1):
         props: dict = {}
@@ -140,12 +140,12 @@ def _annotations(regions: list[TumourRegion], *, slide_name: str = "", measureme
             props["measurements"] = reg.measurements()
             if slide_name:
                 props["metadata"] = {"slide": slide_name}
-        out.append(Annotation(polygon=reg.polygon_l0, group=TUMOUR_GROUP, name=f"Tumour region {index}",
+        out.append(Annotation(polygon=reg.polygon_l0, group=TUMOR_GROUP, name=f"Tumour region {index}",
                               properties=props))
     return out
 
 
-def write_regions_geojson(path: str | os.PathLike[str], regions: list[TumourRegion], *, slide_name: str = "") -> None:
+def write_regions_geojson(path: str | os.PathLike[str], regions: list[TumorRegion], *, slide_name: str = "") -> None:
     """Write regions as a QuPath-importable GeoJSON FeatureCollection (level-0 px), atomically.
 
     Each region is a Feature with classification ``{"name": "Tumor"}``, name
@@ -178,7 +178,7 @@ def region_feature_id(slide_name: str, index: int) -> str:
     return str(uuid.uuid5(_REGION_NAMESPACE, f"{slide_name}\x00{int(index)}"))
 
 
-def write_regions_asap(path: str | os.PathLike[str], regions: list[TumourRegion]) -> None:
+def write_regions_asap(path: str | os.PathLike[str], regions: list[TumorRegion]) -> None:
     """Write regions as ASAP / Camelyon16 XML, group ``Tumor`` (level-0 px), atomically.
 
     ASAP has no holes: a region's holes are written as group ``_2`` (Camelyon16's exclusion
