@@ -368,3 +368,28 @@ def test_symlink_loop_fifo_and_dangling_link_say_what_they_are(tmp_path, capsys)
     assert "FIFO" in fifo_r["error"] and "0 bytes" not in fifo_r["error"]
     assert fifo_r["error_type"] == "SlideFormatError"
     assert "gone.tif" in dangling_r["error"] and "symbolic link" in dangling_r["error"]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 0, True, "1", None])
+def test_check_number_positive_refuses(value):
+    from wsi_toolkit.errors import ConfigError
+    from wsi_toolkit.limits import check_number
+
+    with pytest.raises(ConfigError, match=r"^thumb_mpp must be a positive number of um/px; got "):
+        check_number(value, "thumb_mpp", positive=True, unit="um/px")
+
+
+def test_check_helpers_accept_and_name_the_range():
+    from wsi_toolkit.errors import ConfigError
+    from wsi_toolkit.limits import MPP_RANGE_UM, check_fraction, check_int, check_number
+
+    assert check_number(0.25, "mpp", bounds=MPP_RANGE_UM, unit="um/px") == 0.25
+    assert check_int(3, "n", minimum=0) == 3 and check_fraction(1, "t") == 1.0
+    with pytest.raises(ConfigError, match=r"mpp must be a number in \[0.05, 20\] um/px; got 25"):
+        check_number(25, "mpp", bounds=MPP_RANGE_UM, unit="um/px")
+    with pytest.raises(ConfigError, match="n must be a non-negative integer; got -1"):
+        check_int(-1, "n", minimum=0)
+    with pytest.raises(ConfigError, match="n must be a positive integer; got 2.0"):
+        check_int(2.0, "n")
+    with pytest.raises(ConfigError, match=r"t must be a number in \[0, 1\]"):
+        check_fraction(1.5, "t")

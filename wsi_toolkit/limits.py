@@ -45,11 +45,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NoReturn
 
 __all__ = [
     "MPP_RANGE_UM", "SPACING_RANGE_UM", "PATCH_PX_RANGE", "STRIDE_PX_RANGE", "SLIDE_MAX_SIDE_MM",
     "SLIDE_MAX_SIDE_PX", "MAX_SEGMENT_BYTES", "MAX_THUMBNAIL_PIXELS", "MAX_GRID_CELLS", "MAX_COORD_L0",
-    "MAX_EVAL_MASK_PIXELS", "in_range", "range_text",
+    "MAX_EVAL_MASK_PIXELS", "in_range", "range_text", "check_number", "check_int", "check_fraction",
 ]
 
 MPP_RANGE_UM = (0.05, 20.0)
@@ -82,3 +83,62 @@ def in_range(value: object, bounds: tuple[float, float], *, integer: bool = Fals
 def range_text(bounds: tuple[float, float], unit: str) -> str:
     """``"[0.05, 20] um/px"``."""
     return f"[{bounds[0]:g}, {bounds[1]:g}] {unit}"
+
+
+# -- one set of checks for user-supplied numbers -------------------------------------------------
+# Each returns the value (as float / int) or raises ``error`` (a toolkit error class; ConfigError
+# by default) with a message naming ``name`` and what is wanted. Use them at the edges (CLI,
+# config files, dataclass __post_init__, public functions), not again in internal helpers.
+
+
+def _fail(error: type[Exception], name: str, want: str, value: object) -> NoReturn:
+    raise error(f"{name} must be {want}; got {value!r}")
+
+
+def check_number(value: object, name: str, *, bounds: tuple[float, float] | None = None, unit: str = "",
+                 positive: bool = False, error: type[Exception] | None = None) -> float:
+    """A finite real number (never a bool), > 0 if ``positive``, within ``bounds`` if given."""
+    err = error or _config_error()
+    want = "a positive number" if positive else "a finite number"
+    if bounds is not None:
+        want = f"a number in {range_text(bounds, unit).rstrip()}"
+    elif unit:
+        want += f" of {unit}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        _fail(err, name, want, value)
+    try:
+        v = float(value)
+    except (OverflowError, ValueError):
+        _fail(err, name, want, value)
+    if not math.isfinite(v) or (positive and v <= 0) or (bounds is not None and not bounds[0] <= v <= bounds[1]):
+        _fail(err, name, want, value)
+    return v
+
+
+def check_int(value: object, name: str, *, minimum: int | None = 1, bounds: tuple[float, float] | None = None,
+              unit: str = "", error: type[Exception] | None = None) -> int:
+    """An integer (never a bool), >= ``minimum`` (1: positive, 0: non-negative, None: any), within
+    ``bounds`` if given."""
+    err = error or _config_error()
+    if bounds is not None:
+        want = f"an integer in {range_text(bounds, unit).rstrip()}"
+    else:
+        want = {1: "a positive integer", 0: "a non-negative integer", None: "an integer"}.get(
+            minimum, f"an integer >= {minimum}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        _fail(err, name, want, value)
+    v = int(value)
+    if (minimum is not None and v < minimum) or (bounds is not None and not bounds[0] <= v <= bounds[1]):
+        _fail(err, name, want, value)
+    return v
+
+
+def check_fraction(value: object, name: str, *, error: type[Exception] | None = None) -> float:
+    """A number in [0, 1]."""
+    return check_number(value, name, bounds=(0.0, 1.0), error=error)
+
+
+def _config_error() -> type[Exception]:
+    from wsi_toolkit.errors import ConfigError  # errors imports nothing from here; kept lazy anyway
+
+    return ConfigError

@@ -9,7 +9,7 @@
 Every writer is atomic: a temporary file in the target folder, renamed on success.
 """
 
-from wsi_toolkit.export._atomic import atomic_path, clean_stale_partials, write_text_atomic
+from wsi_toolkit.atomic import atomic_path, clean_stale_partials, write_text_atomic
 from wsi_toolkit.export.heatmap_tiff import HEATMAP_TIFF_CONTENT, heatmap_pyramid, write_heatmap_tiff
 from wsi_toolkit.export.overlay import INFERNO_LUT, blend_heatmap, colormap, heatmap_on_grid, render_overlay
 from wsi_toolkit.export.regions import (

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from wsi_toolkit.errors import ConfigError
-from wsi_toolkit.export._atomic import atomic_path
+from wsi_toolkit.atomic import atomic_path
 from wsi_toolkit.heatmap import Heatmap
 
 __all__ = ["write_heatmap_tiff", "heatmap_pyramid", "HEATMAP_TIFF_CONTENT"]

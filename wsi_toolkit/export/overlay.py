@@ -42,7 +42,7 @@ import shapely
 from PIL import Image, ImageDraw, ImageFont
 
 from wsi_toolkit.errors import ConfigError
-from wsi_toolkit.export._atomic import atomic_path
+from wsi_toolkit.atomic import atomic_path
 from wsi_toolkit.heatmap import Heatmap
 
 __all__ = [

@@ -29,7 +29,7 @@ from skimage import measure
 
 from wsi_toolkit.annotations import Annotation, write_asap_xml, write_geojson
 from wsi_toolkit.errors import ConfigError
-from wsi_toolkit.export._atomic import atomic_path
+from wsi_toolkit.atomic import atomic_path
 from wsi_toolkit.heatmap import Heatmap
 from wsi_toolkit.tissue import mask_to_polygons
 

@@ -1,6 +1,6 @@
 """CSV and JSON outputs: per-patch table (WSInfer's columns), per-run summary, JSON documents.
 
-All writes are atomic (:mod:`wsi_toolkit.export._atomic`).
+All writes are atomic (:mod:`wsi_toolkit.atomic`).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from wsi_toolkit.errors import ConfigError
-from wsi_toolkit.export._atomic import write_text_atomic
+from wsi_toolkit.atomic import to_jsonable, write_json_atomic, write_text_atomic
 from wsi_toolkit.tiling import PatchGrid
 
 __all__ = ["SUMMARY_COLUMNS", "csv_text", "write_tiles_csv", "write_summary_csv", "write_json_atomic", "to_jsonable"]
@@ -111,33 +111,3 @@ def write_summary_csv(path: str | os.PathLike[str], rows: list[Mapping[str, Any]
     for row in rows:
         writer.writerow([_cell(row.get(col)) for col in columns])
     write_text_atomic(path, buf.getvalue())
-
-
-def to_jsonable(obj: Any) -> Any:
-    """``obj`` with numpy scalars/arrays, paths, tuples, sets and dataclasses turned into JSON
-    types; non-finite floats become ``None`` (JSON has no NaN)."""
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(asdict(obj))
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return [to_jsonable(v) for v in sorted(obj, key=repr)]
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    raise TypeError(f"cannot write {type(obj).__name__} as JSON: {obj!r}")
-
-
-def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
-    """Write ``obj`` as indented UTF-8 JSON (see :func:`to_jsonable`), atomically."""
-    text = json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False)
-    write_text_atomic(Path(path), text + "\n")

@@ -1,4 +1,4 @@
-"""Atomic file writes: a temporary name in the same folder, renamed over the target on success.
+"""The one module for atomic file writes: a temporary name in the same folder, renamed over the target on success.
 
 A reader (or a crashed run) never sees a half-written output under its final name: either the
 old file (or nothing) or the complete new one. The temporary file lives in the target's folder
@@ -11,12 +11,19 @@ removes those of processes that no longer run.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_path", "write_text_atomic", "partial_path", "clean_stale_partials"]
+import numpy as np
+
+__all__ = ["atomic_path", "write_text_atomic", "write_bytes_atomic", "write_json_atomic", "to_jsonable", "partial_path",
+           "clean_stale_partials"]
 
 
 def partial_path(final: str | os.PathLike[str]) -> Path:
@@ -117,3 +124,40 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+
+
+def to_jsonable(obj: Any) -> Any:
+    """``obj`` with numpy scalars/arrays, paths, tuples, sets and dataclasses turned into JSON
+    types; non-finite floats become ``None`` (JSON has no NaN)."""
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return to_jsonable(asdict(obj))
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, (set, frozenset)):
+        return [to_jsonable(v) for v in sorted(obj, key=repr)]
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    raise TypeError(f"cannot write {type(obj).__name__} as JSON: {obj!r}")
+
+
+def write_json_atomic(path: str | os.PathLike[str], obj: Any) -> None:
+    """Write ``obj`` as indented UTF-8 JSON (see :func:`to_jsonable`), atomically."""
+    text = json.dumps(to_jsonable(obj), indent=2, ensure_ascii=False, allow_nan=False)
+    write_text_atomic(Path(path), text + "\n")
