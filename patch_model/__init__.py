@@ -4,7 +4,9 @@ Depends on :mod:`wsi_toolkit`, never the reverse. Importing this package does no
 the names below load their module on first use (``from patch_model import train_model``).
 
 - :func:`train_model` / :class:`TrainConfig` (``pcam-train``): the recipe, writing a model package,
-  metrics, plots, settings and a log.
+  metrics, plots, settings and a log. Its parts: :mod:`~patch_model.archs` (backbones, the
+  learner), :mod:`~patch_model.loaders` (DataLoaders), :mod:`~patch_model.augment` (batch
+  transforms), :mod:`~patch_model.callbacks`, :mod:`~patch_model.reports` (plots, Grad-CAM).
 - :func:`export_learner` / :func:`learner_config`: a fastai learner -> a model package.
 - :func:`evaluate_package` (``pcam-eval``): a model package on a split, optionally with TTA.
 - :func:`open_splits`, :class:`PCamH5`, :class:`KaggleFolder`: the patch data sets.
@@ -37,8 +39,9 @@ __all__ = [
 ]
 
 _WHERE = {
-    "TrainConfig": "train", "TrainResult": "train", "MissingWeightsError": "train", "train_model": "train",
-    "build_dataloaders": "train", "build_learner": "train", "resolve_arch": "train",
+    "TrainConfig": "train", "TrainResult": "train", "train_model": "train",
+    "MissingWeightsError": "archs", "build_learner": "archs", "resolve_arch": "archs",
+    "build_dataloaders": "loaders",
     "export_learner": "export", "learner_config": "export",
     "evaluate_package": "evaluate", "EvalResult": "evaluate",
     "open_splits": "data", "detect_layout": "data", "PCamH5": "data", "KaggleFolder": "data",

@@ -1,23 +1,14 @@
 """Patch data sets for training and evaluating the PCam patch classifier.
 
-Two published layouts are read, both as :class:`torch.utils.data.Dataset` of
-``(patch, label)`` with ``patch`` a (96, 96, 3) uint8 RGB array (HWC) and ``label`` 0/1
-(1 = at least one tumour pixel in the centre 32 x 32 region):
+Both published layouts are read as :class:`torch.utils.data.Dataset` of ``(patch, label)``:
+``patch`` (96, 96, 3) uint8 RGB, ``label`` 1 when a tumour pixel lies in the centre 32 x 32 px.
 
-- ``"pcam-h5"``: PatchCamelyon as published (https://github.com/basveeling/pcam), after
-  ``gunzip``: ``camelyonpatch_level_2_split_{train,valid,test}_{x,y}.h5``; dataset ``x`` is
-  (N, 96, 96, 3) uint8 and ``y`` is (N, 1, 1, 1). The train ``x`` file is ~7 GB, so it is read
-  lazily, one patch per ``__getitem__``, never whole. PCam's valid and test splits come from
-  other slides than train: numbers measured on them are honest and they are the default.
-- ``"kaggle"``: the Kaggle *histopathologic-cancer-detection* folder: ``train/<id>.tif``
-  (96 x 96 RGB TIFF), ``train_labels.csv`` (``id,label``), ``test/`` (unlabelled; Kaggle
-  scores it on its server). It has **no slide ids**, so any validation split of it is random
-  and LEAKS: patches of the same slides (and overlapping patches) sit in train and valid.
-  The article's 98.6 % validation accuracy was measured that way. :func:`kaggle_split` marks
-  both halves ``leaky=True`` and logs a warning; report such numbers as leaky.
+- ``"pcam-h5"`` (:class:`PCamH5`): PatchCamelyon's gunzipped HDF5 files, read lazily (one patch
+  per ``__getitem__``). Its valid and test splits come from other slides than train: honest.
+- ``"kaggle"`` (:class:`KaggleFolder`): ``train/<id>.tif`` + ``train_labels.csv``. No slide ids,
+  so any validation split of it (:func:`kaggle_splits`) is random, LEAKS, and is marked ``leaky``.
 
-:func:`write_pcam_h5` writes the PCam layout (used by :func:`patch_model.patches.cut_pcam_patches`
-for patches cut from annotated slides).
+:func:`write_pcam_h5` writes the PCam layout. The layouts in detail: docs/training.md, "Data".
 
 Example
 -------
@@ -29,6 +20,7 @@ Example
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import logging
 import os
@@ -39,9 +31,13 @@ from typing import Any, Literal
 import numpy as np
 import torch.utils.data
 
+from wsi_toolkit.atomic import atomic_path
 from wsi_toolkit.errors import ConfigError, WsiToolkitError
+from wsi_toolkit.limits import check_number
 
 __all__ = [
+    "CLASS_NAMES",
+    "TUMOR_INDEX",
     "PCAM_SPLITS",
     "PCAM_PATCH_PX",
     "PCAM_MPP",
@@ -51,6 +47,7 @@ __all__ = [
     "KaggleFolder",
     "kaggle_split",
     "kaggle_splits",
+    "check_split_fractions",
     "detect_layout",
     "open_splits",
     "write_pcam_h5",
@@ -58,6 +55,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+#: Class names, in PCam label order: index 1 ("tumor") is PCam label 1.
+CLASS_NAMES: tuple[str, str] = ("notumor", "tumor")
+#: Index of the tumour class (PCam label 1).
+TUMOR_INDEX = 1
 #: The three splits of PatchCamelyon, in the order they are listed everywhere.
 PCAM_SPLITS: tuple[str, ...] = ("train", "valid", "test")
 #: Side of a PCam patch in pixels.
@@ -371,11 +372,7 @@ def kaggle_splits(
     ids depend only on ``seed`` and ``valid_fraction``: adding a test part takes it from train.
     Use PCam's slide-disjoint valid/test for honest numbers.
     """
-    if not (isinstance(valid_fraction, (int, float)) and 0 < valid_fraction < 1):
-        raise ConfigError(f"valid_fraction must be in (0, 1); got {valid_fraction!r}")
-    if not (isinstance(test_fraction, (int, float)) and 0 <= test_fraction < 1 and valid_fraction + test_fraction < 1):
-        raise ConfigError(f"test_fraction must be in [0, 1) with valid_fraction + test_fraction < 1; got "
-                          f"{test_fraction!r} (valid_fraction {valid_fraction!r})")
+    check_split_fractions(valid_fraction, test_fraction)
     root = Path(root)
     ids = list(_read_kaggle_labels(root))
     n_parts = 3 if test_fraction > 0 else 2
@@ -393,6 +390,19 @@ def kaggle_splits(
     )
     return {name: KaggleFolder(root, ids=[ids[i] for i in np.sort(idx)], split_name=name, leaky=True)
             for name, idx in parts.items() if len(idx)}
+
+
+def check_split_fractions(valid_fraction: float, test_fraction: float = 0.0) -> tuple[float, float]:
+    """``(valid_fraction, test_fraction)`` as floats: valid in (0, 1), test in [0, 1), their sum < 1;
+    else :class:`ConfigError`."""
+    valid = check_number(valid_fraction, "valid_fraction", bounds=(0.0, 1.0))
+    if not 0 < valid < 1:
+        raise ConfigError(f"valid_fraction must be in (0, 1); got {valid_fraction!r}")
+    test = check_number(test_fraction, "test_fraction", bounds=(0.0, 1.0))
+    if not (test < 1 and valid + test < 1):
+        raise ConfigError(f"test_fraction must be in [0, 1) with valid_fraction + test_fraction < 1; got "
+                          f"{test_fraction!r} (valid_fraction {valid_fraction!r})")
+    return valid, test
 
 
 def kaggle_split(
@@ -470,7 +480,8 @@ def open_splits(
 
 
 class _PCamWriter:
-    """Append patches to a split's x/y files under temporary names; ``commit`` renames them.
+    """Append patches to a split's x/y files under temporary names; ``commit`` renames both
+    (:func:`wsi_toolkit.atomic.atomic_path`), ``abort`` deletes them.
 
     ``x`` is chunked one patch per chunk (a random read decompresses 27 KB, not a block of
     neighbours) and gzip-compressed like the published files; ``y`` is (N, 1, 1, 1) uint8.
@@ -480,8 +491,16 @@ class _PCamWriter:
         h5py = _import_h5py()
         root.mkdir(parents=True, exist_ok=True)
         self.final = pcam_paths(root, split, must_exist=False)
-        self.tmp = tuple(p.with_name(f".{p.name}.partial-{os.getpid()}") for p in self.final)
-        self._xf = h5py.File(self.tmp[0], "w")
+        self._files = contextlib.ExitStack()
+        # Entered y first so that commit renames x first (the stack closes last-in first-out).
+        tmp_y = self._files.enter_context(atomic_path(self.final[1]))
+        tmp_x = self._files.enter_context(atomic_path(self.final[0]))
+        self.tmp = (tmp_x, tmp_y)
+        try:
+            self._xf = h5py.File(self.tmp[0], "w")
+        except BaseException:
+            self.abort()
+            raise
         self._x = self._xf.create_dataset(
             "x", shape=(expected or 0, *_PATCH_SHAPE), maxshape=(None, *_PATCH_SHAPE), dtype=np.uint8,
             chunks=(1, *_PATCH_SHAPE), compression="gzip", compression_opts=4,
@@ -512,16 +531,15 @@ class _PCamWriter:
         y = np.concatenate(self._y) if self._y else np.zeros(0, np.uint8)
         with h5py.File(self.tmp[1], "w") as f:
             f.create_dataset("y", data=y.astype(np.uint8).reshape(-1, 1, 1, 1))
-        for tmp, final in zip(self.tmp, self.final):
-            os.replace(tmp, final)
+        self._files.close()  # both renamed (or, on an error, both temporaries deleted)
 
     def abort(self) -> None:
         try:
             self._xf.close()
-        except Exception:  # noqa: BLE001 - already closed or broken; the files go anyway
+        except Exception:  # noqa: BLE001 - already closed, broken or never opened; the files go anyway
             pass
-        for tmp in self.tmp:
-            tmp.unlink(missing_ok=True)
+        # Closing the stack with an exception makes each atomic_path delete its temporary file.
+        self._files.__exit__(WsiToolkitError, WsiToolkitError("aborted"), None)
 
 
 def _labels_array(y: Any) -> np.ndarray:

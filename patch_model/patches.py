@@ -1,37 +1,21 @@
 """Cut a PCam-style patch set from annotated whole-slide images (``wsi-patches``).
 
-What PCam is, and what this reproduces
---------------------------------------
-PatchCamelyon patches are 96 x 96 px at 0.972 um/px (level 2 of a 0.243 um/px Camelyon16
-slide); the label is 1 when at least one tumour pixel lies in the centre 32 x 32 region. The
-candidates here are the cells of the toolkit's own PCam grid (:func:`wsi_toolkit.tiling.make_grid`,
-stride 32 px over the tissue of :func:`wsi_toolkit.tissue.detect_tissue`), so a candidate's
-centre region is exactly one heatmap cell, and overlapping candidates are sampled without
-replacement. Tumour comes from ASAP XML (Camelyon16's format; groups ``_0``/``_1``/``Tumor``
-minus exclusion ``_2``, see :func:`wsi_toolkit.annotations.tumor_region`).
+Patches are 96 x 96 px at 0.972 um/px, labelled 1 when annotated tumour (ASAP XML, see
+:func:`wsi_toolkit.annotations.tumor_region`) covers part of the centre 32 x 32 px, as in
+PatchCamelyon. Candidates are the cells of the toolkit's own PCam grid over the tissue, so a
+candidate's centre is exactly one heatmap cell. Splits are by slide, never by patch.
 
-Splits are by slide (never by patch): a slide's patches are all in one split, so valid/test
-numbers are not inflated by near-duplicate patches of training slides.
-
-Output (``out/``), the PCam layout plus provenance
---------------------------------------------------
-- ``camelyonpatch_level_2_split_{split}_{x,y}.h5`` (see :func:`patch_model.data.write_pcam_h5`)
-- ``camelyonpatch_level_2_split_{split}_meta.csv``: ``slide,l0_x,l0_y,label,split``, one row per
-  patch in the same order; ``l0_x, l0_y`` is the patch's top-left in level-0 px (2 decimals),
-  read with ``read_at_mpp((l0_x, l0_y), (96, 96), 0.972)``. Rows are grouped by slide;
-  shuffle when training.
-- ``patches_summary.json``: settings, per-split and per-slide counts, failed slides and their
-  errors, ``"synthetic": true`` when any source slide is a SYNTHETIC test slide.
+Output (``out/``): the PCam HDF5 layout (:func:`patch_model.data.write_pcam_h5`), one
+``camelyonpatch_level_2_split_{split}_meta.csv`` per split (``slide,l0_x,l0_y,label,split``) and
+``patches_summary.json``; the files in detail: docs/training.md, "wsi-patches".
 """
 
 from __future__ import annotations
 
 import csv
 import io
-import json
 import logging
 import math
-import os
 import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +29,9 @@ from tqdm.auto import tqdm
 
 from patch_model.data import PCAM_MPP, PCAM_PATCH_PX, PCAM_SPLITS, _PCamWriter
 from wsi_toolkit.annotations import read_asap_xml, tumor_region
+from wsi_toolkit.atomic import write_json_atomic, write_text_atomic
 from wsi_toolkit.errors import ConfigError, WsiToolkitError
+from wsi_toolkit.limits import check_fraction, check_int, check_number
 from wsi_toolkit.slide import open_slide
 from wsi_toolkit.tiling import GridConfig, make_grid
 from wsi_toolkit.tissue import TissueConfig, detect_tissue
@@ -111,9 +97,8 @@ def patch_label(tumor_geometry_l0: Any, patch_l0_xy: Sequence[float], *, patch_l
     >>> patch_label(tumour, (0, 0), patch_l0=384.0), patch_label(tumour, (-200, -200), patch_l0=384.0)
     (1, 0)
     """
-    if not (isinstance(patch_l0, (int, float, np.integer, np.floating)) and math.isfinite(patch_l0) and patch_l0 > 0):
-        raise ConfigError(f"patch_l0 must be a positive number of level-0 px; got {patch_l0!r}")
-    return int(_patch_labels(tumor_geometry_l0, np.asarray([patch_l0_xy], np.float64), patch_l0=float(patch_l0))[0])
+    patch_l0 = check_number(patch_l0, "patch_l0", positive=True, unit="level-0 px")
+    return int(_patch_labels(tumor_geometry_l0, np.asarray([patch_l0_xy], np.float64), patch_l0=patch_l0)[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,19 +288,11 @@ def _check_settings(split_fractions: Mapping[str, float], splits: Mapping[str, s
     for stem, s in (splits or {}).items():
         if s not in PCAM_SPLITS:
             raise ConfigError(f"splits[{stem!r}] must be one of {PCAM_SPLITS}; got {s!r}")
-    if not (isinstance(per_slide, (int, np.integer)) and not isinstance(per_slide, bool) and per_slide >= 2):
-        raise ConfigError(f"per_slide must be an integer >= 2; got {per_slide!r}")
-    if not 0 <= min_tissue_fraction <= 1:
-        raise ConfigError(f"min_tissue_fraction must be in [0, 1]; got {min_tissue_fraction!r}")
-    if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
-        raise ConfigError(f"mpp must be a positive number of um/px; got {mpp!r}")
+    check_int(per_slide, "per_slide", minimum=2)
+    check_fraction(min_tissue_fraction, "min_tissue_fraction")
+    if mpp is not None:
+        check_number(mpp, "mpp", positive=True, unit="um/px")
     return fr
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def cut_pcam_patches(
@@ -418,7 +395,7 @@ def cut_pcam_patches(
         annotations=None if ann_dir is None else str(ann_dir), patch_px=PCAM_PATCH_PX, spacing_um_px=PCAM_MPP,
         tissue=TissueConfig().to_dict(),
     ))
-    _write_text_atomic(out / _SUMMARY, json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(out / _SUMMARY, summary)
     return summary
 
 
@@ -452,7 +429,7 @@ def _write_split(out: Path, split: str, members: list[_SlidePlan], *, seed: int,
     w.writerow(["slide", "l0_x", "l0_y", "label", "split"])
     for stem, x, y, lab in rows:
         w.writerow([stem, f"{x:.2f}", f"{y:.2f}", lab, split])
-    _write_text_atomic(out / _META.format(split=split), buf.getvalue())
+    write_text_atomic(out / _META.format(split=split), buf.getvalue())
     n_pos = sum(r[3] for r in rows)
     return {"n": len(rows), "n_pos": n_pos, "n_neg": len(rows) - n_pos}
 

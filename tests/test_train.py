@@ -20,20 +20,14 @@ import torch
 pytest.importorskip("fastai")
 pytest.importorskip("h5py")
 
+from patch_model.archs import MissingWeightsError, build_learner, check_pretrained_cached, resolve_arch  # noqa: E402
+from patch_model.augment import DihedralBatch  # noqa: E402
 from patch_model.cli import eval_main, patches_main, train_main  # noqa: E402
-from patch_model.data import open_splits, pcam_paths, write_pcam_h5  # noqa: E402
+from patch_model.data import CLASS_NAMES, open_splits, pcam_paths, write_pcam_h5  # noqa: E402
 from patch_model.evaluate import binary_metrics, dihedral_views  # noqa: E402
 from patch_model.export import export_learner, learner_config  # noqa: E402
-from patch_model.train import (  # noqa: E402
-    CLASS_NAMES,
-    DihedralBatch,
-    MissingWeightsError,
-    TrainConfig,
-    build_dataloaders,
-    build_learner,
-    check_pretrained_cached,
-    resolve_arch,
-)
+from patch_model.loaders import build_dataloaders  # noqa: E402
+from patch_model.train import TrainConfig  # noqa: E402
 from wsi_toolkit.errors import ConfigError, WsiToolkitError  # noqa: E402
 from wsi_toolkit.inference import InferenceConfig, run_inference  # noqa: E402
 from wsi_toolkit.model_package import (  # noqa: E402
@@ -340,7 +334,7 @@ def test_flips_are_the_articles_four_views_only():
     90-degree rotation or a transpose."""
     from fastai.torch_core import TensorImage
 
-    from patch_model.train import SYMMETRIES
+    from patch_model.augment import SYMMETRIES
 
     torch.manual_seed(1)
     x = TensorImage(torch.rand(64, 3, 7, 7))
@@ -360,7 +354,7 @@ def test_hed_jitter_is_identity_without_jitter_and_moves_stains_with_it():
     from fastai.torch_core import TensorImage
     from skimage.color import hed_from_rgb, rgb2hed, rgb_from_hed
 
-    from patch_model.train import HedJitterBatch, hed_jitter
+    from patch_model.augment import HedJitterBatch, hed_jitter
 
     rng = np.random.default_rng(0)
     rgb = rng.uniform(0.2, 1.0, (4, 8, 8, 3)).astype(np.float32)
@@ -398,13 +392,27 @@ def test_hed_jitter_is_identity_without_jitter_and_moves_stains_with_it():
 
 @pytest.mark.parametrize("augment", ["none", "flips", "dihedral", "flips+hed", "dihedral+hed"])
 def test_augment_choices_build_their_transforms(tiny_pcam, augment):
-    from patch_model.train import HedJitterBatch
+    from patch_model.augment import HedJitterBatch
 
     data = build_dataloaders(open_splits(tiny_pcam), size=96, batch_size=16, workers=0, augment=augment)
     names = [type(t).__name__ for t in data.dls.train.after_batch.fs]
     assert ("HedJitterBatch" in names) == augment.endswith("+hed")
     assert ("DihedralBatch" in names) == (augment != "none")
     assert HedJitterBatch.order < DihedralBatch.order  # stain jitter on the float image, before the flips
+
+
+def test_names_from_before_the_split_still_import_from_train():
+    import patch_model
+    import patch_model.train as train
+
+    for name in train.__all__:
+        assert getattr(train, name) is not None, name
+    for name in ("SYMMETRIES", "parse_augment", "TUMOR_INDEX", "PCAM_PATCH_PX", "plot_lr_find", "ARCH_SOURCES"):
+        assert hasattr(train, name), name
+    assert train.resolve_arch is resolve_arch and train.DihedralBatch is DihedralBatch
+    assert train.build_dataloaders is build_dataloaders and train.CLASS_NAMES == CLASS_NAMES
+    for name in patch_model.__all__:
+        assert getattr(patch_model, name) is not None, name
 
 
 def test_bad_augment_is_a_config_error(tiny_pcam, tmp_path):
@@ -492,6 +500,13 @@ def test_weights_file_initialises_the_body(tiny_pcam, tmp_path):
     ({"lr_find_iters": 0}, "--lr"),
     ({"monitor": "f1"}, "monitor"),
     ({"pretrained": False, "weights": "x.pth"}, "contradict"),
+    ({"batch_size": 1}, "batch_size"),
+    ({"lr": -1e-3}, "lr must be a positive number"),
+    ({"wd": float("nan")}, "wd"),
+    ({"lr_find_iters": 3}, "lr_find_iters"),
+    ({"valid_fraction": 1.0}, r"valid_fraction must be in \(0, 1\)"),
+    ({"test_fraction": 0.95}, "test_fraction"),
+    ({"seed": True}, "seed must be an integer"),
 ])
 def test_train_config_rejects_bad_settings(tmp_path, kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
