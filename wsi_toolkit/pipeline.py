@@ -1,6 +1,8 @@
-"""Slide-level inference end to end: tissue -> grid -> batched predictions -> heatmap -> exports.
+"""The batch behind ``wsi-infer``: many slides into one output folder, resumable and shared.
 
-:func:`run_batch` is the library call behind ``wsi-infer``. Per slide it writes, in
+Per slide, :func:`wsi_toolkit.analysis.analyse_slide` computes and
+:func:`wsi_toolkit.analysis.write_outputs` writes; this module decides which slides to run, where
+their outputs go, and keeps ``summary.csv``. :func:`run_batch` writes, per slide, in
 ``OUT/<name>/`` (``<name>`` is the slide's stem made safe, see :func:`safe_dir_name`):
 ``heatmap.tif``, ``overlay.png``, ``tumor.geojson``, ``tumor.xml``, ``tiles.csv`` and, last,
 ``run.json``. Nothing is written outside ``OUT``. Every file is written under a temporary name and
@@ -22,45 +24,29 @@ the others go on.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import platform
 import time
 import unicodedata
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
 import filelock
-import numpy as np
 
-from wsi_toolkit.errors import ConfigError, SlideNotFoundError, SlidePermissionError, WsiToolkitError
-from wsi_toolkit.export import (
-    clean_stale_partials,
-    render_overlay,
-    tumor_regions,
-    write_heatmap_tiff,
-    write_json_atomic,
-    write_regions_asap,
-    write_regions_geojson,
-    write_summary_csv,
-    write_tiles_csv,
-)
-from wsi_toolkit.heatmap import stitch
-from wsi_toolkit.inference import InferenceConfig, run_inference
+from wsi_toolkit.analysis import OUTPUT_FILES, RunConfig, analyse_slide, output_key, slide_identity, write_outputs
+from wsi_toolkit.atomic import clean_stale_partials, write_json_atomic
+from wsi_toolkit.errors import SlideNotFoundError, SlidePermissionError, WsiToolkitError
+from wsi_toolkit.export import write_summary_csv
 from wsi_toolkit.model_package import ModelPackage, load_model_package
-from wsi_toolkit.slide import open_slide
-from wsi_toolkit.tiling import GridConfig, make_grid
-from wsi_toolkit.tissue import TissueConfig, detect_tissue
+from wsi_toolkit.records import RunRecord, RunRecordError, upgrade_output_key
 
 __all__ = ["RunConfig", "SlideResult", "run_slide", "run_batch", "OUTPUT_FILES", "RESERVED_NAMES", "safe_dir_name",
            "slide_out_dir", "output_key", "summary_rows"]
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FILES = ("heatmap.tif", "overlay.png", "tumor.geojson", "tumor.xml", "tiles.csv", "run.json")
 #: Written in a slide's folder instead of ``run.json`` when the slide failed.
 FAILED_FILE = "failed.json"
 #: Names in ``OUT`` that the batch writes itself: never a slide's folder (compared case-insensitively).
@@ -68,39 +54,6 @@ RESERVED_NAMES = frozenset({"summary.csv"})
 #: Folder in ``OUT`` holding the per-slide lock files (hidden: no slide folder starts with a dot).
 LOCK_DIR = ".locks"
 SUMMARY_LOCK = ".summary.csv.lock"
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """Every setting of a ``wsi-infer`` run (written to each ``run.json``).
-
-    ``stride_px=None`` and ``merge=None`` follow the model's label semantics: a centre-label model
-    (PCam) gets stride ``patch_px // 3`` and the centre merge, others stride ``patch_px`` and the
-    mean merge.
-    """
-
-    mpp: float | None = None
-    stride_px: int | None = None
-    merge: Literal["centre", "mean"] | None = None
-    threshold: float = 0.5
-    min_tissue_fraction: float = 0.5
-    thumb_mpp: float = 8.0
-    overwrite: bool = False
-    backend: str = "auto"
-    inference: InferenceConfig = field(default_factory=InferenceConfig)
-
-    def __post_init__(self) -> None:
-        for name in ("threshold", "min_tissue_fraction"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
-                raise ConfigError(f"{name} must be a number in [0, 1]; got {v!r}")
-        if self.merge not in (None, "centre", "mean"):
-            raise ConfigError(f"merge must be 'centre' or 'mean'; got {self.merge!r}")
-        if self.stride_px is not None and not (isinstance(self.stride_px, int) and self.stride_px > 0):
-            raise ConfigError(f"stride_px must be a positive integer; got {self.stride_px!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -119,152 +72,19 @@ class SlideResult:
     def row(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "out_dir"}
 
-
-def _versions() -> dict:
-    import tifffile
-    import torch
-
-    import wsi_toolkit
-
-    v = {"wsi_toolkit": wsi_toolkit.__version__, "python": platform.python_version(), "torch": torch.__version__,
-         "numpy": np.__version__, "tifffile": tifffile.__version__}
-    try:
-        import openslide
-
-        v["openslide"] = openslide.__library_version__
-        v["openslide_python"] = openslide.__version__
-    except Exception:  # pragma: no cover - backend missing
-        pass
-    return v
-
-
-def _grid_config(package: ModelPackage, config: RunConfig) -> tuple[GridConfig, str]:
-    cfg = package.config
-    centre = cfg.label_semantics == "centre"
-    stride = config.stride_px or (max(1, cfg.patch_size_pixels // 3) if centre else cfg.patch_size_pixels)
-    merge = config.merge or ("centre" if centre else "mean")
-    grid = GridConfig(patch_px=cfg.patch_size_pixels, spacing_um_px=cfg.spacing_um_px, stride_px=stride,
-                      min_tissue_fraction=config.min_tissue_fraction)
-    return grid, merge
+    @classmethod
+    def from_record(cls, record: RunRecord, status: Literal["ok", "skipped"] = "ok", *, out_dir: str = "",
+                    seconds: float | None = None) -> SlideResult:
+        return cls(slide=record.slide.path, status=status, slide_score=record.slide_score,
+                   tumor_area_mm2=record.tumor_area_mm2, n_patches=record.counts.n_patches,
+                   seconds=record.timings.get("seconds_slide") if seconds is None else seconds, out_dir=out_dir)
 
 
 def run_slide(slide_path: str | Path, package: ModelPackage, out_dir: str | Path, config: RunConfig) -> SlideResult:
-    """Run one slide into ``out_dir`` (its own folder). Raises on failure (see :func:`run_batch`)."""
-    t0 = time.perf_counter()
-    slide_path, out_dir = Path(slide_path), Path(out_dir)
-    key = output_key(slide_path, package, config)
-    grid_cfg, merge = _grid_config(package, config)
-    tissue_cfg = TissueConfig(thumb_mpp=config.thumb_mpp)
-    with open_slide(slide_path, mpp=config.mpp, backend=config.backend) as slide:
-        slide_info = {
-            "path": str(slide_path), "backend": slide.backend, "vendor": slide.vendor, "mpp": slide.mpp,
-            "mpp_source": slide.mpp_source, "mpp_metadata": slide.mpp_metadata, "level0_size": list(slide.dimensions),
-            "level_count": slide.level_count,
-            "synthetic": slide.is_synthetic,
-        }
-        t = time.perf_counter()
-        thumb = slide.thumbnail(mpp=tissue_cfg.thumb_mpp)
-        tissue = detect_tissue(thumb, l0_mpp=slide.mpp, config=tissue_cfg)
-        grid = make_grid(l0_size=slide.dimensions, l0_mpp=slide.mpp, config=grid_cfg, tissue_mask=tissue.mask,
-                         mask_l0_per_px=tissue.l0_per_px)
-        seconds_tissue = time.perf_counter() - t
-        l0_mpp = slide.mpp
-    result = run_inference(slide_path, grid, package, config=config.inference, mpp=config.mpp,
-                           backend=config.backend, desc=slide_path.name)
-    tumor_idx = package.config.tumor_index()
-    p_tumor = result.probs[:, tumor_idx] if result.probs.shape[1] > 1 else result.probs[:, 0]
-    heatmap = stitch(grid, p_tumor, merge=merge)
-    regions = tumor_regions(heatmap, threshold=config.threshold)
-    slide_score = float(p_tumor.max()) if len(p_tumor) else 0.0
-    tumor_area = float(sum(r.area_mm2 for r in regions))
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    t = time.perf_counter()
-    class_names = list(package.config.class_names)
-    if result.probs.shape[1] == 1:
-        probs_by_class = {class_names[tumor_idx]: result.probs[:, 0]}
-    else:
-        probs_by_class = {name: result.probs[:, i] for i, name in enumerate(class_names)}
-    write_tiles_csv(out_dir / "tiles.csv", grid, probs_by_class)
-    write_heatmap_tiff(out_dir / "heatmap.tif", heatmap)
-    write_regions_geojson(out_dir / "tumor.geojson", regions, slide_name=slide_path.name)  # ids: uuid5(name, index)
-    write_regions_asap(out_dir / "tumor.xml", regions)
-    synthetic = slide_info["synthetic"] or bool(package.config.extra.get("synthetic"))
-    title = ("SYNTHETIC - " if synthetic else "") + (
-        f"{slide_path.name}: tumour probability ({package.config.architecture}), max {slide_score:.2f}, "
-        f"{len(regions)} region(s) >= {config.threshold:g}")
-    render_overlay(thumb, tissue.l0_per_px, heatmap, tissue_polygons_l0=tissue.polygons(), title=title,
-                   threshold=config.threshold, path=out_dir / "overlay.png")
-    seconds_export = time.perf_counter() - t
-    seconds = time.perf_counter() - t0
-    run = {
-        "status": "ok",
-        "synthetic": synthetic,
-        "slide": slide_info,
-        "model": {"path": str(package.path), "sha256": package.sha256, "architecture": package.config.architecture,
-                  "class_names": class_names, "tumor_class": class_names[tumor_idx],
-                  "patch_size_pixels": package.config.patch_size_pixels,
-                  "spacing_um_px": package.config.spacing_um_px, "label_semantics": package.config.label_semantics,
-                  "synthetic": bool(package.config.extra.get("synthetic"))},
-        "settings": {"run": config.to_dict(), "grid": grid_cfg.to_dict(), "merge": merge, "tissue": tissue_cfg.to_dict()},
-        "output_key": key,
-        "grid": {"shape_rc": list(grid.shape_rc), "cell_l0": grid.cell_l0, "patch_l0": grid.patch_l0,
-                 "offset_l0": grid.offset_l0},
-        "heatmap": heatmap.geometry(),
-        "counts": {"n_patches": len(grid), "tissue_mm2": tissue.area_mm2(), "n_regions": len(regions)},
-        "slide_score": slide_score,
-        "tumor_area_mm2": tumor_area,
-        "timings": {**result.timings(), "seconds_tissue": round(seconds_tissue, 4),
-                    "seconds_export": round(seconds_export, 4), "seconds_slide": round(seconds, 4)},
-        "versions": _versions(),
-        "outputs": list(OUTPUT_FILES),
-    }
-    write_json_atomic(out_dir / "run.json", run)  # last: marks the slide finished
-    return SlideResult(slide=str(slide_path), status="ok", slide_score=slide_score, tumor_area_mm2=tumor_area,
-                       n_patches=len(grid), seconds=round(seconds, 3), out_dir=str(out_dir))
-
-
-def _model_config_sha256(package: ModelPackage) -> str:
-    text = json.dumps(package.config.to_dict(), sort_keys=True, ensure_ascii=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def _slide_identity(slide_path: Path) -> dict:
-    """Which slide file made the outputs: its name and size (not its folder, so moved slides
-    still resume)."""
-    try:
-        size = slide_path.stat().st_size
-    except OSError:
-        size = None
-    return {"name": slide_path.name, "size": size}
-
-
-def output_key(slide_path: str | Path, package: ModelPackage, config: RunConfig) -> dict:
-    """Everything that decides a slide's outputs, as written to ``run.json`` (``output_key``).
-
-    A finished slide is skipped only when this matches exactly: the slide file (name and size),
-    the model's weights (sha256) and ``config.json`` (sha256 of its content), the resolved grid
-    (patch size, spacing, stride, tissue fraction), merge, tissue settings, threshold, the mpp
-    override, reader backend, device, precision and graph optimisation. Batch size, reader
-    workers and progress bars do not change outputs and are not in it.
-    """
-    slide_path = Path(slide_path)
-    grid_cfg, merge = _grid_config(package, config)
-    inf = config.inference
-    return {
-        "slide": _slide_identity(slide_path),
-        "model_sha256": package.sha256,
-        "model_config_sha256": _model_config_sha256(package),
-        "grid": grid_cfg.to_dict(),
-        "merge": merge,
-        "tissue": TissueConfig(thumb_mpp=config.thumb_mpp).to_dict(),
-        "threshold": config.threshold,
-        "mpp": config.mpp,
-        "backend": config.backend,
-        "device": inf.device,
-        "precision": inf.precision,
-        "optimize": inf.optimize,
-    }
+    """Analyse one slide and write its outputs into ``out_dir`` (its own folder). Raises on failure
+    (see :func:`run_batch`)."""
+    record = write_outputs(analyse_slide(slide_path, package, config), out_dir)
+    return SlideResult.from_record(record, out_dir=str(out_dir), seconds=round(record.timings["seconds_slide"], 3))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -299,22 +119,28 @@ def _read_json(path: Path) -> dict | None:
     return doc if isinstance(doc, dict) else None
 
 
-def _finished(out_dir: Path) -> dict | None:
+def _finished(out_dir: Path) -> RunRecord | None:
     """The folder's ``run.json`` when the slide finished there (status ok, every output present)."""
-    run = _read_json(out_dir / "run.json")
-    if run is None or run.get("status") != "ok" or not all((out_dir / f).is_file() for f in OUTPUT_FILES):
+    if not (out_dir / "run.json").is_file():
+        return None
+    try:
+        run = RunRecord.read(out_dir / "run.json")
+    except RunRecordError as exc:
+        log.debug("%s", exc)
+        return None
+    if run.status != "ok" or not all((out_dir / f).is_file() for f in OUTPUT_FILES):
         return None
     return run
 
 
-def _decide(out_dir: Path, key: dict, overwrite: bool) -> tuple[str, dict | None, str]:
+def _decide(out_dir: Path, key: dict, overwrite: bool) -> tuple[str, RunRecord | None, str]:
     """("skip", run, "") for a finished slide with the same output key; ("run", None, why) otherwise."""
     if overwrite:
         return "run", None, "--overwrite"
     run = _finished(out_dir)
     if run is None:
         return "run", None, ""
-    old = run.get("output_key")
+    old = upgrade_output_key(run.output_key)
     if not isinstance(old, dict):
         return "run", None, "its run.json has no output_key (made by an older wsi-toolkit)"
     diffs = _key_differences(old, key)
@@ -379,7 +205,7 @@ def slide_out_dir(out: Path, slide_path: Path, taken: set[str]) -> Path:
     """
     out, slide_path = Path(out), Path(slide_path)
     base = safe_dir_name(slide_path.stem)
-    me = _slide_identity(slide_path)
+    me = slide_identity(slide_path)
 
     def free(name: str) -> bool:
         if name.casefold() in taken or name.casefold() in RESERVED_NAMES:
@@ -404,14 +230,6 @@ def slide_out_dir(out: Path, slide_path: Path, taken: set[str]) -> Path:
 # summary.csv
 
 
-def _row_from_run(run: dict, status: str = "ok") -> dict:
-    slide = run.get("slide") if isinstance(run.get("slide"), dict) else {}
-    return {"slide": slide.get("path", ""), "status": status, "error": "",
-            "slide_score": run.get("slide_score"), "tumor_area_mm2": run.get("tumor_area_mm2"),
-            "n_patches": (run.get("counts") or {}).get("n_patches"),
-            "seconds": (run.get("timings") or {}).get("seconds_slide")}
-
-
 def summary_rows(out: Path, results: list[SlideResult]) -> list[dict]:
     """The rows of ``summary.csv``: this run's slides in order (a ``busy`` slide that another
     process has finished meanwhile as ``ok``), then every other slide folder in ``OUT`` with a
@@ -424,7 +242,7 @@ def summary_rows(out: Path, results: list[SlideResult]) -> list[dict]:
         if r.status == "busy" and r.out_dir:
             run = _finished(Path(r.out_dir))
             if run is not None:
-                rows.append(_row_from_run(run))
+                rows.append(SlideResult.from_record(run).row())
                 continue
         rows.append(r.row())
     try:
@@ -436,7 +254,7 @@ def summary_rows(out: Path, results: list[SlideResult]) -> list[dict]:
             continue
         run = _finished(folder)
         if run is not None:
-            rows.append(_row_from_run(run))
+            rows.append(SlideResult.from_record(run).row())
             continue
         failed = _read_json(folder / FAILED_FILE)
         if failed is not None:
@@ -493,9 +311,7 @@ def _run_one(path: Path, out_dir: Path, package: ModelPackage, config: RunConfig
     if decision == "skip":
         log.info("%s: skipped: finished before in %s with the same slide, model and settings "
                  "(use --overwrite to redo)", path, out_dir)
-        return SlideResult(slide=str(path), status="skipped", slide_score=done.get("slide_score"),
-                           tumor_area_mm2=done.get("tumor_area_mm2"),
-                           n_patches=done.get("counts", {}).get("n_patches"), seconds=0.0, out_dir=str(out_dir))
+        return SlideResult.from_record(done, "skipped", out_dir=str(out_dir), seconds=0.0)
     if why:
         log.warning("%s: redoing %s: %s", path, out_dir, why)
     else:

@@ -81,7 +81,7 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
     if not paths and not failures:
         raise click.UsageError(f"no slides found in {', '.join(map(str, slides))}")
     config = RunConfig(
-        mpp=mpp, stride_px=stride_px, merge=merge, threshold=threshold, min_tissue_fraction=min_tissue,
+        mpp_override=mpp, stride_px=stride_px, merge=merge, threshold=threshold, min_tissue_fraction=min_tissue,
         overwrite=overwrite, backend=backend,
         inference=InferenceConfig(batch_size=batch_size, workers=workers, device=device, precision=precision,
                                   progress=not no_progress),

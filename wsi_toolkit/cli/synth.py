@@ -19,7 +19,7 @@ from wsi_toolkit.cli._common import run_click, setup_logging
               help="tiff: pyramidal JPEG TIFF with resolution tags; svs: Aperio-style; svs-j2k: Aperio SVS with JPEG 2000 "
                    "(YCbCr, compression 33003) tiles; svs-nompp and tiff-nores: no mpp metadata.")
 @click.option("--tissue-mm2", type=float, default=4.0, show_default=True)
-@click.option("--tumours", type=int, default=2, show_default=True)
+@click.option("--tumors", type=int, default=2, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--no-faint", is_flag=True, help="Leave out the faint tissue section.")
 @click.option("--no-pen", is_flag=True, help="Leave out the pen marks on the glass.")
