@@ -30,11 +30,14 @@ def _fmt(v) -> str:
 
 @click.command(name="pcam-train", context_settings=_CTX)
 @click.option("--data", "data", required=True, type=click.Path(path_type=Path, exists=True, file_okay=False),
-              help="PCam HDF5 folder (camelyonpatch_level_2_split_*_{x,y}.h5) or Kaggle folder (train/, train_labels.csv).")
+              help="PCam HDF5 folder (camelyonpatch_level_2_split_*_{x,y}.h5) or Kaggle folder "
+                   "(train/, train_labels.csv).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Output folder: model/ (the package), metrics.json, settings.json, train.log, plots.")
-@click.option("--arch", default="resnet50", help="Backbone by name: torchvision (resnet50, densenet121, ...) or timm (timm:NAME).")
-@click.option("--size", type=int, default=224, help="Model input px: 224 upsamples the 96 px patches (the article); 96 = native.")
+@click.option("--arch", default="resnet50",
+              help="Backbone by name: torchvision (resnet50, densenet121, ...) or timm (timm:NAME).")
+@click.option("--size", type=int, default=224,
+              help="Model input px: 224 upsamples the 96 px patches (the article); 96 = native.")
 @click.option("--pretrained/--no-pretrained", default=True,
               help="ImageNet body from the local torch cache (never downloaded) / random initialisation.")
 @click.option("--weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
@@ -124,8 +127,10 @@ def train_main(argv: list[str] | None = None) -> int:
 @click.option("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
 @click.option("--workers", type=int, default=0, help="DataLoader processes reading patches.")
 @click.option("--valid-fraction", type=float, default=None,
-              help="Kaggle layout: rebuild the random valid split with this share [default: the package's training value].")
-@click.option("--seed", type=int, default=None, help="Kaggle layout: split seed [default: the package's training seed].")
+              help="Kaggle layout: rebuild the random valid split with this share "
+                   "[default: the package's training value].")
+@click.option("--seed", type=int, default=None,
+              help="Kaggle layout: split seed [default: the package's training seed].")
 @click.option("--no-progress", is_flag=True)
 @click.option("-v", "--verbose", count=True)
 def _eval_command(package, data, split, tta, out, batch_size, device, workers, valid_fraction, seed, no_progress,
@@ -140,7 +145,8 @@ def _eval_command(package, data, split, tta, out, batch_size, device, workers, v
     m = r.metrics
     leaky = " LEAKY (random split without slide ids; optimistic)" if r.leaky else ""
     cm = m["confusion_matrix"]
-    click.echo(f"{split}{' +TTA(8)' if tta else ''}{leaky}: accuracy {_fmt(m['accuracy'])}, ROC AUC {_fmt(m['roc_auc'])}, "
+    click.echo(f"{split}{' +TTA(8)' if tta else ''}{leaky}: accuracy {_fmt(m['accuracy'])}, "
+               f"ROC AUC {_fmt(m['roc_auc'])}, "
                f"sensitivity {_fmt(m['sensitivity'])}, specificity {_fmt(m['specificity'])} ({m['n']} patches)")
     click.echo(f"confusion matrix (rows true {m['class_names']}, cols predicted): {cm}")
     click.echo(f"written: {r.out / 'eval.json'}, {r.out / 'roc.png'}")

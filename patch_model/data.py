@@ -192,7 +192,8 @@ class PCamH5(torch.utils.data.Dataset):
         except OSError as exc:
             raise DataLayoutError(f"{self.y_path}: not a readable HDF5 file ({exc}); re-download or gunzip it") from exc
         if len(labels) != n:
-            raise DataLayoutError(f"{self.root}: PCam {self.split!r} has {n} patches in x but {len(labels)} labels in y")
+            raise DataLayoutError(
+                f"{self.root}: PCam {self.split!r} has {n} patches in x but {len(labels)} labels in y")
         if labels.size and not np.isin(labels, (0, 1)).all():
             bad = np.unique(labels[~np.isin(labels, (0, 1))])[:5]
             raise DataLayoutError(f"{self.y_path}: labels must be 0 or 1; found {bad.tolist()}")
@@ -301,7 +302,8 @@ class KaggleFolder(torch.utils.data.Dataset):
         self.leaky = bool(leaky)
         image_dir = self.root / "train"
         if not image_dir.is_dir():
-            raise DataLayoutError(f"{self.root}: no train/ folder; the Kaggle layout is train/<id>.tif + {_KAGGLE_LABELS}"
+            raise DataLayoutError(f"{self.root}: no train/ folder; the Kaggle layout is train/<id>.tif + "
+                                  f"{_KAGGLE_LABELS}"
                                   + (" (unzip train.zip first)" if (self.root / "train.zip").is_file() else ""))
         table = _read_kaggle_labels(self.root)
         if ids is None:
@@ -310,13 +312,15 @@ class KaggleFolder(torch.utils.data.Dataset):
             self.ids = [str(i) for i in ids]
             unknown = [i for i in self.ids if i not in table]
             if unknown:
-                raise DataLayoutError(f"{self.root / _KAGGLE_LABELS}: {len(unknown)} ids not listed, e.g. {unknown[:3]}")
+                raise DataLayoutError(
+                    f"{self.root / _KAGGLE_LABELS}: {len(unknown)} ids not listed, e.g. {unknown[:3]}")
         self._labels = np.fromiter((table[i] for i in self.ids), dtype=np.int64, count=len(self.ids))
         self._labels.flags.writeable = False
         self.image_dir = image_dir
         # Checking 220,000 files up front costs seconds; the first one catches a wrong folder.
         if self.ids and not self._path(0).is_file():
-            raise DataLayoutError(f"{self._path(0)} is missing; {_KAGGLE_LABELS} lists ids whose images are not in train/")
+            raise DataLayoutError(
+                f"{self._path(0)} is missing; {_KAGGLE_LABELS} lists ids whose images are not in train/")
         kind = ("RANDOM split without slide ids -- LEAKY: its slides are also in train; "
                 "call metrics on it leaky") if self.leaky else "Kaggle layout, no slide ids"
         self.description = (

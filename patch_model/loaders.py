@@ -120,7 +120,8 @@ def build_dataloaders(
     labels = np.concatenate([labels_of(ds) for ds in parts])
     bad = np.setdiff1d(np.unique(labels), np.arange(len(class_names)))
     if bad.size:
-        raise ConfigError(f"labels must be in 0..{len(class_names) - 1} ({', '.join(class_names)}); found {bad.tolist()}")
+        raise ConfigError(
+            f"labels must be in 0..{len(class_names) - 1} ({', '.join(class_names)}); found {bad.tolist()}")
     items, start = {}, 0
     for name, ds in zip(order, parts):
         items[name] = range(start, start + len(ds))

@@ -80,8 +80,7 @@ __all__ = [
 ]
 
 # Re-exported for imports from before the split (not in __all__: their homes are the modules above).
-_REEXPORTED = (ARCH_SOURCES, SYMMETRIES, PCAM_PATCH_PX, TUMOR_INDEX, parse_augment, plot_lr_find, plot_losses,
-               plot_top_losses_gradcam)
+_REEXPORTED = (ARCH_SOURCES, SYMMETRIES)
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +161,8 @@ class TrainConfig:
         need(self.monitor in _MONITORS, f"monitor must be one of {_MONITORS}; got {self.monitor!r}")
         if self.lr_find_iters is not None:
             iters = check_int(self.lr_find_iters, "lr_find_iters", minimum=0)
-            need(iters == 0 or iters >= 6, f"lr_find_iters must be None (auto), 0 (skip lr_find) or >= 6; got {iters!r}")
+            need(iters == 0 or iters >= 6,
+                 f"lr_find_iters must be None (auto), 0 (skip lr_find) or >= 6; got {iters!r}")
         need(self.lr_find_iters != 0 or self.lr is not None or self.epochs_frozen == 0,
              "lr_find is off (lr_find_iters=0): pass --lr for the frozen fit")
         need(self.lr_find_iters != 0 or self.lr is not None or self.lr_unfrozen is not None,
@@ -333,7 +333,8 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
         logger.info("%s: %s", name, c["description"])
     valid_labels = labels_of(splits["valid"])
     if len(np.unique(valid_labels)) < 2:
-        raise ConfigError(f"the valid split holds only class {CLASS_NAMES[int(valid_labels[0])] if len(valid_labels) else '-'}"
+        only = CLASS_NAMES[int(valid_labels[0])] if len(valid_labels) else "-"
+        raise ConfigError(f"the valid split holds only class {only}"
                           f"; ROC AUC and the best-epoch choice need both classes")
     summary = _data_summary(config.data)
     synthetic = bool(summary.get("synthetic", False))
@@ -367,8 +368,9 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
                 found, lrs, losses = _lr_find(learn, lr_iters)
                 logger.info("lr_find (frozen): valley %.3g%s", found, "" if lr is None else f" (using --lr {lr:g})")
                 if is_main:
+                    title = f"lr_find, body frozen ({spec.name}, {config.size} px)"
                     plots["lr_find_frozen"] = plot_lr_find(lrs, losses, found, out / "lr_find_frozen.png",
-                                                           title=f"lr_find, body frozen ({spec.name}, {config.size} px)").name
+                                                           title=title).name
                 lr_info["frozen_lr_find"] = found
                 if lr is None:
                     lr = found
@@ -383,8 +385,9 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
                 found, lrs, losses = _lr_find(learn, lr_iters)
                 logger.info("lr_find (unfrozen): valley %.3g", found)
                 if is_main:
+                    title = f"lr_find, unfrozen ({spec.name}, {config.size} px)"
                     plots["lr_find_unfrozen"] = plot_lr_find(lrs, losses, found, out / "lr_find_unfrozen.png",
-                                                             title=f"lr_find, unfrozen ({spec.name}, {config.size} px)").name
+                                                             title=title).name
                 lr_info["unfrozen_lr_find"] = found
                 if lr_max is None:
                     lr_max = found
@@ -399,7 +402,8 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
     learn.model.eval()
 
     if not is_main:
-        return TrainResult(out=out, package=out / "model", metrics={}, settings={}, seconds=time.perf_counter() - t_start)
+        return TrainResult(out=out, package=out / "model", metrics={}, settings={},
+                           seconds=time.perf_counter() - t_start)
 
     # ---- evaluation of the kept (best) epoch: valid, and test when there is one -------------
     def predict(split: str):
@@ -425,7 +429,8 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
     k = min(config.top_losses, len(v_losses))
     top = np.argsort(-v_losses, kind="stable")[:k]
     valid_ds = data.datasets["valid"]
-    top_patches = np.stack([np.asarray(valid_ds[int(i)][0]) for i in top]) if k else np.zeros((0, PCAM_PATCH_PX, PCAM_PATCH_PX, 3), np.uint8)
+    top_patches = (np.stack([np.asarray(valid_ds[int(i)][0]) for i in top]) if k
+                   else np.zeros((0, PCAM_PATCH_PX, PCAM_PATCH_PX, 3), np.uint8))
     cams = np.zeros((0, 1, 1), np.float32)
     if k:
         x = data.valid_inputs(top_patches, device)
@@ -485,7 +490,8 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
                        "monitor": config.monitor, "augmentation": config.augment, "precision": precision},
             "best": metrics["best"],
         },
-        "metrics": {"valid": _headline(valid_metrics), "test": None if test_metrics is None else _headline(test_metrics),
+        "metrics": {"valid": _headline(valid_metrics),
+                    "test": None if test_metrics is None else _headline(test_metrics),
                     "leaky": leaky},
     }
     cfg = learner_config(learn, arch=spec.name, size=config.size, mean=spec.mean, std=spec.std, extra=extra)
