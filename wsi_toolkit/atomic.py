@@ -32,9 +32,8 @@ def partial_path(final: str | os.PathLike[str]) -> Path:
     return final.with_name(f".{final.name}.partial-{os.getpid()}")
 
 
-# ``.<name>.partial-<pid>``, and the temporary of a writer given that path that writes through
-# its own ``.<path name>.<32 hex>.tmp`` (wsi_toolkit.annotations).
-_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>[0-9]+)(\.[0-9a-f]{32}\.tmp)?$")
+# ``.<name>.partial-<pid>``.
+_PARTIAL = re.compile(r"^\.(?P<name>.+)\.partial-(?P<pid>[0-9]+)$")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -52,8 +51,7 @@ def _pid_alive(pid: int) -> bool:
 
 
 def clean_stale_partials(folder: str | os.PathLike[str]) -> list[Path]:
-    """Delete the temporary files (``.<name>.partial-<pid>``, and ``..<name>.partial-<pid>.<hex>.tmp``
-    of writers that write through their own temporary) in ``folder`` left by processes that no
+    """Delete the temporary files ``.<name>.partial-<pid>`` in ``folder`` left by processes that no
     longer run (e.g. killed with ``kill -9``), and this process's own leftovers.
 
     Files of live processes are left alone. Returns the deleted paths; a missing folder is

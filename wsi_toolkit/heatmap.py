@@ -35,7 +35,6 @@ Example
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -43,6 +42,7 @@ from typing import Literal
 import numpy as np
 
 from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.limits import check_number
 from wsi_toolkit.tiling import PatchGrid
 
 __all__ = ["MergeMode", "MERGE_MODES", "Heatmap", "stitch"]
@@ -86,10 +86,7 @@ class Heatmap:
                 f"Heatmap.predicted shape {predicted.shape} differs from prob shape {prob.shape}"
             )
         for name in ("cell_l0", "l0_mpp"):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float, np.integer, np.floating)) and math.isfinite(value) and value > 0):
-                raise ConfigError(f"Heatmap.{name} must be a positive number; got {value!r}")
-            object.__setattr__(self, name, float(value))
+            object.__setattr__(self, name, check_number(getattr(self, name), f"Heatmap.{name}", positive=True))
         prob.flags.writeable = False
         predicted.flags.writeable = False
         object.__setattr__(self, "prob", prob)

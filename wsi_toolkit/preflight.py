@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from wsi_toolkit.atomic import atomic_path
 from wsi_toolkit.errors import NoPatchesError, WsiToolkitError
 from wsi_toolkit.slide import SlideReader, open_slide
 from wsi_toolkit.tiling import GridConfig, PatchGrid, make_grid
@@ -196,6 +197,5 @@ def render_qc(thumb: np.ndarray, mask: TissueMask, grid: PatchGrid, path: str | 
     ImageDraw.Draw(out).text((6, 8), title + "  [blue: tissue outline, green: kept patch cells]", fill=(0, 0, 0))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    out.save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        out.save(tmp, format="PNG")

@@ -21,16 +21,18 @@ plus, with ``xml=True``, the ASAP XML of the tumour regions next to the slide.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Literal
 
 import numpy as np
 import shapely
-import shapely.affinity
 from shapely.geometry import LineString, Polygon
 
+from wsi_toolkit.atomic import atomic_path
 from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.geometry import scale_xy
+from wsi_toolkit.limits import check_number
 
 __all__ = [
     "Blob",
@@ -169,8 +171,7 @@ def make_spec(
 ) -> SyntheticSpec:
     """A lymph-node-like specimen: two tissue sections of ``tissue_mm2`` in all (about),
     ``n_tumors`` tumour regions inside them, optionally a faint section and pen strokes."""
-    if tissue_mm2 <= 0:
-        raise ConfigError(f"tissue_mm2 must be positive; got {tissue_mm2}")
+    tissue_mm2 = check_number(tissue_mm2, "tissue_mm2", positive=True, unit="mm^2")
     rng = np.random.default_rng(seed)
     wobble, lobes = 0.12, 5
     area_factor = math.pi * (1 + wobble**2 / 2)  # area of a wobbly ellipse with unit radii
@@ -396,7 +397,6 @@ def write_pyramidal_tiff(
     svs = flavour.startswith("svs")
     j2k = flavour == "svs-j2k"
     sizes = _level_sizes(l0_size, min_size=min_level_size)
-    tmp = path.with_name(f".{path.name}.partial")
     w0, h0 = l0_size
 
     def tiles(level: int) -> Iterator[np.ndarray]:
@@ -407,7 +407,7 @@ def write_pyramidal_tiff(
                 t = level_tiles(k, tx, ty, tile)
                 yield _jp2k_ycbcr_tile(t, quality) if j2k else t
 
-    with tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * 3 > 2**31) as tw:
+    with atomic_path(path) as tmp, tifffile.TiffWriter(tmp, bigtiff=w0 * h0 * 3 > 2**31) as tw:
         for level, (w, h) in enumerate(sizes):
             k = 2**level
             kw: dict = dict(
@@ -441,7 +441,6 @@ def write_pyramidal_tiff(
                 tw.write(thumb, photometric="rgb", compression="jpeg", compressionargs={"level": quality}, metadata=None,
                          description=f"Aperio Image Library v12.0.15 \r\n{w0}x{h0} -> {tw_}x{th_} - "
                                      f"|Title = {description}")
-    tmp.replace(path)
     return sizes
 
 
@@ -474,8 +473,7 @@ def write_synthetic_slide(
     the tumour regions are also written as ASAP XML (Camelyon16's format) at ``path`` with
     suffix ``.xml``.
     """
-    if not mpp > 0:
-        raise ConfigError(f"mpp must be positive; got {mpp}")
+    mpp = check_number(mpp, "mpp", positive=True, unit="um/px")
     spec = spec or make_spec()
     path = Path(path)
     if tile < 16 or tile & (tile - 1):
@@ -489,9 +487,8 @@ def write_synthetic_slide(
 
     write_pyramidal_tiff(path, level_tiles, l0_size=l0_size, mpp=None if flavour in ("tiff-nores", "svs-nompp") else mpp,
                          flavour=flavour, tile=tile, quality=quality)
-    to_l0 = 1.0 / mpp
-    tissue_l0 = shapely.affinity.scale(spec.tissue_um(), to_l0, to_l0, origin=(0, 0))
-    tumor_l0 = shapely.affinity.scale(spec.tumor_um(), to_l0, to_l0, origin=(0, 0))
+    tissue_l0 = scale_xy(spec.tissue_um(), 1.0 / mpp)
+    tumor_l0 = scale_xy(spec.tumor_um(), 1.0 / mpp)
     xml_path = None
     if xml:
         from wsi_toolkit.annotations import Annotation, write_asap_xml

@@ -1,45 +1,31 @@
-"""Tissue detection on a low-resolution RGB thumbnail, and mask -> polygon conversion.
+"""Tissue detection on a low-resolution RGB thumbnail.
 
 Pure array functions: the caller reads the thumbnail (at ``TissueConfig.thumb_mpp``) and
 passes it in; nothing here touches a file.
 
-Frames and units (see DESIGN.md)
---------------------------------
+Frames and units
+----------------
 - The thumbnail and the mask are indexed ``[row, col]`` at ``thumb_mpp`` um/px.
 - ``k = thumb_mpp / l0_mpp`` is the number of level-0 pixels per thumbnail pixel
   (``TissueMask.l0_per_px``). Thumbnail pixel ``[r, c]`` covers the level-0 pixels
   ``[c*k, (c+1)*k) x [r*k, (r+1)*k)`` (x by y). Pixels beyond the slide edge are white.
-- Polygons are ``(x, y)`` in level-0 pixels; pixel ``[r, c]`` of a mask is the square
-  ``[c, c+1] x [r, r+1]`` before scaling by ``k``.
+- Polygons are ``(x, y)`` in level-0 pixels (:func:`wsi_toolkit.geometry.mask_to_polygons`).
 
 Method of :func:`detect_tissue`
 -------------------------------
-1. HSV as :func:`skimage.color.rgb2hsv` defines it (hue in degrees, saturation and value in
-   0..1), computed here directly and the hue only for saturated pixels: 4x faster on a
-   full-slide thumbnail, where rgb2hsv took 6 of 11 s (3000 x 6000 px).
-2. Ink (only when ``suppress_pen``): ``value < min_value`` (black ink, dark debris), or
-   ``saturation >= pen_min_saturation`` with hue in ``blue_pen_hue`` (blue ballpoint /
-   marker, hue ~200-240 degrees, G >= R) or in ``green_pen_hue`` (green marker).
-   Haematoxylin -- nuclei, dense lymphocyte sheets of a lymph node -- is blue-*purple*,
-   hue ~250-300 degrees with R > G, and eosin is pink, hue ~300-350; the blue window
-   therefore stops at 245 degrees so dense purple tissue is never taken for ink.
-3. Saturation is median-filtered (``median_um``, converted to an odd number of pixels >= 1).
-4. A threshold is chosen with Otsu's method (:func:`skimage.filters.threshold_otsu`) over
-   the non-ink pixels and clipped to ``[saturation_floor, saturation_ceiling]``. Otsu runs
-   on ``log(min(saturation, saturation_ceiling) + 0.01)``, not on saturation itself: glass
-   sits near 0.00-0.03 and tissue spans 0.08 (faint eosin) to 0.6 (dense haematoxylin), so
-   on saturation itself Otsu splits *faint from dense tissue* whenever dense tissue
-   dominates (~0.27, clipped to the 0.20 ceiling, and the faint tissue is lost). Pixels
-   above the ceiling are tissue whatever the threshold, so their exact value must not pull
-   it; on the log scale the widest gap is then glass vs. the faintest tissue, while a
-   tinted glass (saturation ~0.08) still lifts the threshold above itself.
-   When the pixels are (nearly) all identical the floor is used.
-5. ``tissue = saturation > threshold and not ink``; ink dilated by ``closing_um`` is removed
-   as well (the blurred rim of a pen stroke is saturated but no longer has the pen's hue).
-6. Morphological closing (radius ``closing_um``) then opening (radius ``opening_um``) with
-   disks, radii ``round(um / thumb_mpp)`` px, skipped when 0; then objects smaller than
-   ``min_object_um2`` are removed (8-connected) and holes smaller than ``min_hole_um2``
-   filled (4-connected holes).
+1. HSV as :func:`skimage.color.rgb2hsv` defines it, the hue only for saturated pixels.
+2. Ink (only when ``suppress_pen``): ``value < min_value`` (black ink, debris), or
+   ``saturation >= pen_min_saturation`` with hue in ``blue_pen_hue`` or ``green_pen_hue``.
+   The blue window stops at 245 degrees: haematoxylin is blue-purple (~250-300) and must not
+   be taken for ink.
+3. Saturation is median-filtered (``median_um``, an odd number of pixels >= 1).
+4. Otsu's threshold on ``log(min(saturation, saturation_ceiling) + 0.01)`` of the non-ink
+   pixels, clipped to ``[saturation_floor, saturation_ceiling]`` (on the log scale the widest
+   gap is glass vs. the faintest tissue, not faint vs. dense tissue); the floor when the
+   pixels are (nearly) all identical.
+5. ``tissue = saturation > threshold and not ink``, minus ink dilated by ``closing_um``.
+6. Closing (radius ``closing_um``) then opening (``opening_um``) with disks; objects smaller
+   than ``min_object_um2`` removed (8-connected), holes smaller than ``min_hole_um2`` filled.
 
 Example
 -------
@@ -59,11 +45,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-import shapely
-from shapely.geometry import MultiPolygon, Polygon
-from skimage import filters, measure, morphology
+from shapely.geometry import MultiPolygon
+from skimage import filters, morphology
 
 from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.geometry import mask_to_polygons
+from wsi_toolkit.limits import check_number
 
 __all__ = ["TissueConfig", "TissueMask", "detect_tissue", "mask_to_polygons"]
 
@@ -74,17 +61,6 @@ logger = logging.getLogger(__name__)
 _LOG_SAT_OFFSET = 0.01
 # Saturation spread below which the thumbnail is treated as uniform (threshold = floor).
 _UNIFORM_SAT_SPREAD = 1e-3
-
-
-def _check_number(name: str, value: Any, lo: float, hi: float, *, lo_open: bool = False) -> None:
-    """Raise ConfigError unless ``value`` is a real number in [lo, hi] (or (lo, hi])."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and v <= hi
-    if not ok:
-        left = "(" if lo_open else "["
-        raise ConfigError(f"TissueConfig.{name} must be a number in {left}{lo:g}, {hi:g}]; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -123,20 +99,19 @@ class TissueConfig:
     """Minimum saturation for a blue/green pixel to count as ink."""
 
     def __post_init__(self) -> None:
-        _check_number("thumb_mpp", self.thumb_mpp, 0.0, math.inf, lo_open=True)
-        _check_number("saturation_floor", self.saturation_floor, 0.0, 1.0)
-        _check_number("saturation_ceiling", self.saturation_ceiling, 0.0, 1.0)
+        check_number(self.thumb_mpp, "TissueConfig.thumb_mpp", positive=True)
+        bounds = {"saturation_floor": (0.0, 1.0), "saturation_ceiling": (0.0, 1.0), "median_um": (0.0, math.inf),
+                  "closing_um": (0.0, math.inf), "opening_um": (0.0, math.inf), "min_object_um2": (0.0, math.inf),
+                  "min_hole_um2": (0.0, math.inf), "min_value": (0.0, 1.0), "pen_min_saturation": (0.0, 1.0)}
+        for name, (lo, hi) in bounds.items():
+            check_number(getattr(self, name), f"TissueConfig.{name}", bounds=(lo, hi))
         if self.saturation_floor > self.saturation_ceiling:
             raise ConfigError(
                 f"TissueConfig.saturation_floor ({self.saturation_floor!r}) must be <= "
                 f"saturation_ceiling ({self.saturation_ceiling!r})"
             )
-        for name in ("median_um", "closing_um", "opening_um", "min_object_um2", "min_hole_um2"):
-            _check_number(name, getattr(self, name), 0.0, math.inf)
         if not isinstance(self.suppress_pen, (bool, np.bool_)):
             raise ConfigError(f"TissueConfig.suppress_pen must be True or False; got {self.suppress_pen!r}")
-        _check_number("min_value", self.min_value, 0.0, 1.0)
-        _check_number("pen_min_saturation", self.pen_min_saturation, 0.0, 1.0)
         for name in ("blue_pen_hue", "green_pen_hue"):
             window = getattr(self, name)
             try:
@@ -145,8 +120,8 @@ class TissueConfig:
                 raise ConfigError(
                     f"TissueConfig.{name} must be a pair (low, high) of degrees in [0, 360]; got {window!r}"
                 ) from None
-            _check_number(f"{name}[0]", lo, 0.0, 360.0)
-            _check_number(f"{name}[1]", hi, 0.0, 360.0)
+            check_number(lo, f"TissueConfig.{name}[0]", bounds=(0.0, 360.0))
+            check_number(hi, f"TissueConfig.{name}[1]", bounds=(0.0, 360.0))
             if lo >= hi:
                 raise ConfigError(f"TissueConfig.{name} must have low < high (degrees); got {window!r}")
             # Lists (e.g. from JSON) become tuples so the config stays hashable and immutable.
@@ -291,9 +266,7 @@ def detect_tissue(
     """
     if not isinstance(config, TissueConfig):
         raise TypeError(f"config must be a TissueConfig; got {type(config).__name__}")
-    is_number = isinstance(l0_mpp, (int, float, np.integer, np.floating)) and not isinstance(l0_mpp, bool)
-    if not (is_number and math.isfinite(l0_mpp) and l0_mpp > 0):
-        raise ValueError(f"l0_mpp must be a positive number of um/px; got {l0_mpp!r}")
+    l0_mpp = check_number(l0_mpp, "l0_mpp", positive=True, unit="um/px")
     rgb = _as_unit_rgb(thumb_rgb)
     mpp = float(config.thumb_mpp)
 
@@ -337,107 +310,3 @@ def detect_tissue(
         threshold=threshold,
         pen_fraction=pen_fraction,
     )
-
-
-def _square_ring(contour_rc: np.ndarray) -> np.ndarray:
-    """Midpoint contour of a padded bool mask -> ring along pixel edges, (row, col), open.
-
-    ``find_contours(level=0.5)`` on a 0/1 image puts every vertex at the midpoint of a
-    pixel edge and cuts each corner diagonally. A diagonal step always crosses one
-    marching-squares cell, whose centre is the pixel corner being cut; inserting it makes
-    the ring follow pixel edges exactly. Collinear vertices are then dropped.
-    """
-    ring = np.round(contour_rc * 2.0) / 2.0
-    if len(ring) > 1 and np.array_equal(ring[0], ring[-1]):
-        ring = ring[:-1]
-    nxt = np.roll(ring, -1, axis=0)
-    step = nxt - ring
-    diagonal = (step[:, 0] != 0) & (step[:, 1] != 0)
-    if diagonal.any():
-        half = (ring * 2.0) % 2.0 == 1.0  # coordinate lies on a pixel edge line
-        corner = np.where(half, ring, nxt)[diagonal]
-        n_before = np.cumsum(diagonal) - diagonal
-        pos = np.arange(len(ring)) + n_before
-        out = np.empty((len(ring) + int(diagonal.sum()), 2))
-        out[pos] = ring
-        out[pos[diagonal] + 1] = corner
-        ring = out
-    prev = np.roll(ring, 1, axis=0)
-    nxt = np.roll(ring, -1, axis=0)
-    a, b = ring - prev, nxt - ring
-    turn = a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
-    return ring[turn != 0]
-
-
-def mask_to_polygons(mask: np.ndarray, *, scale: float = 1.0) -> MultiPolygon:
-    """Outline of a bool mask as a MultiPolygon whose edges follow pixel edges, scaled.
-
-    Pixel ``[r, c]`` is the square ``[c, c+1] x [r, r+1]`` in (x, y) before scaling, so the
-    polygon area equals ``mask.sum() * scale**2`` and a single pixel's centroid is
-    ``((c + 0.5) * scale, (r + 0.5) * scale)``. Holes are kept, islands inside holes are
-    separate polygons. Foreground touching only diagonally forms separate polygons that
-    meet at a point. Built from :func:`skimage.measure.find_contours` (level 0.5 on the
-    zero-padded mask) with the cut corners restored, then :func:`shapely.make_valid`.
-
-    Args:
-        mask: bool (H, W) (nonzero = True).
-        scale: size of one mask pixel in the output frame (e.g. level-0 px per mask px).
-
-    Returns:
-        MultiPolygon of the polygonal parts; empty when the mask has no True pixel.
-
-    Example:
-        >>> m = np.zeros((4, 4), bool); m[1, 2] = True
-        >>> mp = mask_to_polygons(m, scale=10.0)
-        >>> mp.area, mp.centroid.x, mp.centroid.y
-        (100.0, 25.0, 15.0)
-    """
-    m = np.asarray(mask)
-    if m.ndim != 2:
-        raise ValueError(f"mask must be 2-D (H, W); got shape {m.shape}")
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a positive number; got {scale!r}")
-    m = m.astype(bool)
-    if not m.any():
-        return MultiPolygon()
-
-    padded = np.pad(m, 1).astype(np.float64)
-    shells: list[np.ndarray] = []
-    holes: list[np.ndarray] = []
-    for contour in measure.find_contours(padded, 0.5):
-        ring = _square_ring(contour)
-        if len(ring) < 3:
-            continue
-        # padded (row, col) -> (x, y) of the unpadded mask: pixel centre (r+1, c+1) -> (c+.5, r+.5)
-        xy = np.column_stack([ring[:, 1] - 0.5, ring[:, 0] - 0.5]) * float(scale)
-        x, y = xy[:, 0], xy[:, 1]
-        signed_area = 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
-        # find_contours keeps low values on the left of the contour; with x = col, y = row
-        # (y down) outlines of foreground have positive shoelace area, holes negative.
-        (shells if signed_area > 0 else holes).append(xy)
-
-    shell_polys = [Polygon(s) for s in shells]
-    hole_lists: list[list[np.ndarray]] = [[] for _ in shells]
-    if holes:
-        hole_polys = [Polygon(h) for h in holes]
-        tree = shapely.STRtree(shell_polys)
-        hole_idx, shell_idx = tree.query(hole_polys, predicate="covered_by")
-        areas = shapely.area(shell_polys)
-        parent: dict[int, int] = {}
-        for h, s in zip(hole_idx.tolist(), shell_idx.tolist()):
-            if h not in parent or areas[s] < areas[parent[h]]:
-                parent[h] = s
-        for h, s in parent.items():
-            hole_lists[s].append(holes[h])
-    polys = [Polygon(s, hole_lists[i]) for i, s in enumerate(shells)]
-
-    return MultiPolygon(_polygonal_parts(shapely.make_valid(MultiPolygon(polys))))
-
-
-def _polygonal_parts(geom: shapely.Geometry) -> list[Polygon]:
-    """Non-empty Polygons of a geometry, collections flattened, lines and points dropped."""
-    if geom.geom_type == "Polygon":
-        return [] if geom.is_empty else [geom]
-    if geom.geom_type in ("MultiPolygon", "GeometryCollection"):
-        return [p for part in shapely.get_parts(geom) for p in _polygonal_parts(part)]
-    return []

@@ -13,12 +13,10 @@ edges stay sharp.
 
 Colour map
 ----------
-:data:`INFERNO_LUT`, 256 entries: matplotlib's perceptually uniform "inferno" (black -> purple
--> red -> orange -> pale yellow; lightness rises monotonically with probability, readable in
-greyscale and by colour-blind viewers), rebuilt here without matplotlib by linear interpolation
-between 17 anchor colours sampled from it at indices 0, 16, ..., 240, 255 (within 7/255 of the
-original everywhere). Its colours are absent from H&E's pink/purple at the top end, so tumour
-(bright yellow/orange) stands out.
+:data:`INFERNO_LUT`, 256 entries: matplotlib's perceptually uniform "inferno" (black -> purple ->
+red -> orange -> pale yellow; readable in greyscale and by colour-blind viewers, and absent from
+H&E's pink/purple at the top end): matplotlib's map at 17 evenly spaced indices (as uint8), linearly
+interpolated in between (within 7/255 of the full map; the same table, to the bit, as before).
 
 Picture layout (top to bottom)
 ------------------------------
@@ -41,9 +39,11 @@ import numpy as np
 import shapely
 from PIL import Image, ImageDraw, ImageFont
 
-from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.atomic import atomic_path
+from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.geometry import polygonal_parts
 from wsi_toolkit.heatmap import Heatmap
+from wsi_toolkit.limits import check_fraction, check_number
 
 __all__ = [
     "INFERNO_LUT",
@@ -55,21 +55,13 @@ __all__ = [
     "render_overlay",
 ]
 
-# (index, R, G, B): matplotlib "inferno" sampled at 17 indices.
-_INFERNO_ANCHORS = np.array(
-    [
-        (0, 0, 0, 4), (16, 11, 7, 36), (32, 33, 12, 74), (48, 61, 9, 101), (64, 87, 16, 110),
-        (80, 113, 25, 110), (96, 138, 34, 106), (112, 163, 44, 97), (128, 188, 55, 84),
-        (143, 208, 69, 69), (159, 227, 89, 51), (175, 241, 113, 31), (191, 249, 140, 10),
-        (207, 252, 170, 15), (223, 249, 201, 50), (239, 242, 232, 101), (255, 252, 255, 164),
-    ],
-    dtype=np.float64,
-)
-
-
 def _build_lut() -> np.ndarray:
+    from matplotlib import colormaps
+
+    anchors = np.rint(np.linspace(0, 255, 17)).astype(np.intp)  # 0, 16, ..., 128, 143, ..., 239, 255
+    anchor_rgb = np.rint(colormaps["inferno"](anchors)[:, :3] * 255.0)
     idx = np.arange(256, dtype=np.float64)
-    lut = np.stack([np.interp(idx, _INFERNO_ANCHORS[:, 0], _INFERNO_ANCHORS[:, ch]) for ch in (1, 2, 3)], axis=1)
+    lut = np.stack([np.interp(idx, anchors, anchor_rgb[:, ch]) for ch in range(3)], axis=1)
     lut = np.rint(lut).astype(np.uint8)
     lut.flags.writeable = False
     return lut
@@ -153,14 +145,12 @@ def blend_heatmap(
         Level-0 px per panel px (``thumb_l0_per_px / s``).
     """
     thumb = _as_rgb_uint8(thumb_rgb)
-    if not (math.isfinite(thumb_l0_per_px) and thumb_l0_per_px > 0):
-        raise ConfigError(f"thumb_l0_per_px must be a positive number; got {thumb_l0_per_px!r}")
-    if not 0 <= alpha <= 1:
-        raise ConfigError(f"alpha must be in [0, 1]; got {alpha!r}")
+    thumb_l0_per_px = check_number(thumb_l0_per_px, "thumb_l0_per_px", positive=True)
+    alpha = check_fraction(alpha, "alpha")
     scale = max(1, math.ceil(min_width / thumb.shape[1]))
     if scale > 1:
         thumb = np.repeat(np.repeat(thumb, scale, axis=0), scale, axis=1)
-    panel_l0_per_px = float(thumb_l0_per_px) / scale
+    panel_l0_per_px = thumb_l0_per_px / scale
     prob, predicted = heatmap_on_grid(heatmap, thumb.shape[:2], panel_l0_per_px)
     panel = thumb.copy()
     if predicted.any():
@@ -185,7 +175,7 @@ def _polygons(geoms) -> list[shapely.Polygon]:
     out: list[shapely.Polygon] = []
     for g in geoms:
         g = getattr(g, "polygon_l0", g)  # TumorRegion
-        out.extend(p for p in shapely.get_parts(g) if isinstance(p, shapely.Polygon) and not p.is_empty)
+        out.extend(polygonal_parts(g))
     return out
 
 
@@ -269,8 +259,8 @@ def render_overlay(
     -------
     uint8 (TITLE_BAR_PX + panel height + LEGEND_PX, panel width, 3): the picture.
     """
-    if threshold is not None and not 0 <= threshold <= 1:
-        raise ConfigError(f"threshold must be a probability in [0, 1] or None; got {threshold!r}")
+    if threshold is not None:
+        check_fraction(threshold, "threshold")
     panel, panel_l0_per_px = blend_heatmap(thumb_rgb, thumb_l0_per_px, heatmap, alpha=alpha, min_width=min_width)
     ph, pw = panel.shape[:2]
     img = Image.new("RGB", (pw, TITLE_BAR_PX + ph + LEGEND_PX), _LEGEND_BG)

@@ -1,7 +1,7 @@
 """Tumour regions of a heatmap: polygons in level-0 px with measurements; GeoJSON and ASAP XML.
 
 A region is an 8-connected component of the predicted cells with ``prob >= threshold``. Its
-outline follows the cell edges (:func:`wsi_toolkit.tissue.mask_to_polygons` scaled by
+outline follows the cell edges (:func:`wsi_toolkit.geometry.mask_to_polygons` scaled by
 ``cell_l0``), so the polygon is exactly the union of its cells' level-0 squares.
 
 Measurements
@@ -14,12 +14,10 @@ Measurements
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import shapely
@@ -28,10 +26,9 @@ from scipy.spatial.distance import pdist
 from skimage import measure
 
 from wsi_toolkit.annotations import Annotation, write_asap_xml, write_geojson
-from wsi_toolkit.errors import ConfigError
-from wsi_toolkit.atomic import atomic_path
+from wsi_toolkit.geometry import mask_to_polygons
 from wsi_toolkit.heatmap import Heatmap
-from wsi_toolkit.tissue import mask_to_polygons
+from wsi_toolkit.limits import check_fraction, check_number
 
 __all__ = ["TumorRegion", "tumor_regions", "write_regions_geojson", "write_regions_asap", "region_feature_id",
            "TUMOR_GROUP"]
@@ -97,11 +94,8 @@ def tumor_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: flo
     list of TumorRegion
         Sorted by ``max_prob`` descending (ties: larger area first).
     """
-    if not (isinstance(threshold, (int, float, np.integer, np.floating)) and 0 <= threshold <= 1):
-        raise ConfigError(f"threshold must be a probability in [0, 1]; got {threshold!r}")
-    if not (isinstance(min_area_um2, (int, float, np.integer, np.floating)) and math.isfinite(min_area_um2)
-            and min_area_um2 >= 0):
-        raise ConfigError(f"min_area_um2 must be a number >= 0 (square micrometres); got {min_area_um2!r}")
+    check_fraction(threshold, "threshold")
+    check_number(min_area_um2, "min_area_um2", bounds=(0.0, math.inf), unit="um^2")
     mask = heatmap.predicted & (heatmap.prob >= np.float32(threshold))
     if not mask.any():
         return []
@@ -157,15 +151,8 @@ def write_regions_geojson(path: str | os.PathLike[str], regions: list[TumorRegio
     random: the same slide, model and settings give a byte-identical file, run after run.
     """
     regions = list(regions)
-    final = Path(path)
-    with atomic_path(final) as tmp:
-        write_geojson(tmp, _annotations(regions, slide_name=slide_name, measurements=True))
-        doc = json.loads(tmp.read_text(encoding="utf-8"))
-        for index, feature in enumerate(doc["features"], start=1):
-            feature["id"] = region_feature_id(slide_name, index)
-        # As write_geojson writes it (indent 2, no NaN, trailing newline), ids replaced.
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    ids = [region_feature_id(slide_name, index) for index in range(1, len(regions) + 1)]
+    write_geojson(path, _annotations(regions, slide_name=slide_name, measurements=True), feature_ids=ids)
 
 
 #: Namespace of the region feature ids (uuid5 of ``"wsi-toolkit.tumour-region"`` in the URL namespace).
@@ -184,5 +171,4 @@ def write_regions_asap(path: str | os.PathLike[str], regions: list[TumorRegion])
     ASAP has no holes: a region's holes are written as group ``_2`` (Camelyon16's exclusion
     group), as :func:`wsi_toolkit.annotations.write_asap_xml` does for tumour groups.
     """
-    with atomic_path(Path(path)) as tmp:  # temporary names carry the pid (see clean_stale_partials)
-        write_asap_xml(tmp, _annotations(list(regions), measurements=False))
+    write_asap_xml(path, _annotations(list(regions), measurements=False))

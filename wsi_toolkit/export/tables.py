@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, is_dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
