@@ -584,3 +584,13 @@ def test_outline_off_the_slide_or_around_it_is_refused(tmp_path, caplog):
     write_geojson(gj, [Annotation(box(-5, -5, 20_000, 20_000), group="Tumor")])
     with pytest.raises(AnnotationError, match="surrounds"):
         read_geojson(gj, l0_size=size)
+
+
+def test_geojson_writes_given_feature_ids(tmp_path):
+    anns = [Annotation(box(0, 0, 5, 5), "_0"), Annotation(box(10, 10, 15, 15), "_0")]
+    write_geojson(tmp_path / "a.geojson", anns, feature_ids=["id-1", "id-2"])
+    doc = json.loads((tmp_path / "a.geojson").read_text())
+    assert [f["id"] for f in doc["features"]] == ["id-1", "id-2"]
+    with pytest.raises(ConfigError, match="feature_ids"):
+        write_geojson(tmp_path / "b.geojson", anns, feature_ids=["only-one"])
+    assert not (tmp_path / "b.geojson").exists()

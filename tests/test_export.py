@@ -494,3 +494,19 @@ def test_write_text_atomic_overwrites(tmp_path):
     write_text_atomic(tmp_path / "a.txt", "two\r\n")
     assert (tmp_path / "a.txt").read_bytes() == b"two\r\n"
     assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_export_does_not_import_tissue_detection():
+    import subprocess
+    import sys
+
+    code = "import sys, wsi_toolkit.export; print('wsi_toolkit.tissue' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_inferno_lut_is_matplotlibs_inferno_within_7_levels():
+    from matplotlib import colormaps
+
+    full = np.rint(colormaps["inferno"](np.arange(256))[:, :3] * 255.0)
+    assert np.abs(INFERNO_LUT.astype(float) - full).max() <= 7

@@ -16,7 +16,8 @@ import shapely
 from scipy import ndimage
 
 from wsi_toolkit.errors import ConfigError
-from wsi_toolkit.tissue import TissueConfig, TissueMask, detect_tissue, mask_to_polygons
+from wsi_toolkit.geometry import mask_to_polygons
+from wsi_toolkit.tissue import TissueConfig, TissueMask, detect_tissue
 
 L0_MPP = 0.243  # Radboudumc level 0
 THUMB_MPP = 8.0
@@ -425,3 +426,10 @@ def test_mask_is_read_only():
     tm = detect(Canvas().paint(disk((100, 130), 30), PINK).thumb())
     with pytest.raises(ValueError):
         tm.mask[0, 0] = True
+
+
+def test_mask_to_polygons_old_import_path_still_works():
+    import wsi_toolkit.geometry
+    import wsi_toolkit.tissue
+
+    assert wsi_toolkit.tissue.mask_to_polygons is wsi_toolkit.geometry.mask_to_polygons

@@ -248,7 +248,7 @@ class _Texture:
         scale = (tile / 512) ** 2
         self._l0 = {
             "normal": self._make(rng, *_NORMAL, n_nuclei=int(260 * scale), radius=(5, 8)),
-            "tumour": self._make(rng, *_TUMOR, n_nuclei=int(300 * scale), radius=(8, 13)),
+            "tumor": self._make(rng, *_TUMOR, n_nuclei=int(300 * scale), radius=(8, 13)),
             "faint": self._make(rng, *_FAINT, n_nuclei=int(200 * scale), radius=(5, 8)),
             "background": self._noise(rng, _BACKGROUND, 2.0),
         }
@@ -310,7 +310,7 @@ def _render_tile(shapes: _Shapes, tex: _Texture, *, mpp: float, k: int, lvl_y: i
     if not shapes.anything.intersects(box):
         return tex.level_tile("background", k)
     if shapes.tumor.contains(box):
-        return tex.level_tile("tumour", k)
+        return tex.level_tile("tumor", k)
     if shapes.normal.contains(box) and not shapes.tumor.intersects(box) and not shapes.pen.intersects(box):
         return tex.level_tile("normal", k)
 
@@ -340,7 +340,7 @@ def _render_tile(shapes: _Shapes, tex: _Texture, *, mpp: float, k: int, lvl_y: i
         out = np.where(normal[..., None], tex.level_tile("normal", k), out)
         tumor = union_mask(spec.tumors)
         if tumor is not None:
-            out = np.where((tumor & normal)[..., None], tex.level_tile("tumour", k), out)
+            out = np.where((tumor & normal)[..., None], tex.level_tile("tumor", k), out)
     for s in spec.pen:
         if hits(s.geometry_um().bounds):
             m = _capsules_contain(s, xs, ys)
@@ -412,7 +412,8 @@ def write_pyramidal_tiff(
             k = 2**level
             kw: dict = dict(
                 shape=(h, w, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
-                compression="jpeg", compressionargs={"level": quality}, metadata=None, subfiletype=0 if level == 0 else 1,
+                compression="jpeg", compressionargs={"level": quality}, metadata=None,
+                subfiletype=0 if level == 0 else 1,
             )
             if j2k:  # tiles arrive encoded (bytes); tifffile writes them as they are
                 kw.update(compression=APERIO_JP2K_YCBCR, compressionargs=None)
@@ -438,7 +439,8 @@ def write_pyramidal_tiff(
                 thumb = np.concatenate(
                     [np.concatenate([level_tiles(tk, tx, ty, tile) for tx in range(0, tw_, tile)], axis=1)
                      for ty in range(0, th_, tile)], axis=0)[:th_, :tw_]
-                tw.write(thumb, photometric="rgb", compression="jpeg", compressionargs={"level": quality}, metadata=None,
+                tw.write(thumb, photometric="rgb", compression="jpeg", compressionargs={"level": quality},
+                         metadata=None,
                          description=f"Aperio Image Library v12.0.15 \r\n{w0}x{h0} -> {tw_}x{th_} - "
                                      f"|Title = {description}")
     return sizes
@@ -485,8 +487,8 @@ def write_synthetic_slide(
     def level_tiles(k, lvl_x, lvl_y, t):
         return _render_tile(shapes, tex, mpp=mpp, k=k, lvl_y=lvl_y, lvl_x=lvl_x, tile=t)
 
-    write_pyramidal_tiff(path, level_tiles, l0_size=l0_size, mpp=None if flavour in ("tiff-nores", "svs-nompp") else mpp,
-                         flavour=flavour, tile=tile, quality=quality)
+    tiff_mpp = None if flavour in ("tiff-nores", "svs-nompp") else mpp
+    write_pyramidal_tiff(path, level_tiles, l0_size=l0_size, mpp=tiff_mpp, flavour=flavour, tile=tile, quality=quality)
     tissue_l0 = scale_xy(spec.tissue_um(), 1.0 / mpp)
     tumor_l0 = scale_xy(spec.tumor_um(), 1.0 / mpp)
     xml_path = None
