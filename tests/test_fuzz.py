@@ -506,9 +506,5 @@ def _thresholds(min_prob, nms, mpp, threshold):
         assert 0 <= run.threshold <= 1
 
 
-# RunConfig (pipeline.py, another engineer's) raises TypeError for a threshold of None or a string:
-# its threshold is fuzzed over real numbers only until that is fixed there.
-real_number = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-(10**30), 10**30),
-                        st.sampled_from([0, 1, 0.5, -0.0, 1.0000001]))
-test_fuzz_thresholds, test_fuzz_thresholds_slow = fuzz(any_number, any_number, any_number, real_number,
+test_fuzz_thresholds, test_fuzz_thresholds_slow = fuzz(any_number, any_number, any_number, any_number,
                                                        examples=200)(_thresholds)

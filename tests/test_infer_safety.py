@@ -274,7 +274,7 @@ def test_two_concurrent_runs_share_the_slides(tiny, model_dir, tmp_path):
 
 def test_clean_stale_partials_keeps_live_processes_files(tmp_path):
     gone = dead_pid()
-    stale = [tmp_path / f".heatmap.tif.partial-{gone}", tmp_path / f"..tumor.xml.partial-{gone}.{'a' * 32}.tmp",
+    stale = [tmp_path / f".heatmap.tif.partial-{gone}", tmp_path / f".tumor.xml.partial-{gone}",
              tmp_path / f".x.partial-{os.getpid()}"]
     live = tmp_path / ".tiles.csv.partial-1"  # pid 1 always runs
     keep = [live, tmp_path / "heatmap.tif", tmp_path / ".partial-notapid"]

@@ -38,14 +38,14 @@ class RunRecordError(WsiToolkitError, ValueError):
 @dataclass(frozen=True)
 class SlideInfo:
     """The slide as read: ``mpp`` is its level-0 um/px (metadata or ``--mpp``; ``mpp_source`` says
-    which), ``mpp_metadata`` what the file itself says (None if nothing), ``level0_size`` (w, h)."""
+    which), ``mpp_metadata`` what the file itself says, (x, y) (None if nothing), ``level0_size`` (w, h)."""
 
     path: str
     backend: str
     vendor: str | None
     mpp: float
     mpp_source: str
-    mpp_metadata: float | None
+    mpp_metadata: list[float] | None
     level0_size: list[int]
     level_count: int
     synthetic: bool

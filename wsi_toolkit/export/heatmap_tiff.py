@@ -28,11 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.atomic import atomic_path
+from wsi_toolkit.errors import ConfigError, SlideFormatError
 from wsi_toolkit.heatmap import Heatmap
 
-__all__ = ["write_heatmap_tiff", "heatmap_pyramid", "HEATMAP_TIFF_CONTENT"]
+__all__ = ["write_heatmap_tiff", "read_heatmap_tiff", "heatmap_pyramid", "HEATMAP_TIFF_CONTENT"]
 
 HEATMAP_TIFF_CONTENT = "tumour probability x 255"
 
@@ -110,3 +110,35 @@ def write_heatmap_tiff(path: str | os.PathLike[str], heatmap: Heatmap, *, tile: 
                     metadata=None,
                 )
     return [(int(a.shape[1]), int(a.shape[0])) for a in levels]
+
+
+def read_heatmap_tiff(path: str | os.PathLike[str]) -> Heatmap:
+    """Read a heatmap TIFF written by :func:`write_heatmap_tiff` back into a :class:`Heatmap`.
+
+    ``prob`` is level 0 / 255 (exact to 1/255), placed by the geometry in the ImageDescription.
+    The TIFF keeps no separate prediction mask, so ``predicted`` is the non-zero cells (a
+    predicted cell of probability < 0.5/255 reads as not predicted). Raises
+    :class:`~wsi_toolkit.errors.SlideFormatError` naming the file when it is not such a TIFF.
+    """
+    import tifffile
+
+    path = Path(path)
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            meta = json.loads(page.description or "null")
+            if not isinstance(meta, dict) or meta.get("content") != HEATMAP_TIFF_CONTENT:
+                raise SlideFormatError(f"{path}: not a wsi-toolkit heatmap TIFF (its ImageDescription lacks "
+                                       f"content {HEATMAP_TIFF_CONTENT!r}); pass a heatmap.tif written by wsi-infer")
+            data = page.asarray()
+    except (OSError, ValueError, tifffile.TiffFileError) as exc:
+        raise SlideFormatError(f"{path}: cannot be read as a heatmap TIFF ({exc}); pass a heatmap.tif written "
+                               "by wsi-infer") from None
+    if data.ndim != 2 or list(data.shape) != list(meta.get("shape_rc", [])):
+        raise SlideFormatError(f"{path}: level 0 is {data.shape} but its description says {meta.get('shape_rc')}")
+    prob = data.astype(np.float32) / float(meta.get("scale", 255))
+    try:
+        return Heatmap(prob=prob, predicted=data > 0, cell_l0=meta["cell_l0"], l0_mpp=meta["l0_mpp"],
+                       merge=str(meta.get("merge", "centre")))
+    except (KeyError, ConfigError) as exc:
+        raise SlideFormatError(f"{path}: its description has no valid heatmap geometry ({exc})") from None
