@@ -491,7 +491,7 @@ def test_detection_csv_damage_is_a_detection_file_error(tmp_path, data, match):
 def test_eval_mask_is_the_annotations_not_the_farthest_detection(tmp_path):
     """A detection at (2e6, 2e6) grew the evaluation mask to 62501^2 px (3.6 GiB): it is a false
     positive outside the mask instead."""
-    from wsi_toolkit.evaluate import _slide_truth
+    from wsi_toolkit.evaluate.truth import slide_truth
 
     ann = tmp_path / "s.xml"
     ann.write_text('<ASAP_Annotations><Annotations><Annotation Name="t" Type="Polygon" PartOfGroup="_0">'
@@ -499,7 +499,7 @@ def test_eval_mask_is_the_annotations_not_the_farthest_detection(tmp_path):
                    '<Coordinate Order="2" X="3000" Y="3000"/></Coordinates></Annotation></Annotations>'
                    '</ASAP_Annotations>')
     det = np.array([[0.9, 2500, 500], [0.5, 2_000_000, 2_000_000]])
-    is_tumor, mask, _ = _slide_truth(ann, l0_size=None, l0_mpp=0.25, config=EvalConfig(), detections=det)
+    is_tumor, mask, _ = slide_truth(ann, l0_size=None, l0_mpp=0.25)
     assert is_tumor and mask.labels.shape == (math.ceil(3001 / 32), math.ceil(3001 / 32))
     m = match_detections(det, mask)
     assert m.n_fp == 1 and m.n_found == 1
@@ -513,7 +513,7 @@ def test_eval_config_mpp_must_be_physical(mpp):
 
 def test_annotation_off_the_slide_is_refused_when_the_slide_size_is_known(tmp_path):
     from wsi_toolkit.errors import AnnotationError
-    from wsi_toolkit.evaluate import _slide_truth
+    from wsi_toolkit.evaluate.truth import slide_truth
 
     ann = tmp_path / "s.xml"
     ann.write_text('<ASAP_Annotations><Annotations><Annotation Name="t" Type="Polygon" PartOfGroup="_0">'
@@ -521,4 +521,4 @@ def test_annotation_off_the_slide_is_refused_when_the_slide_size_is_known(tmp_pa
                    '<Coordinate Order="2" X="99000" Y="3000"/></Coordinates></Annotation></Annotations>'
                    '</ASAP_Annotations>')
     with pytest.raises(AnnotationError, match="entirely outside"):
-        _slide_truth(ann, l0_size=(4000, 4000), l0_mpp=0.25, config=EvalConfig(), detections=np.zeros((0, 3)))
+        slide_truth(ann, l0_size=(4000, 4000), l0_mpp=0.25)

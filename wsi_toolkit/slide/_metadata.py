@@ -8,11 +8,12 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 from wsi_toolkit.errors import SlideReadError, one_line
 
-__all__ = ["mpp_from_openslide_properties", "mpp_from_tiff_resolution", "check_tiff_integrity"]
+__all__ = ["mpp_from_openslide_properties", "mpp_from_tiff_resolution", "mpp_from_tiff_tags", "largest_series",
+           "check_tiff_integrity"]
 
 # TIFF ResolutionUnit values -> micrometres per unit. 1 = none (no physical meaning).
 # 4 and 5 are not baseline TIFF but written by some converters (tifffile's RESUNIT enum).
@@ -55,6 +56,46 @@ def mpp_from_tiff_resolution(
     if _plausible(mpp_x) and _plausible(mpp_y):
         return mpp_x, mpp_y
     return None
+
+
+def _rational(value: Any) -> float | None:
+    """A TIFF RATIONAL ``(num, den)`` or a number as a float; None when missing or malformed."""
+    try:
+        if isinstance(value, tuple):
+            num, den = value[:2]
+            return num / den if den else None
+        return float(value) if value is not None else None
+    except (TypeError, ValueError, OverflowError):
+        return None
+
+
+def mpp_from_tiff_tags(page: Any) -> tuple[float, float] | None:
+    """(mpp_x, mpp_y) from a tifffile page's XResolution/YResolution/ResolutionUnit tags, or None.
+
+    A missing ResolutionUnit is inch (the TIFF default); the units and the plausibility rule are
+    those of :func:`mpp_from_tiff_resolution`.
+    """
+    try:
+        tags = page.tags
+        if "XResolution" not in tags:
+            return None
+        x_res = _rational(tags["XResolution"].value)
+        y_res = _rational(tags["YResolution"].value) if "YResolution" in tags else x_res
+        unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if x_res is None or not x_res > 0 or y_res is None or not y_res > 0:
+        return None
+    return mpp_from_tiff_resolution(x_res, y_res, unit)
+
+
+def largest_series(tif: Any) -> Any | None:
+    """The series of a :class:`tifffile.TiffFile` with the largest level 0 (the main image: labels
+    and macro images are smaller); None when the file holds no series."""
+    if not tif.series:
+        return None
+    return max(tif.series,
+               key=lambda s: int(s.levels[0].keyframe.imagewidth) * int(s.levels[0].keyframe.imagelength))
 
 
 def _float(value: str | None) -> float | None:
