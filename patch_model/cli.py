@@ -137,7 +137,7 @@ def _eval_command(package, data, split, tta, out, batch_size, device, workers, v
                   verbose) -> int:
     """Accuracy, ROC AUC, confusion matrix and ROC plot of model PACKAGE on a split of a patch set,
     through the same preprocessing as wsi-infer; optionally with 8-view dihedral TTA."""
-    from patch_model.evaluate import evaluate_package
+    from patch_model.patch_eval import evaluate_package
 
     setup_logging(verbose)
     r = evaluate_package(package, data, split=split, tta=tta, batch_size=batch_size, device=device, workers=workers,

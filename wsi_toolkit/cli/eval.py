@@ -1,4 +1,7 @@
-"""``wsi-eval --results OUT --annotations DIR [--out DIR]``: Camelyon16 lesion FROC and slide-level AUC."""
+"""``wsi-eval --results OUT --annotations DIR [--out DIR]``: Camelyon16 lesion FROC and slide-level AUC.
+
+The rules it applies: ``docs/camelyon16.md``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from pathlib import Path
 import click
 
 from wsi_toolkit.cli._common import run_click, setup_logging
-from wsi_toolkit.evaluate import SLIDE_SCORES, EvalConfig, evaluate_results, format_summary
+from wsi_toolkit.evaluate import CAMELYON16_L0_MPP, SLIDE_SCORES, EvalConfig, evaluate_results, format_summary
 
 
 @click.command(name="wsi-eval", context_settings={"help_option_names": ["-h", "--help"]})
@@ -19,16 +22,18 @@ from wsi_toolkit.evaluate import SLIDE_SCORES, EvalConfig, evaluate_results, for
                    "<slide>.geojson, or a mask TIFF <slide>_mask.tif. A slide without one is normal.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="Output folder [default: RESULTS/eval].")
-@click.option("--nms-radius-um", type=float, default=150.0, show_default=True,
+@click.option("--nms-radius-um", type=float, default=EvalConfig.nms_radius_um, show_default=True,
               help="Heatmap detections: suppression radius of the local maxima.")
-@click.option("--min-prob", type=float, default=0.1, show_default=True,
+@click.option("--min-prob", type=float, default=EvalConfig.min_prob, show_default=True,
               help="Heatmap detections: lowest probability kept (low, to trace the FROC curve).")
-@click.option("--slide-score", type=click.Choice(sorted(SLIDE_SCORES)), default="max", show_default=True,
+@click.option("--slide-score", type=click.Choice(sorted(SLIDE_SCORES)), default=EvalConfig.slide_score,
+              show_default=True,
               help="Slide score for the ROC: max = highest heatmap probability, top10 = mean of the 10 highest.")
 @click.option("--mask-value", type=int, default=None,
               help="Tumour pixel value in mask TIFFs [default: any non-zero; CAMELYON16 data-release masks: 2].")
 @click.option("--mpp", type=float, default=None,
-              help="Level-0 um/px of slides given as detection CSVs [default: the mask's tags, else 0.243].")
+              help=f"Level-0 um/px of slides given as detection CSVs [default: the mask's tags, else "
+                   f"{CAMELYON16_L0_MPP}].")
 @click.option("-v", "--verbose", count=True)
 def _command(results_dir, annotations_dir, out_dir, nms_radius_um, min_prob, slide_score, mask_value, mpp,
              verbose) -> int:
