@@ -4,9 +4,13 @@ What it measures (one JSON line each):
 - ``decode_floor``: every level-2 JPEG tile of the slide decoded once on one core (imagecodecs,
   libjpeg-turbo): megapixels/s, the physical floor of reading; also the tiles the reader touches
   alone (tissue tiles decode slower than blank glass).
-- ``read_only``: the inference reader alone (region reads in DataLoader workers, shared-memory
-  slots, patches cut in memory), no model, with 0 / 1 / 2 workers, the slide swept 3 times:
+- ``read_only``: the inference reader alone (region reads by reader threads sharing one slide
+  handle, patches cut in memory), no model, with 0 / 1 / 2 threads, the slide read 3 times:
   patches/s, region megapixels per wall second and per CPU-second of all processes.
+- ``readers`` (``--only readers``): reader designs alone, interleaved over ``--reader-rounds``
+  rounds: the package's threads, WSInfer's plain ``worker_init_fn`` DataLoader, and the slot ring
+  of DataLoader workers with shared-memory slots this project used before; median and spread of
+  patches/s with the load average. ``infer-readers``: one ``wsi-infer`` run per design.
 - ``wsi_infer``: the ``wsi-infer`` command as a new process at stride 96 and stride 32:
   seconds, patches/s, reading vs model split (from run.json), peak RSS and PSS of the process tree.
 - with ``--wsinfer BIN``: WSInfer 0.6.x on the same slide and package (its default settings unless
@@ -18,7 +22,8 @@ repository root:
 
     python scripts/bench_infer.py [--data bench_data] [--tissue-mm2 40] [--strides 96 32]
         [--precision auto fp32] [--device cpu|cuda] [--workers N] [--batch-size N]
-        [--only floor read infer wsinfer] [--wsinfer PATH/TO/wsinfer]
+        [--only floor read infer wsinfer precision readers infer-readers] [--wsinfer PATH/TO/wsinfer]
+        [--slide EXISTING.tif] [--reader-designs threads dataloader slots] [--reader-rounds 5]
 """
 
 from __future__ import annotations
@@ -180,42 +185,196 @@ def decode_floor(slide_path: Path, level: int = 2, blocks=None) -> dict:
     return rec
 
 
-def read_only(slide_path: Path, stride_px: int, workers: int, passes: int = 3) -> dict:
-    """The inference reader alone: grid over tissue, blocks read in DataLoader workers (each a
-    contiguous band, :func:`worker_order`), patches cut in the main process, no model. The slide
-    is swept ``passes`` times so start-up does not dominate. "Per core used" divides by the CPU
-    seconds of all processes (main + workers, from getrusage), not by wall time x cores."""
+def read_only(slide_path: Path, stride_px: int, workers: int, passes: int = 3, design: str = "threads") -> dict:
+    """The inference reader alone: grid over tissue, blocks read and patches cut, no model. The slide
+    is read ``passes`` times, each time by a new reader (new slide handle and tile cache, new worker
+    processes), as ``passes`` runs of wsi-infer would: start-up and decoding count every time.
+    ``design``: ``threads`` (the package's reader, ``workers`` threads) or an alternative from
+    :data:`READER_DESIGNS`. "Per CPU-second" divides by the CPU seconds of all processes (this one +
+    DataLoader workers, from getrusage), not by wall time x cores."""
     import resource
 
-    from wsi_toolkit.inference import PatchBlocks, cut_patches, worker_order
-
-    grid, blocks = _grid_blocks(slide_path, stride_px)
+    _, blocks = _grid_blocks(slide_path, stride_px)
     rep = blocks * passes
-    rep = [rep[i] for i in worker_order(len(rep), workers)]
-    ds = PatchBlocks(slide_path, rep, patch_px=96, spacing_um_px=0.972)
-    loader = ds.loader(workers)
+    cls = READER_DESIGNS[design]()
 
     def cpu() -> float:
         a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
         return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
+    load = _loadavg()
     c0, t0 = cpu(), time.perf_counter()
-    n, read_cpu, t_first = 0, 0.0, None
-    for region, index, offsets, seconds in loader:
-        if t_first is None:
-            t_first = time.perf_counter() - t0
-        patches = cut_patches(ds.region(region), offsets, 96)
-        n += len(patches)
-        read_cpu += float(seconds)
+    n, read_s, t_first = 0, 0.0, None
+    for _ in range(passes):
+        for patches, index, seconds in cls(slide_path, blocks, patch_px=96, spacing_um_px=0.972).read(workers):
+            if t_first is None:
+                t_first = time.perf_counter() - t0
+            n += len(patches)
+            read_s += float(seconds)
     dt, used = time.perf_counter() - t0, cpu() - c0
     region_mp = sum(b.region_px[0] * b.region_px[1] for b in rep) / 1e6
-    return {"bench": "read_only", "stride_px": stride_px, "workers": workers, "passes": passes, "patches": n,
-            "blocks": len(rep), "region_megapixels": round(region_mp, 2), "seconds_wall": round(dt, 3),
+    return {"bench": "read_only", "design": design, "stride_px": stride_px, "workers": workers, "passes": passes,
+            "patches": n, "blocks": len(rep), "region_megapixels": round(region_mp, 2), "seconds_wall": round(dt, 3),
             "seconds_to_first_region": round(t_first or 0.0, 3), "cpu_seconds_all_processes": round(used, 3),
             "patches_per_s": round(n / dt, 1),
             "region_mp_per_s_wall": round(region_mp / dt, 1),
             "region_mp_per_cpu_second": round(region_mp / used, 1),
-            "read_ms_per_patch": round(read_cpu / n * 1000, 4)}
+            "read_ms_per_patch": round(read_s / n * 1000, 4), "loadavg": load}
+
+
+def _loadavg() -> str | None:
+    """The 1, 5 and 15 minute load averages (Linux), or None."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return None
+
+
+def _plain_dataloader():
+    """WSInfer's pattern: a map-style DataLoader over the blocks, each worker opening its slide in
+    ``worker_init_fn``, regions pickled back to this process (patches cut here), default order."""
+    import torch
+
+    from wsi_toolkit.inference import cut_patches
+    from wsi_toolkit.slide import open_slide
+
+    class PlainBlocks(torch.utils.data.Dataset):
+        def __init__(self, slide_path, blocks, *, patch_px, spacing_um_px, mpp=None, backend="auto"):
+            self.slide_path, self.blocks, self.patch_px, self.spacing = str(slide_path), blocks, patch_px, spacing_um_px
+            self.mpp, self.backend, self.slide = mpp, backend, None
+
+        def __len__(self):
+            return len(self.blocks)
+
+        def open(self, _worker_id=None):
+            info = torch.utils.data.get_worker_info()
+            ds = info.dataset if info is not None else self
+            ds.slide = open_slide(ds.slide_path, mpp=ds.mpp, backend=ds.backend)
+            ds.slide.reserve_tile_cache(ds.spacing)
+
+        def __getitem__(self, i):
+            t0 = time.perf_counter()
+            b = self.blocks[i]
+            region = self.slide.read_at_mpp(b.region_l0_xy, b.region_px, self.spacing)
+            return region, b.index, b.offsets_px, time.perf_counter() - t0
+
+        def read(self, workers, prefetch=4):
+            if workers == 0:
+                self.open()
+            loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                                 worker_init_fn=self.open if workers else None,
+                                                 prefetch_factor=prefetch if workers else None)
+            for region, index, offsets, seconds in loader:
+                t0 = time.perf_counter()
+                patches = cut_patches(region, offsets, self.patch_px)
+                yield patches, index, seconds + time.perf_counter() - t0
+
+    return PlainBlocks
+
+
+def _as_is(item):
+    return item
+
+
+def _slot_ring():
+    """The reader before issue 14 (commit cb490e4, trimmed of its error relay): DataLoader workers in a
+    contiguous-band order (``worker_order``), regions copied into a ring of ``prefetch + 2``
+    shared-memory slots per worker, made before the workers fork; patches cut in this process."""
+    import math
+
+    import numpy as np
+    import torch
+
+    from wsi_toolkit.inference import cut_patches
+    from wsi_toolkit.slide import open_slide
+
+    def worker_order(n: int, workers: int) -> np.ndarray:
+        if workers <= 1 or n <= 1:
+            return np.arange(n)
+        i = np.arange(n)
+        w, k = i % workers, i // workers
+        sizes = np.array([len(range(v, n, workers)) for v in range(workers)])
+        return np.concatenate([[0], np.cumsum(sizes)[:-1]])[w] + k
+
+    class SlotBlocks(torch.utils.data.Dataset):
+        def __init__(self, slide_path, blocks, *, patch_px, spacing_um_px, mpp=None, backend="auto"):
+            self.slide_path, self.blocks, self.patch_px, self.spacing = str(slide_path), blocks, patch_px, spacing_um_px
+            self.mpp, self.backend, self.slide, self.slots, self.served = mpp, backend, None, None, 0
+
+        def __len__(self):
+            return len(self.blocks)
+
+        def __getstate__(self):
+            return {**self.__dict__, "slide": None}
+
+        def __getitem__(self, i):
+            t0 = time.perf_counter()
+            if self.slide is None:
+                self.slide = open_slide(self.slide_path, mpp=self.mpp, backend=self.backend)
+                self.slide.reserve_tile_cache(self.spacing)
+            b = self.blocks[i]
+            region = self.slide.read_at_mpp(b.region_l0_xy, b.region_px, self.spacing)
+            info = torch.utils.data.get_worker_info()
+            if info is None:
+                return region, b.index, b.offsets_px, time.perf_counter() - t0
+            slot = self.served % self.slots.shape[1]
+            self.served += 1
+            h, w = region.shape[:2]
+            self.slots[info.id, slot, :h, :w].numpy()[...] = region
+            return (info.id, slot, h, w), b.index, b.offsets_px, time.perf_counter() - t0
+
+        def read(self, workers, prefetch=4):
+            self.blocks = [self.blocks[i] for i in worker_order(len(self.blocks), workers)]
+            if workers:
+                shape = (workers, prefetch + 2, max(b.region_px[1] for b in self.blocks),
+                         max(b.region_px[0] for b in self.blocks), 3)
+                self.slots = torch.empty(shape, dtype=torch.uint8).share_memory_()
+                assert math.prod(shape) < shutil.disk_usage("/dev/shm").free // 2, "/dev/shm too small"
+            loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                                 prefetch_factor=prefetch if workers else None)
+            for field, index, offsets, seconds in loader:
+                t0 = time.perf_counter()
+                region = field if isinstance(field, np.ndarray) else self.slots[field[0], field[1], :field[2],
+                                                                                :field[3]].numpy()
+                yield cut_patches(region, offsets, self.patch_px), index, seconds + time.perf_counter() - t0
+
+    return SlotBlocks
+
+
+def _package_reader():
+    from wsi_toolkit.inference import PatchBlocks
+
+    return PatchBlocks
+
+
+#: Reader designs, each a factory of a class with PatchBlocks' constructor and ``read(workers)``.
+READER_DESIGNS = {"threads": _package_reader, "dataloader": _plain_dataloader, "slots": _slot_ring}
+
+
+def compare_readers(slide_path: Path, strides: list[int], workers: list[int], designs: list[str], rounds: int,
+                    passes: int) -> list[dict]:
+    """Each design x stride x worker count measured ``rounds`` times, interleaved (A B C A B C ...) so
+    they share the machine's conditions; then per design/stride/workers the median and spread."""
+    import statistics
+
+    runs: dict = {}
+    for r in range(rounds):
+        for stride in strides:
+            for w in workers:
+                for design in designs:
+                    rec = read_only(slide_path, stride, w, passes=passes, design=design)
+                    rec["round"] = r
+                    print(json.dumps(rec), flush=True)
+                    runs.setdefault((design, stride, w), []).append(rec)
+    out = []
+    for (design, stride, w), recs in runs.items():
+        pps = [x["patches_per_s"] for x in recs]
+        out.append({"bench": "reader_design", "design": design, "stride_px": stride, "workers": w, "rounds": len(pps),
+                    "patches_per_s_median": round(statistics.median(pps), 1), "patches_per_s_min": min(pps),
+                    "patches_per_s_max": max(pps),
+                    "cpu_seconds_median": round(statistics.median(x["cpu_seconds_all_processes"] for x in recs), 3),
+                    "loadavg": [x["loadavg"] for x in recs]})
+    return out
 
 
 def precision_diff(slide_path: Path, n: int, device: str, batch_size: int, workers: int) -> dict:
@@ -269,6 +428,8 @@ def precision_diff(slide_path: Path, n: int, device: str, batch_size: int, worke
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("bench_data"))
+    ap.add_argument("--slide", type=Path, default=None,
+                    help="an existing slide (e.g. the demo's wsi-synth slide) instead of making one in --data")
     ap.add_argument("--tissue-mm2", type=float, default=40.0)
     ap.add_argument("--strides", type=int, nargs="+", default=[96, 32])
     ap.add_argument("--precision", nargs="+", default=["auto"])
@@ -284,8 +445,13 @@ def main() -> int:
     ap.add_argument("--precision-diff", type=int, default=512, metavar="N",
                     help="patches for the bf16-vs-fp32 probability comparison (part 'precision'; 0 = skip)")
     ap.add_argument("--skip-infer", action="store_true", help="only the decode floor and the reader")
-    ap.add_argument("--only", nargs="+", choices=["floor", "read", "infer", "wsinfer", "precision"], default=None,
-                    help="run only these parts (default: all; wsinfer needs --wsinfer)")
+    ap.add_argument("--only", nargs="+", default=None,
+                    choices=["floor", "read", "infer", "wsinfer", "precision", "readers", "infer-readers"],
+                    help="run only these parts (default: all but readers and infer-readers; wsinfer needs --wsinfer)")
+    ap.add_argument("--reader-designs", nargs="+", choices=list(READER_DESIGNS), default=list(READER_DESIGNS),
+                    help="part readers: reader designs compared, alone (--read-workers, --strides), interleaved; "
+                         "part infer-readers: one wsi-infer run per design (--strides, --workers)")
+    ap.add_argument("--reader-rounds", type=int, default=5, help="part readers: rounds of the interleaved comparison")
     ap.add_argument("--repeat", type=int, default=1,
                     help="repetitions of the stride-96 wsi-infer / WSInfer pair (alternating; medians reported)")
     ap.add_argument("--wsinfer", default=None, help="path to a WSInfer 0.6.x `wsinfer` executable")
@@ -301,7 +467,7 @@ def main() -> int:
     from wsi_toolkit.synthetic import make_spec, write_synthetic_slide
 
     args.data.mkdir(parents=True, exist_ok=True)
-    slide = args.data / f"synthetic_{args.tissue_mm2:g}mm2_0.243.tif"
+    slide = args.slide or args.data / f"synthetic_{args.tissue_mm2:g}mm2_0.243.tif"
     if not slide.exists():
         t = time.perf_counter()
         write_synthetic_slide(slide, make_spec(tissue_mm2=args.tissue_mm2, seed=7), mpp=0.243)
@@ -331,6 +497,15 @@ def main() -> int:
     if "floor" in parts:
         print(json.dumps(decode_floor(slide, blocks=_grid_blocks(slide, 96)[1])), flush=True)
     workers = args.workers if args.workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1))
+    if "readers" in parts:
+        for rec in compare_readers(slide, args.strides, args.read_workers, args.reader_designs, args.reader_rounds,
+                                   args.read_passes):
+            print(json.dumps(rec), flush=True)
+    if "infer-readers" in parts:
+        for stride in args.strides:
+            for design in args.reader_designs:
+                print(json.dumps(run_wsi_infer(None, slide, pkg, args.data, args.input_size[0], args.precision[0],
+                                               stride, args, workers, design=design)), flush=True)
     if "read" in parts:
         for w in sorted({workers, *args.read_workers}):
             for stride in args.strides:
@@ -370,17 +545,19 @@ def main() -> int:
     return 0
 
 
-def run_wsi_infer(exe: str, slide: Path, pkg: Path, data: Path, size: int, precision: str, stride: int, args,
-                  workers: int) -> dict:
-    """``wsi-infer`` as a new process; its run.json timings, wall time and memory."""
-    out = data / f"out_s{stride}_{precision}_{size}"
-    cmd = [exe, str(slide), "--model", str(pkg), "--out", str(out), "--stride-px", str(stride),
+def run_wsi_infer(exe: str | None, slide: Path, pkg: Path, data: Path, size: int, precision: str, stride: int, args,
+                  workers: int, design: str | None = None) -> dict:
+    """``wsi-infer`` as a new process; its run.json timings, wall time and memory. With ``design``,
+    wsi-infer with that reader design in place of the package's (this script's ``--as-wsi-infer``)."""
+    out = data / f"out_s{stride}_{precision}_{size}{'_' + design if design else ''}"
+    launch = [sys.executable, __file__, "--as-wsi-infer", design] if design else [exe]
+    cmd = [*launch, str(slide), "--model", str(pkg), "--out", str(out), "--stride-px", str(stride),
            "--precision", precision, "--device", args.device, "--batch-size", str(args.batch_size),
            "--overwrite", "--no-progress", *(["--workers", str(args.workers)] if args.workers is not None else [])]
     m = run_measured(cmd, gpu=args.device.startswith("cuda"))
     run_json = out / slide.stem / "run.json"
     timings = json.loads(run_json.read_text())["timings"] if run_json.exists() and not m["returncode"] else {}
-    rec = {"bench": "wsi_infer", "input_px": size, "stride_px": stride, "precision": precision,
+    rec = {"bench": "wsi_infer", **({"design": design, "loadavg": _loadavg()} if design else {}), "input_px": size, "stride_px": stride, "precision": precision,
            "device": args.device, "batch_size": args.batch_size,
            "returncode": m["returncode"], "seconds_wall": round(m["seconds"], 2),
            "peak_rss_mb": m["peak_rss_mb"], "peak_pss_mb": m["peak_pss_mb"], **{k: timings.get(k) for k in (
@@ -427,5 +604,16 @@ def run_wsinfer(wsinfer: str, extra_args: list[str], slide: Path, pkg: Path, dat
     return rec
 
 
+def as_wsi_infer(design: str, argv: list[str]) -> int:
+    """``wsi-infer`` with reader design ``design`` in place of the package's reader."""
+    from wsi_toolkit.cli.infer import main as wsi_infer_main
+    from wsi_toolkit.inference import loop
+
+    loop.PatchBlocks = READER_DESIGNS[design]()
+    return wsi_infer_main(argv)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--as-wsi-infer"]:
+        sys.exit(as_wsi_infer(sys.argv[2], sys.argv[3:]))
     sys.exit(main())

@@ -1,4 +1,4 @@
-"""The inference reader (region blocks, patch cutting) and device/precision resolution."""
+"""The inference reader (region blocks, patch cutting, reader threads) and device/precision resolution."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import torch
 from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.inference import (
     InferenceConfig,
+    PatchBlocks,
+    autocast_dtype,
     cut_patches,
     plan_blocks,
+    probabilities,
     resolve_device,
     run_inference,
-    worker_order,
 )
 from wsi_toolkit.model_package import load_model_package
 from wsi_toolkit.slide import open_slide
@@ -170,15 +172,17 @@ def test_cpu_fp32_graph_is_fused_and_matches_the_plain_model(synthetic_slides, t
 
 
 def test_cpu_graph_falls_back_when_the_fused_graph_fails(synthetic_slides, tmp_path, monkeypatch, caplog):
-    from wsi_toolkit import inference
-
+    """The fused graph failing at run time: one warning, the fused graph is not tried again, the
+    fusion switch is restored, and the probabilities are still the plain model's."""
     s = synthetic_slides(0.243, "tiff")
     pkg = _small_cnn_package(tmp_path)
     xy = _xy(s)
     real_freeze = torch.jit.freeze
+    broken_calls = []
 
     class Broken(torch.nn.Module):
         def forward(self, x):
+            broken_calls.append(len(x))
             raise RuntimeError("unsupported partition (simulated)")
 
     calls = []
@@ -187,28 +191,71 @@ def test_cpu_graph_falls_back_when_the_fused_graph_fails(synthetic_slides, tmp_p
         calls.append(1)
         return Broken() if len(calls) == 1 else real_freeze(m, *a, **k)
 
-    monkeypatch.setattr(inference.torch.jit, "freeze", freeze_once_broken)
+    monkeypatch.setattr(torch.jit, "freeze", freeze_once_broken)
     was = torch.jit.onednn_fusion_enabled()
     got = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8, device="cpu",
                                                                 precision="fp32"))
-    monkeypatch.setattr(inference.torch.jit, "freeze", real_freeze)
+    monkeypatch.setattr(torch.jit, "freeze", real_freeze)
     plain = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8,
                                                                   device="cpu", precision="fp32", optimize=False))
-    assert got.extra["model_path"] == "frozen+optimize_for_inference"
-    assert "oneDNN-fused graph failed" in caplog.text
+    assert broken_calls == [8]  # 5 batches of 8: the failed graph ran once, the fallback did the rest
+    assert caplog.text.count("oneDNN-fused graph failed") == 1
     assert torch.jit.onednn_fusion_enabled() == was
     assert np.abs(got.probs - plain.probs).max() < 1e-5
 
 
-@pytest.mark.parametrize("n,workers", [(0, 2), (1, 3), (7, 1), (10, 2), (11, 3), (102, 4), (5, 8)])
-def test_worker_order_gives_each_worker_a_contiguous_run(n, workers):
-    order = worker_order(n, workers)
-    assert sorted(order.tolist()) == list(range(n))  # a permutation: every block read once
-    for w in range(max(workers, 1)):
-        mine = order[w::max(workers, 1)]  # what a DataLoader hands worker w
-        assert (np.diff(mine) == 1).all()  # one run of neighbouring blocks, in order
-    sizes = [len(order[w::workers]) for w in range(workers)] if workers > 1 else [n]
-    assert max(sizes) - min(sizes) <= 1
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+@pytest.mark.parametrize("threads,prefetch", [(0, 4), (1, 1), (3, 1), (4, 4)])
+def test_reader_threads_give_every_block_its_own_patches_in_order(synthetic_slides, backend, threads, prefetch):
+    """Whatever the thread count and read-ahead, the reader yields each block's patches, in block
+    order, equal to reading the blocks one after another, and items already handed out are never
+    overwritten (all are kept until the end, while the threads read on)."""
+    s = synthetic_slides(0.243, "tiff")
+    with open_slide(s.path, backend=backend) as slide:
+        blocks = plan_blocks(_grid(slide), block_cells=2)[:30]
+        want = [cut_patches(slide.read_at_mpp(b.region_l0_xy, b.region_px, 0.972), b.offsets_px, 96) for b in blocks]
+    reader = PatchBlocks(s.path, blocks, patch_px=96, spacing_um_px=0.972, backend=backend)
+    items = list(reader.read(threads, prefetch=prefetch))
+    assert len(items) == len(blocks)
+    for (patches, index, seconds), b, w in zip(items, blocks, want):
+        assert np.array_equal(index, b.index)
+        assert np.array_equal(patches, w)
+        assert seconds > 0
+
+
+def test_reader_errors_reach_the_caller_as_they_are(synthetic_slides, monkeypatch):
+    """A read failing in a reader thread raises the same exception in the caller as without threads,
+    and stopping early (an error, or the caller breaking off) leaves no reader thread behind."""
+    import threading
+
+    from wsi_toolkit.errors import SlideReadError
+    from wsi_toolkit.slide._reader import SlideReader
+
+    s = synthetic_slides(0.243, "tiff")
+    with open_slide(s.path) as slide:
+        blocks = plan_blocks(_grid(slide), block_cells=2)[:20]
+    real = SlideReader.read_at_mpp
+
+    def fail_on_the_7th(self, l0_xy, size_px, mpp):
+        if tuple(l0_xy) == blocks[6].region_l0_xy:
+            raise SlideReadError(f"{self.path}: tile 7 could not be decoded (simulated)")
+        return real(self, l0_xy, size_px, mpp)
+
+    monkeypatch.setattr(SlideReader, "read_at_mpp", fail_on_the_7th)
+    reader = PatchBlocks(s.path, blocks, patch_px=96, spacing_um_px=0.972)
+    messages = []
+    for threads in (0, 1, 3):
+        got = []
+        with pytest.raises(SlideReadError) as err:
+            for patches, index, _ in reader.read(threads, prefetch=2):
+                got.append(index)
+        messages.append(str(err.value))
+        assert len(got) == 6  # the blocks before the failing one, in order
+    assert len(set(messages)) == 1 and "simulated" in messages[0]
+    items = reader.read(2)
+    next(items)
+    items.close()  # the caller stops early
+    assert not [t for t in threading.enumerate() if t.name.startswith("wsi-read")]
 
 
 def test_block_size_follows_the_stride():
@@ -256,39 +303,41 @@ def test_tifffile_tile_cache_decodes_shared_tiles_once(synthetic_slides, monkeyp
         assert len(decoded) == len(set(decoded))  # no tile decoded twice
 
 
-@pytest.mark.parametrize("workers,prefetch", [(1, 1), (2, 2)])
-def test_shared_slots_are_not_overwritten_while_the_main_process_cuts(synthetic_slides, workers, prefetch):
-    """Workers race ahead while the main process is slow: every region must still be its own."""
-    import time
+@pytest.mark.parametrize("backend", ["openslide", "tifffile"])
+def test_one_slide_handle_serves_several_threads(synthetic_slides, backend):
+    """Threads sharing one handle (and its tile cache, small enough to evict while they read) get
+    the same pixels as reads one after another."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    from wsi_toolkit.inference import PatchBlocks
-
-    s = synthetic_slides(0.243, "tiff")
-    with open_slide(s.path) as slide:
-        blocks = plan_blocks(_grid(slide), block_cells=2)[:40]
-        ds = PatchBlocks(s.path, blocks, patch_px=96, spacing_um_px=0.972)
-        seen = 0
-        for i, (field, index, offsets, _) in enumerate(ds.loader(workers, prefetch_factor=prefetch)):
-            assert isinstance(field, tuple)  # sent through a slot, not pickled
-            time.sleep(0.01)  # the workers fill every slot they are allowed to meanwhile
-            b = blocks[i]
-            want = slide.read_at_mpp(b.region_l0_xy, b.region_px, 0.972)
-            assert np.array_equal(ds.region(field), want), f"block {i}: its slot was overwritten"
-            assert np.array_equal(index, b.index)
-            seen += 1
-    assert seen == len(blocks)
+    boxes = [((x, y), (300, 260)) for x in range(0, 4000, 700) for y in range(0, 3000, 900)]
+    with open_slide(synthetic_slides(0.243, "tiff").path, backend=backend) as slide:
+        want = [slide.read_at_mpp(xy, size, 0.972) for xy, size in boxes]
+        slide.set_tile_cache(3 * 512 * 512 * 4)
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(3):
+                got = list(pool.map(lambda box: slide.read_at_mpp(box[0], box[1], 0.972), boxes))
+                assert all(np.array_equal(g, w) for g, w in zip(got, want))
 
 
-def test_fused_cpu_graph_pads_a_short_last_batch(synthetic_slides, tmp_path):
-    """41 patches in batches of 8: the last batch (1 patch) runs padded to 8, same probabilities."""
+def test_fused_cpu_graph_pads_a_short_last_batch(synthetic_slides, tmp_path, monkeypatch):
+    """41 patches in batches of 8: the last batch (1 patch) runs padded to 8 (the fused graph is
+    compiled per input shape, so it only ever sees one), with the same probabilities."""
     s = synthetic_slides(0.243, "tiff")
     pkg = _small_cnn_package(tmp_path)
     xy = _xy(s, n=41)
+    real_freeze, shapes = torch.jit.freeze, []
+
+    def recording_freeze(m, *a, **k):
+        frozen = real_freeze(m, *a, **k)
+        return lambda x: shapes.append(tuple(x.shape)) or frozen(x)
+
+    monkeypatch.setattr(torch.jit, "freeze", recording_freeze)
     fast = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8,
                                                                  device="cpu", precision="fp32"))
     plain = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8,
                                                                   device="cpu", precision="fp32", optimize=False))
     assert fast.extra["model_path"] != plain.extra["model_path"]
+    assert len(shapes) == 6 and set(shapes) == {(8, 3, 96, 96)}  # 5 full batches and the padded last one
     assert np.abs(fast.probs - plain.probs).max() < 1e-5
 
 
@@ -296,10 +345,10 @@ def test_fused_cpu_graph_pads_a_short_last_batch(synthetic_slides, tmp_path):
 def test_auto_precision_is_fp32_on_every_cpu(synthetic_slides, tmp_path, monkeypatch, native_bf16):
     """The default gives the same heatmap on an AVX2-only CPU and on one with AVX512-BF16/AMX:
     ``auto`` means fp32 on a CPU whatever the CPU computes natively."""
-    from wsi_toolkit import inference
+    from wsi_toolkit.inference import device
 
-    monkeypatch.setattr(inference, "cpu_has_fast_bf16", lambda: native_bf16)
-    assert inference._autocast_dtype(torch.device("cpu"), "auto") is None
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: native_bf16)
+    assert autocast_dtype(torch.device("cpu"), "auto") is None
     s = synthetic_slides(0.243, "tiff")
     pkg = _small_cnn_package(tmp_path)
     xy = _xy(s)
@@ -325,26 +374,6 @@ def test_bf16_on_request_runs_on_any_cpu(synthetic_slides, tmp_path):
     assert np.allclose(bf16.probs.sum(1), 1, atol=1e-3)
 
 
-def test_cpu_graph_pads_to_the_first_batch_size():
-    from wsi_toolkit.inference import _CpuGraph
-    from wsi_toolkit.model_package import quiet_torchscript_deprecation
-
-    class Net(torch.nn.Module):
-        def forward(self, x):
-            return x.flatten(1).sum(1, keepdim=True).repeat(1, 2)
-
-    with quiet_torchscript_deprecation():
-        net = torch.jit.script(Net().eval())
-    shapes = []
-    with _CpuGraph(net, fuse=True) as graph:
-        real = graph._fused
-        graph._fused = lambda x: shapes.append(tuple(x.shape)) or real(x)
-        a = graph(torch.ones(4, 3, 2, 2))
-        b = graph(torch.full((1, 3, 2, 2), 2.0))
-    assert shapes == [(4, 3, 2, 2), (4, 3, 2, 2)]  # the short batch ran at the compiled size
-    assert a.shape == (4, 2) and b.shape == (1, 2) and float(b[0, 0]) == 24.0
-
-
 def test_batch_for_memory_fills_the_given_fraction():
     from wsi_toolkit.inference import batch_for_memory
 
@@ -353,6 +382,15 @@ def test_batch_for_memory_fills_the_given_fraction():
     assert batch_for_memory(10 * mib, 9 * gib, fraction=0.9) == 512  # 1024 would need 10 GiB
     assert batch_for_memory(1 * mib, 80 * gib) == 1024  # capped
     assert batch_for_memory(1 * gib, 1 * gib) == 64  # never below the probe size
+
+
+def test_probabilities_softmax_or_sigmoid():
+    logits = torch.tensor([[2.0, -1.0], [0.0, 0.0]], dtype=torch.float16)
+    p = probabilities(logits)
+    assert p.dtype == torch.float32 and torch.allclose(p, torch.softmax(logits.float(), dim=1))
+    one = probabilities(torch.tensor([0.0, 3.0]))  # a one-output model may return (N,)
+    assert one.shape == (2, 1) and torch.allclose(one[:, 0], torch.sigmoid(torch.tensor([0.0, 3.0])))
+    assert torch.equal(probabilities(torch.tensor([[0.0], [3.0]])), one)
 
 
 @pytest.mark.parametrize("bad", [0, -3, "big", True, 2.5])
@@ -398,35 +436,12 @@ def test_cuda_batch_size_probe_logic_with_a_fake_gpu(monkeypatch):
     assert bs == 256
 
 
-def test_without_room_in_dev_shm_regions_go_through_pipes(synthetic_slides, tmp_path, monkeypatch, caplog):
-    """A container with a tiny /dev/shm: no slots, regions pickled, the same probabilities."""
-    import logging
-
-    from wsi_toolkit import inference
-
-    s = synthetic_slides(0.243, "tiff")
-    pkg = load_model_package(make_colour_rule_package(tmp_path / "m", input_size=96).path)
-    with open_slide(s.path) as slide:
-        grid = _grid(slide)
-    cfg = InferenceConfig(workers=2, progress=False, batch_size=16)
-    with_slots = run_inference(s.path, grid, pkg, config=cfg).probs
-    monkeypatch.setattr(inference, "_shm_free_bytes", lambda: 1024)
-    with caplog.at_level(logging.INFO, logger="wsi_toolkit.inference"):
-        piped = run_inference(s.path, grid, pkg, config=cfg).probs
-    assert "go through pipes" in caplog.text
-    assert np.array_equal(with_slots, piped)
-    blocks = plan_blocks(grid)[:3]
-    ds = inference.PatchBlocks(s.path, blocks, patch_px=96, spacing_um_px=0.972)
-    items = list(ds.loader(1))
-    assert all(isinstance(field, np.ndarray) for field, *_ in items)
-
-
 def test_default_readers_leave_the_cores_to_the_model_on_cpu(monkeypatch):
-    from wsi_toolkit import inference
+    import os
 
     cfg = InferenceConfig()
     for cpus, on_cpu, on_gpu in [(1, 0, 0), (2, 1, 1), (16, 1, 4), (64, 1, 4)]:
-        monkeypatch.setattr(inference.os, "cpu_count", lambda cpus=cpus: cpus)
+        monkeypatch.setattr(os, "cpu_count", lambda cpus=cpus: cpus)
         assert cfg.n_workers(torch.device("cpu")) == on_cpu
         assert cfg.n_workers(torch.device("cuda")) == on_gpu
     assert InferenceConfig(workers=3).n_workers(torch.device("cpu")) == 3

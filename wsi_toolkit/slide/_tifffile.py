@@ -1,7 +1,9 @@
 """tifffile backend: tiled (or stripped) pyramidal TIFF, OME-TIFF and SVS that OpenSlide refuses.
 
 Reads only the tiles a region touches, decoding them with tifffile's codecs (imagecodecs for
-JPEG). Uses ``os.pread`` on its own descriptor, so one reader may serve several threads.
+JPEG, which release the GIL). One reader may serve several threads: tiles are read with
+``os.pread`` on its own descriptor (no shared file position), and the decoded-tile cache and
+tifffile's lazily made decoders are guarded by a lock (decoding itself runs outside it).
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from pathlib import Path
@@ -33,7 +36,9 @@ class TiffFileReader(SlideReader):
     """A pyramidal TIFF read with tifffile.
 
     Decoded tiles are kept in a small LRU cache (``cache_bytes``, default 64 MiB), so reads of
-    neighbouring regions (overlapping patches, adjacent blocks) decode each tile once.
+    neighbouring regions (overlapping patches, adjacent blocks) decode each tile once. Safe to
+    share between threads; two threads that want the same uncached tile at the same moment may
+    both decode it (the cache keeps one).
     """
 
     backend = "tifffile"
@@ -64,6 +69,9 @@ class TiffFileReader(SlideReader):
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_bytes = int(cache_bytes)
         self._cached = 0
+        # Guards the tile cache (_cache, _cached, _cache_bytes) and the first use of a page's decoder
+        # (tifffile makes it lazily, and not thread-safely).
+        self._lock = threading.Lock()
         if self._tif.is_ome:
             self.vendor = "ome"
         elif self._tif.is_svs:
@@ -172,12 +180,10 @@ class TiffFileReader(SlideReader):
         for ty in range(y0 // seg_h, (y0 + h - 1) // seg_h + 1):
             for tx in range(x0 // seg_w, (x0 + w - 1) // seg_w + 1):
                 index = ty * segs_across + tx
-                seg = self._cache.get((level, index))
+                seg = self._cached_segment((level, index))
                 if seg is None:
                     seg = self._decode_segment(page, index, offsets[index], counts[index], (seg_h, seg_w))
                     self._remember((level, index), seg)
-                else:
-                    self._cache.move_to_end((level, index))
                 # Intersection of the segment with the wanted box, in level pixels.
                 sy0, sx0 = ty * seg_h, tx * seg_w
                 iy0, ix0 = max(y0, sy0), max(x0, sx0)
@@ -192,17 +198,29 @@ class TiffFileReader(SlideReader):
         return int(page.imagewidth), int(page.rowsperstrip or page.imagelength)
 
     def set_tile_cache(self, nbytes: int) -> None:
-        self._cache_bytes = int(nbytes)
-        while self._cached > self._cache_bytes and self._cache:
-            _, old = self._cache.popitem(last=False)
-            self._cached -= old.nbytes
+        with self._lock:
+            self._cache_bytes = int(nbytes)
+            self._evict()
+
+    def _cached_segment(self, key: tuple[int, int]) -> np.ndarray | None:
+        """The decoded segment ``key`` from the cache (now the most recently used), or None."""
+        with self._lock:
+            seg = self._cache.get(key)
+            if seg is not None:
+                self._cache.move_to_end(key)
+            return seg
 
     def _remember(self, key: tuple[int, int], seg: np.ndarray) -> None:
-        if seg.nbytes > self._cache_bytes:
-            return
-        self._cache[key] = seg
-        self._cached += seg.nbytes
-        while self._cached > self._cache_bytes:
+        with self._lock:
+            if seg.nbytes > self._cache_bytes or key in self._cache:  # another thread decoded it meanwhile
+                return
+            self._cache[key] = seg
+            self._cached += seg.nbytes
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop least recently used segments until the cache fits (the caller holds the lock)."""
+        while self._cached > self._cache_bytes and self._cache:
             _, old = self._cache.popitem(last=False)
             self._cached -= old.nbytes
 
@@ -216,7 +234,9 @@ class TiffFileReader(SlideReader):
             data = os.pread(self._fd, count, offset)
             if len(data) != count:
                 raise OSError(f"read {len(data)} of {count} bytes")
-            arr, _, _ = page.decode(data, index, jpegtables=page.jpegtables)
+            with self._lock:
+                decode = page.decode
+            arr, _, _ = decode(data, index, jpegtables=page.jpegtables)
         except Exception as exc:
             raise SlideReadError(
                 f"{self.path}: tile {index} of a {page.imagewidth}x{page.imagelength} level could not be "

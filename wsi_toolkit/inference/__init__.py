@@ -1,0 +1,33 @@
+"""Batched patch reading and prediction over a patch grid.
+
+- :mod:`.reading`: patches read in blocks (one region of many neighbouring patches at the model's
+  um/px, the pyramid level closest to the model), cut in memory, by a few threads sharing one
+  slide handle.
+- :mod:`.device`: device and precision (autocast bf16/fp16 on CUDA, fp32 on a CPU), the CPU graph
+  path (frozen + oneDNN fusion), the CUDA batch size.
+- :mod:`.loop`: :func:`run_inference`, its config and result, and :func:`probabilities` (the one
+  logits -> probabilities rule).
+
+This package imports :mod:`wsi_toolkit.model_package` only inside functions, so that module can
+import :func:`probabilities` from here.
+"""
+
+from __future__ import annotations
+
+from wsi_toolkit.inference.device import (
+    CPU_BATCH_SIZE,
+    CpuGraph,
+    Precision,
+    autocast_dtype,
+    batch_for_memory,
+    cpu_has_fast_bf16,
+    cuda_batch_size,
+    prepare_model,
+    resolve_device,
+)
+from wsi_toolkit.inference.loop import InferenceConfig, InferenceResult, probabilities, run_inference
+from wsi_toolkit.inference.reading import Block, PatchBlocks, cut_patches, plan_blocks, single_patch_blocks
+
+__all__ = ["CPU_BATCH_SIZE", "Block", "CpuGraph", "InferenceConfig", "InferenceResult", "PatchBlocks", "Precision",
+           "autocast_dtype", "batch_for_memory", "cpu_has_fast_bf16", "cuda_batch_size", "cut_patches", "plan_blocks",
+           "prepare_model", "probabilities", "resolve_device", "run_inference", "single_patch_blocks"]

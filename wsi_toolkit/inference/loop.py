@@ -1,0 +1,283 @@
+"""The prediction loop: patches read in blocks (:mod:`.reading`), re-batched, predicted on the device.
+
+Batches go to the device as uint8 (4x less than float), pinned on CUDA; resizing and
+normalisation run on the device (:class:`wsi_toolkit.model_package.Preprocess`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from wsi_toolkit.errors import ConfigError, ModelPackageError
+from wsi_toolkit.inference.device import (
+    CPU_BATCH_SIZE,
+    Precision,
+    autocast_dtype,
+    cuda_batch_size,
+    prepare_model,
+    resolve_device,
+)
+from wsi_toolkit.inference.reading import PatchBlocks, plan_blocks, single_patch_blocks
+from wsi_toolkit.limits import check_int
+from wsi_toolkit.tiling import PatchGrid
+
+if TYPE_CHECKING:
+    from wsi_toolkit.model_package import ModelPackage
+
+__all__ = ["InferenceConfig", "InferenceResult", "probabilities", "run_inference"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """How patches are read and predicted.
+
+    ``workers`` is the number of reader threads (0 = read in the calling thread, between forward
+    passes); ``None`` picks ``min(4, cpu_count - 1)`` on a GPU and on the CPU one (none on a
+    1-core machine): one reader delivers thousands of patches/s, far above what the network does
+    on a CPU, and more readers would only take cores from the model's threads (BENCHMARKS.md).
+    ``precision="auto"``: on CUDA bf16 autocast where supported, else fp16 (mixed precision, as
+    everyone runs a GPU); fp32 on a CPU and on MPS, so the same slide, package and settings give
+    the same heatmap on every CPU (AVX2-only or AVX512-BF16/AMX alike). ``bf16`` on a CPU is
+    opt-in: fast where the CPU has native bf16 (:func:`~.device.cpu_has_fast_bf16`), emulated and
+    slow elsewhere, and it moves probabilities by up to ~1e-2 (BENCHMARKS.md).
+    ``optimize``: on CPU, freeze a TorchScript model and fuse it with oneDNN Graph (fp32) or apply
+    ``optimize_for_inference`` (bf16), see :class:`~.device.CpuGraph`; results differ from the
+    plain model by float rounding.
+    ``block_px``, ``block_patches``: patches are cut from region reads up to ``block_px`` model px
+    on a side holding up to ``block_patches`` patches (blocks of ``min((block_px - patch_px) //
+    stride_px + 1, isqrt(block_patches))`` cells a side, at least one), see
+    :func:`~.reading.plan_blocks`. Large regions spread the per-read cost; the patch cap keeps the
+    patches cut from one region (27 kB each at 96 px) in cache: at stride 96 that is 16 x 16 cells
+    (1536 px), at stride 32 22 x 22 (768 px, BENCHMARKS.md); ``block_cells`` sets the number of
+    cells directly instead.
+    """
+
+    batch_size: int | Literal["auto"] = "auto"
+    workers: int | None = None
+    device: str = "auto"
+    precision: Precision = "auto"
+    progress: bool = True
+    block_cells: int | None = None
+    block_px: int = 1536
+    block_patches: int = 512
+    optimize: bool = True
+
+    def __post_init__(self) -> None:
+        if self.batch_size != "auto":
+            check_int(self.batch_size, "batch_size (a number or 'auto')")
+        if self.workers is not None:
+            check_int(self.workers, "workers", minimum=0)
+        if self.block_cells is not None:
+            check_int(self.block_cells, "block_cells")
+        check_int(self.block_px, "block_px")
+        check_int(self.block_patches, "block_patches")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16; got {self.precision!r}")
+        resolve_device(self.device)  # validates
+
+    def cells_per_block(self, *, patch_px: int, stride_px: int) -> int:
+        """``block_cells``, or the cells a side whose patches fill at most ``block_px`` px and
+        number at most ``block_patches``."""
+        if self.block_cells is not None:
+            return self.block_cells
+        return max(1, min((self.block_px - patch_px) // stride_px + 1, math.isqrt(self.block_patches)))
+
+    def nominal_batch_size(self) -> int:
+        """``batch_size``, or for ``"auto"`` the CPU choice (:data:`~.device.CPU_BATCH_SIZE`); on CUDA
+        ``"auto"`` is settled by :func:`~.device.cuda_batch_size` once the model is on the device."""
+        return CPU_BATCH_SIZE if self.batch_size == "auto" else self.batch_size
+
+    def n_workers(self, device: torch.device | None = None) -> int:
+        """Reader threads: ``workers``, or the default for ``device`` (see the class docstring)."""
+        if self.workers is not None:
+            return self.workers
+        spare = max(0, (os.cpu_count() or 1) - 1)
+        if device is not None and device.type == "cpu":
+            return min(1, spare)
+        return min(4, spare)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class InferenceResult:
+    """Class probabilities per patch (patch order) and where the time went."""
+
+    probs: np.ndarray  # float32 (N, num_classes)
+    device: str
+    precision: str
+    n_patches: int
+    seconds_total: float
+    seconds_read: float  # summed over reads (reading, decoding and cutting patches; threads overlap)
+    seconds_wait: float  # the loop waiting for patches (reading not hidden behind the model)
+    seconds_model: float  # preprocessing + forward + softmax, device-synchronised
+    workers: int
+    batch_size: int
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def patches_per_s(self) -> float:
+        return self.n_patches / self.seconds_total if self.seconds_total > 0 else float("nan")
+
+    def timings(self) -> dict:
+        return {
+            "device": self.device, "precision": self.precision, "workers": self.workers,
+            "batch_size": self.batch_size, "n_patches": self.n_patches,
+            "seconds_total": round(self.seconds_total, 4), "seconds_read_cpu": round(self.seconds_read, 4),
+            "seconds_wait_for_reads": round(self.seconds_wait, 4), "seconds_model": round(self.seconds_model, 4),
+            "patches_per_s": round(self.patches_per_s, 2), **self.extra,
+        }
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (float32, ``(N, C)``) from a model's logits: softmax over classes, or
+    sigmoid for a one-output model (``(N, 1)`` or ``(N,)`` logits, returned as ``(N, 1)``)."""
+    logits = logits.float()
+    if logits.ndim == 1:
+        logits = logits[:, None]
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits)
+    return torch.softmax(logits, dim=1)
+
+
+def _check_logits(logits, n: int, num_classes: int, package_path) -> None:
+    """The model's output for a batch of ``n`` must be ``(n, num_classes)`` logits (``(n,)`` for a
+    one-output model); otherwise a :class:`ModelPackageError` naming the package."""
+    if not isinstance(logits, torch.Tensor):
+        raise ModelPackageError(f"the model returned a {type(logits).__name__} for a batch of {n} patches; "
+                                "it must return one tensor of logits", source=package_path)
+    shape = tuple(logits.shape)
+    if not (shape == (n, num_classes) or (num_classes == 1 and shape == (n,))):
+        want = f"({n}, {num_classes})" + (f" or ({n},)" if num_classes == 1 else "")
+        raise ModelPackageError(
+            f"the model returned logits of shape {shape} for a batch of {n} patches; config.json says "
+            f"{num_classes} class(es), so {want} was expected (it passed the load check on a batch of 1: "
+            "check how the model handles the batch dimension)", source=package_path)
+
+
+def _last_line(exc: BaseException) -> str:
+    """The last non-empty line of a (possibly multi-line, e.g. TorchScript) exception message:
+    where the error itself is said, after any traceback."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def run_inference(
+    slide_path: str | Path,
+    patches: PatchGrid | np.ndarray,
+    package: ModelPackage,
+    *,
+    config: InferenceConfig = InferenceConfig(),
+    mpp: float | None = None,
+    backend: str = "auto",
+    desc: str = "patches",
+) -> InferenceResult:
+    """Predict every patch of ``patches``: a :class:`PatchGrid` (read in shared regions, see
+    :func:`~.reading.plan_blocks`) or level-0 top-left corners, float (N, 2) (each patch read alone).
+
+    Patches are ``package.config.patch_size_pixels`` px at ``package.config.spacing_um_px``
+    (a grid must have been made with that patch size and spacing). Returns class probabilities
+    (:func:`probabilities`) in the patches' order; the reader thread count does not change them.
+    """
+    from wsi_toolkit.model_package import Preprocess  # see device._quiet_torchscript_deprecation
+
+    t_start = time.perf_counter()
+    device = resolve_device(config.device)
+    amp_dtype = autocast_dtype(device, config.precision)
+    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+    cfg = package.config
+    if isinstance(patches, PatchGrid):
+        if (patches.config.patch_px, patches.config.spacing_um_px) != (cfg.patch_size_pixels, cfg.spacing_um_px):
+            raise ConfigError(
+                f"grid of {patches.config.patch_px} px at {patches.config.spacing_um_px} um/px does not match the "
+                f"model's {cfg.patch_size_pixels} px at {cfg.spacing_um_px} um/px")
+        blocks = plan_blocks(patches, block_cells=config.cells_per_block(
+            patch_px=patches.config.patch_px, stride_px=patches.config.stride_px))
+        n = len(patches)
+    else:
+        blocks = single_patch_blocks(patches, cfg.patch_size_pixels)
+        n = len(blocks)
+    model = prepare_model(package.model, device, amp_dtype=amp_dtype,
+                          optimize=config.optimize and n >= 2 * config.nominal_batch_size())
+    preprocess = Preprocess(cfg).to(device)
+    batch_size = config.nominal_batch_size()
+    if config.batch_size == "auto" and device.type == "cuda" and n > batch_size:
+        batch_size = cuda_batch_size(model, preprocess, device, amp_dtype, cfg.patch_size_pixels)
+        log.info("batch size %d (auto: fills half the free GPU memory, at most 1024)", batch_size)
+    workers = config.n_workers(device) if n > config.nominal_batch_size() else 0
+    reader = PatchBlocks(slide_path, blocks, patch_px=cfg.patch_size_pixels, spacing_um_px=cfg.spacing_um_px,
+                         mpp=mpp, backend=backend)
+    probs = np.zeros((n, cfg.num_classes if cfg.num_classes > 1 else 1), np.float32)
+    read_s = wait_s = model_s = 0.0
+    bar = tqdm(total=n, desc=desc, unit="patch", disable=not config.progress or None, leave=False)
+
+    def predict(batch: torch.Tensor, index: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            batch = batch.pin_memory()
+        x = preprocess(batch.to(device, non_blocking=True))
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        try:
+            if amp_dtype is not None:
+                with torch.autocast(device_type=device.type, dtype=amp_dtype):
+                    logits = model(x)
+            else:
+                logits = model(x)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one clear line instead of a TorchScript traceback
+            raise ModelPackageError(
+                f"the model fails on a batch of {len(index)} patches ({type(exc).__name__}: {_last_line(exc)}); "
+                "it passed the load check on one zero patch: check how it handles the batch dimension and "
+                "real pixels, or try --batch-size 1",
+                source=package.path) from None
+        _check_logits(logits, len(index), cfg.num_classes, package.path)
+        p = probabilities(logits).cpu().numpy()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        probs[index.numpy()] = p
+        bar.update(len(index))
+        return time.perf_counter() - t0
+
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    n_pending = 0
+    # closing(): on an error the reader threads stop and the slide closes now, not when the
+    # traceback (which holds this frame) is freed.
+    with torch.inference_mode(), model, contextlib.closing(reader.read(workers)) as items:
+        t_wait = time.perf_counter()
+        for patches_u8, index, seconds in items:
+            wait_s += time.perf_counter() - t_wait
+            read_s += seconds
+            pending.append((torch.from_numpy(patches_u8), torch.from_numpy(index)))
+            n_pending += len(index)
+            # Blocks vary in size: re-batch to exactly batch_size patches per forward pass.
+            while n_pending >= batch_size:
+                batch, idx = torch.cat([b for b, _ in pending]), torch.cat([i for _, i in pending])
+                model_s += predict(batch[:batch_size], idx[:batch_size])
+                rest = (batch[batch_size:], idx[batch_size:])
+                pending, n_pending = ([rest] if len(rest[1]) else []), len(rest[1])
+            t_wait = time.perf_counter()
+        if n_pending:
+            model_s += predict(torch.cat([b for b, _ in pending]), torch.cat([i for _, i in pending]))
+    bar.close()
+    return InferenceResult(
+        probs=probs, device=str(device), precision=precision, n_patches=n,
+        seconds_total=time.perf_counter() - t_start, seconds_read=read_s, seconds_wait=wait_s,
+        seconds_model=model_s, workers=workers, batch_size=batch_size,
+        extra={"n_regions": len(blocks), "model_path": model.path},
+    )
