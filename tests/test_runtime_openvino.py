@@ -1,0 +1,267 @@
+"""The OpenVINO CPU runtime: fp32 agreement with torch, the conversion cache, fallback, INT8, calibration."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("openvino", reason="OpenVINO is not installed (pip install 'wsi-toolkit[openvino]')")
+
+from wsi_toolkit.errors import ConfigError  # noqa: E402
+from wsi_toolkit.model_package import load_model_package, pcam_config, save_model_package  # noqa: E402
+from wsi_toolkit.runtime import (  # noqa: E402
+    CalibrationSet,
+    ConversionError,
+    calibration_from_pcam,
+    calibration_from_slides,
+    compare_probabilities,
+    load_openvino_model,
+    resolve_runtime,
+)
+from wsi_toolkit.runtime import openvino as ov_runtime  # noqa: E402
+from wsi_toolkit.runtime.cache import ENTRY_JSON, MODEL_BIN, lookup  # noqa: E402
+
+
+def _patches(n: int, px: int = 96, seed: int = 7) -> np.ndarray:
+    """Noise and smooth colour fields (other seeds than the conversion's own probe)."""
+    return np.concatenate([ov_runtime.probe_patches(px, n=n, seed=seed),
+                           np.random.default_rng(seed).integers(60, 230, (n, px, px, 3), dtype=np.uint8)])
+
+
+def _torch_p(package, x: np.ndarray) -> np.ndarray:
+    return package.predict_proba(torch.from_numpy(x)).numpy()
+
+
+@pytest.fixture(scope="module")
+def r18_package(tmp_path_factory):
+    """A random-weight ResNet18 package at 96 px, made with save_model_package."""
+    import torchvision
+
+    torch.manual_seed(0)
+    net = torchvision.models.resnet18(num_classes=2).eval()
+    path = save_model_package(tmp_path_factory.mktemp("r18") / "pkg", net,
+                              pcam_config(architecture="resnet18", input_size=96))
+    return load_model_package(path)
+
+
+@pytest.fixture(scope="module")
+def colour_package(model_dir):
+    return load_model_package(model_dir)
+
+
+@pytest.fixture(scope="module")
+def r18_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("ov_cache_r18")
+
+
+@pytest.mark.parametrize("which", ["r18_package", "colour_package"])
+def test_fp32_agrees_with_torch(which, request, tmp_path):
+    package = request.getfixturevalue(which)
+    model = load_openvino_model(package, precision="fp32", cache_dir=tmp_path)
+    x = _patches(32)
+    report = compare_probabilities(_torch_p(package, x), model.predict_proba(x))
+    assert report["max_abs_dp"] <= 1e-4, report
+    assert model.info["fp32_vs_torch"]["max_abs_dp"] <= 1e-4
+    assert model.path == "openvino-fp32" and model.info["cache"] == "built"
+    # The loop's interface: preprocessed float batch in, logits out.
+    logits = model(package.preprocess(torch.from_numpy(x[:5])))
+    assert logits.shape == (5, 2) and logits.dtype == torch.float32
+
+
+def test_cache_hit_does_not_convert(colour_package, tmp_path, monkeypatch):
+    first = load_openvino_model(colour_package, cache_dir=tmp_path)
+    entry = Path(first.info["cache_entry"])
+    stamp = (entry / MODEL_BIN).stat().st_mtime_ns
+
+    def no_conversion(*a, **k):
+        raise AssertionError("converted again although the cache holds the model")
+
+    monkeypatch.setattr(ov_runtime, "_convert", no_conversion)
+    second = load_openvino_model(colour_package, cache_dir=tmp_path)
+    assert (first.info["cache"], second.info["cache"]) == ("built", "hit")
+    assert Path(second.info["cache_entry"]) == entry and (entry / MODEL_BIN).stat().st_mtime_ns == stamp
+    x = _patches(8)
+    np.testing.assert_array_equal(first.predict_class_proba(x), second.predict_class_proba(x))
+
+
+def test_cache_dir_from_environment(colour_package, tmp_path, monkeypatch):
+    monkeypatch.setenv("WSI_TOOLKIT_CACHE", str(tmp_path / "env_cache"))
+    model = load_openvino_model(colour_package)
+    assert Path(model.info["cache_entry"]).is_relative_to(tmp_path / "env_cache" / "openvino")
+
+
+def test_cache_entry_for_other_settings_is_rebuilt(colour_package, tmp_path, caplog):
+    entry = Path(load_openvino_model(colour_package, cache_dir=tmp_path).info["cache_entry"])
+    meta = json.loads((entry / ENTRY_JSON).read_text())
+    meta["key"]["package_sha256"] = "0" * 64  # an entry written for another package under this name
+    (entry / ENTRY_JSON).write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="wsi_toolkit.runtime.cache"):
+        again = load_openvino_model(colour_package, cache_dir=tmp_path)
+    assert again.info["cache"] == "built" and "other settings" in caplog.text
+    assert json.loads((entry / ENTRY_JSON).read_text())["key"]["package_sha256"] == colour_package.sha256
+
+
+def test_corrupt_cache_entry_is_rebuilt(colour_package, tmp_path, caplog):
+    entry = Path(load_openvino_model(colour_package, cache_dir=tmp_path).info["cache_entry"])
+    data = (entry / MODEL_BIN).read_bytes()
+    (entry / MODEL_BIN).write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
+    with caplog.at_level(logging.WARNING, logger="wsi_toolkit.runtime.cache"):
+        again = load_openvino_model(colour_package, cache_dir=tmp_path)
+    assert again.info["cache"] == "built" and "sha256" in caplog.text
+    x = _patches(8)
+    assert compare_probabilities(_torch_p(colour_package, x), again.predict_proba(x))["max_abs_dp"] <= 1e-4
+    assert not list(entry.parent.glob(".*.partial-*")) and not list(entry.parent.glob(".*.stale-*"))
+
+
+def test_two_processes_converting_at_once(model_dir, tmp_path):
+    """Both processes get the model; it is converted once; the entry is whole; no temporary folder stays."""
+    cache, go = tmp_path / "cache", tmp_path / "go"
+    script = textwrap.dedent(f"""
+        import json, sys, time
+        from pathlib import Path
+        from wsi_toolkit.model_package import load_model_package
+        from wsi_toolkit.runtime import load_openvino_model
+        package = load_model_package({str(model_dir)!r})
+        Path(sys.argv[1]).write_text("ready")
+        while not Path({str(go)!r}).exists():
+            time.sleep(0.01)
+        model = load_openvino_model(package, cache_dir={str(cache)!r})
+        print(json.dumps({{"cache": model.info["cache"], "entry": model.info["cache_entry"]}}))
+    """)
+    ready = [tmp_path / f"ready{i}" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for r in ready]
+    deadline = time.monotonic() + 300
+    while not all(r.exists() for r in ready):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+        time.sleep(0.05)
+    go.write_text("go")
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert sorted(r["cache"] for r in results) == ["built", "hit"]
+    assert results[0]["entry"] == results[1]["entry"]
+    entry = Path(results[0]["entry"])
+    assert not list(entry.parent.glob(".*.partial-*"))
+    package = load_model_package(model_dir)
+    key = ov_runtime.CacheKey(package_sha256=package.sha256, graph="fp32", input_size=96, source="torchscript",
+                              openvino=ov_runtime.openvino_versions()["openvino"])
+    assert lookup(cache, key) is not None
+
+
+class _Cummax(torch.nn.Module):
+    """A model with an op OpenVINO has no conversion rule for (aten::cummax)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cummax(x.mean(dim=(2, 3)), dim=1)[0][:, 1:]
+
+
+def test_unconvertible_model_raises_conversion_error(tmp_path):
+    path = save_model_package(tmp_path / "cummax", _Cummax(), pcam_config(architecture="cummax", input_size=96))
+    package = load_model_package(path)
+    with pytest.raises(ConversionError, match="cummax"):
+        load_openvino_model(package, cache_dir=tmp_path / "cache")
+    assert not [p for p in (tmp_path / "cache" / "openvino").iterdir() if not p.name.endswith(".lock")]
+
+
+def test_fp32_graph_disagreeing_with_torch_is_refused(colour_package, tmp_path, monkeypatch):
+    real = ov_runtime._torch_probs
+    monkeypatch.setattr(ov_runtime, "_torch_probs", lambda pkg, x: real(pkg, x) + 1e-3)
+    with pytest.raises(ConversionError, match="disagrees with torch"):
+        load_openvino_model(colour_package, cache_dir=tmp_path)
+    monkeypatch.setattr(ov_runtime, "_torch_probs", real)
+    assert load_openvino_model(colour_package, cache_dir=tmp_path).info["cache"] == "built"  # nothing was cached
+
+
+def test_int8_runs_close_to_fp32(r18_package, r18_cache, synthetic_slides):
+    slide = synthetic_slides().path
+    calibration = calibration_from_slides([slide], r18_package, n=64, seed=0)
+    assert calibration.patches.shape == (64, 96, 96, 3)
+    int8 = load_openvino_model(r18_package, precision="int8", cache_dir=r18_cache, calibration=calibration)
+    fp32 = load_openvino_model(r18_package, precision="fp32", cache_dir=r18_cache)
+    assert int8.path == "openvino-int8" and int8.info["calibration"]["fingerprint"] == calibration.fingerprint
+    assert int8.info["int8_vs_fp32"]["n_patches"] == 64
+    x = calibration_from_slides([slide], r18_package, n=64, seed=1).patches
+    report = compare_probabilities(fp32.predict_proba(x), int8.predict_proba(x))
+    assert report["mean_abs_dp"] < 0.01 and report["max_abs_dp"] < 0.05, report
+
+
+def test_calibration_fingerprint_keys_the_int8_graph(r18_package, r18_cache, synthetic_slides):
+    slide = synthetic_slides().path
+    a = calibration_from_slides([slide], r18_package, n=32, seed=0)
+    assert calibration_from_slides([slide], r18_package, n=32, seed=0).fingerprint == a.fingerprint  # seeded
+    b = calibration_from_slides([slide], r18_package, n=32, seed=5)
+    assert a.fingerprint != b.fingerprint
+    ma = load_openvino_model(r18_package, precision="int8", cache_dir=r18_cache, calibration=a)
+    mb = load_openvino_model(r18_package, precision="int8", cache_dir=r18_cache, calibration=b)
+    assert ma.info["cache_entry"] != mb.info["cache_entry"]
+    again = load_openvino_model(r18_package, precision="int8", cache_dir=r18_cache, calibration=a)
+    assert (again.info["cache"], again.info["cache_entry"]) == ("hit", ma.info["cache_entry"])
+
+
+def test_int8_needs_calibration(colour_package, tmp_path):
+    with pytest.raises(ConfigError, match="calibration"):
+        load_openvino_model(colour_package, precision="int8", cache_dir=tmp_path)
+
+
+def test_bf16_refused_without_native_support(colour_package, tmp_path, monkeypatch):
+    import wsi_toolkit.inference.device as device
+
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    with pytest.raises(ConfigError, match="native bfloat16"):
+        load_openvino_model(colour_package, precision="bf16", cache_dir=tmp_path)
+    forced = load_openvino_model(colour_package, precision="bf16", cache_dir=tmp_path, force_bf16=True)
+    assert forced.info["forced"] and forced.info["inference_precision_hint"] == "bf16"
+
+
+def test_resolve_runtime():
+    assert resolve_runtime("auto", torch.device("cpu")) == "openvino"
+    assert resolve_runtime("torch", torch.device("cpu")) == "torch"
+    assert resolve_runtime("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(ConfigError, match="CPU"):
+        resolve_runtime("openvino", torch.device("cuda"))
+    with pytest.raises(ConfigError, match="runtime must be"):
+        resolve_runtime("onnx", torch.device("cpu"))
+
+
+def test_calibration_from_pcam_folders(tmp_path):
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    kaggle = tmp_path / "kaggle"
+    (kaggle / "train").mkdir(parents=True)
+    rows = ["id,label"]
+    for i in range(20):
+        tifffile.imwrite(kaggle / "train" / f"p{i:02d}.tif", rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
+        rows.append(f"p{i:02d},{i % 2}")
+    (kaggle / "train_labels.csv").write_text("\n".join(rows) + "\n")
+    cal = calibration_from_pcam(kaggle, n=8, seed=3)
+    assert cal.patches.shape == (8, 96, 96, 3) and "kaggle" in cal.source
+    assert calibration_from_pcam(kaggle, n=8, seed=3).fingerprint == cal.fingerprint
+    assert calibration_from_pcam(kaggle, n=8, seed=4).fingerprint != cal.fingerprint
+    pytest.importorskip("h5py")
+    from patch_model.data import write_pcam_h5
+
+    x = rng.integers(0, 256, (12, 96, 96, 3), dtype=np.uint8)
+    write_pcam_h5(tmp_path / "pcam", "train", x, np.arange(12) % 2)
+    cal = calibration_from_pcam(tmp_path / "pcam", n=5)
+    assert cal.patches.shape == (5, 96, 96, 3) and "pcam-h5" in cal.source
+
+
+def test_calibration_set_checks_its_patches():
+    with pytest.raises(ConfigError, match="uint8"):
+        CalibrationSet(np.zeros((4, 96, 96, 3), np.float32), source="x")
+    with pytest.raises(ConfigError, match="non-empty"):
+        CalibrationSet(np.zeros((0, 96, 96, 3), np.uint8), source="x")

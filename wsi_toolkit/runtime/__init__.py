@@ -1,0 +1,76 @@
+"""Where the model runs: torch (the package's model as loaded) or OpenVINO on a CPU.
+
+- :mod:`.openvino`: conversion (``openvino.convert_model``), fp32 / bf16 / INT8 (NNCF), the
+  :class:`OpenVinoModel` the inference loop calls, fallback errors.
+- :mod:`.cache`: converted graphs cached by package sha256 and settings, published atomically under a
+  file lock.
+- :mod:`.calibration`: INT8 calibration patches from slide tissue or a PCam folder.
+- :func:`compare_probabilities`: how far a reduced-precision run moved the probabilities.
+
+Nothing here imports OpenVINO or NNCF until a model is converted; ``pip install
+'wsi-toolkit[openvino]'`` installs both.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+
+from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.runtime.cache import CACHE_ENV, CacheKey, default_cache_dir
+from wsi_toolkit.runtime.calibration import (
+    CALIBRATION_PATCHES,
+    CalibrationSet,
+    calibration_from_pcam,
+    calibration_from_slides,
+)
+from wsi_toolkit.runtime.openvino import (
+    FP32_TOLERANCE,
+    OV_PRECISIONS,
+    ConversionError,
+    OpenVinoModel,
+    OvPrecision,
+    check_precision_supported,
+    load_openvino_model,
+    openvino_available,
+    openvino_versions,
+)
+
+__all__ = ["CACHE_ENV", "CALIBRATION_PATCHES", "FP32_TOLERANCE", "OV_PRECISIONS", "RUNTIMES", "CacheKey",
+           "CalibrationSet", "ConversionError", "OpenVinoModel", "OvPrecision", "Runtime", "calibration_from_pcam",
+           "calibration_from_slides", "check_precision_supported", "compare_probabilities", "default_cache_dir",
+           "load_openvino_model", "openvino_available", "openvino_versions", "resolve_runtime"]
+
+Runtime = Literal["auto", "torch", "openvino"]
+RUNTIMES = ("auto", "torch", "openvino")
+
+
+def resolve_runtime(runtime: str, device: torch.device) -> Literal["torch", "openvino"]:
+    """``auto``: OpenVINO on a CPU where it is installed, torch elsewhere (CUDA, MPS) or without it.
+    ``openvino`` on a GPU device is a :class:`ConfigError` (OpenVINO runs here on the CPU only)."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
+    if runtime == "torch":
+        return "torch"
+    if device.type != "cpu":
+        if runtime == "openvino":
+            raise ConfigError(f"runtime openvino runs on the CPU; device is {device} (use --device cpu)")
+        return "torch"
+    if runtime == "openvino":
+        return "openvino"
+    return "openvino" if openvino_available() else "torch"
+
+
+def compare_probabilities(reference: np.ndarray, other: np.ndarray, *, threshold: float = 0.5) -> dict:
+    """How far ``other`` moved from ``reference`` (same patches, tumour probabilities, (N,)):
+    max and mean |dp|, and the patches whose label changes at ``threshold`` (count and fraction)."""
+    ref, oth = np.asarray(reference, np.float64).ravel(), np.asarray(other, np.float64).ravel()
+    if ref.shape != oth.shape:
+        raise ValueError(f"probabilities of different lengths: {ref.shape} vs {oth.shape}")
+    n = len(ref)
+    dp = np.abs(ref - oth)
+    flips = int(((ref >= threshold) != (oth >= threshold)).sum())
+    return {"n_patches": n, "max_abs_dp": float(dp.max()) if n else 0.0, "mean_abs_dp": float(dp.mean()) if n else 0.0,
+            "label_flips": flips, "label_flip_fraction": flips / n if n else 0.0, "threshold": threshold}

@@ -1,0 +1,134 @@
+"""Calibration patches for INT8 quantization: from the tissue of the slides being run, or a PCam folder.
+
+Static quantization measures the range of every activation on a few hundred real patches. The
+default is tissue of the slides about to be analysed (the model sees what it will quantize for);
+``--calibration DIR`` takes patches from a PCam folder (HDF5 or Kaggle layout) instead. Patches are
+uint8 RGB at the model's patch size and um/px, chosen with a seed, so a calibration set and its
+:attr:`CalibrationSet.fingerprint` (which keys the quantized model in the cache) are reproducible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.limits import check_int
+
+if TYPE_CHECKING:
+    from wsi_toolkit.model_package import ModelPackage
+
+__all__ = ["CALIBRATION_PATCHES", "CalibrationSet", "calibration_from_slides", "calibration_from_pcam"]
+
+log = logging.getLogger(__name__)
+
+#: Patches used to calibrate by default: NNCF's own default subset is 300 samples.
+CALIBRATION_PATCHES = 300
+
+
+@dataclass(frozen=True)
+class CalibrationSet:
+    """``patches``: (N, S, S, 3) uint8 RGB; ``source``: where they came from, in words."""
+
+    patches: np.ndarray
+    source: str
+    seed: int = 0
+    fingerprint: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        p = self.patches
+        if not (isinstance(p, np.ndarray) and p.dtype == np.uint8 and p.ndim == 4 and p.shape[-1] == 3
+                and len(p) > 0):
+            desc = f"shape {p.shape} dtype {p.dtype}" if isinstance(p, np.ndarray) else type(p).__name__
+            raise ConfigError(f"calibration patches must be a non-empty (N, S, S, 3) uint8 array; got {desc}")
+        h = hashlib.sha256(repr(p.shape).encode("ascii"))
+        h.update(np.ascontiguousarray(p).tobytes())
+        object.__setattr__(self, "fingerprint", h.hexdigest()[:24])
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+    def describe(self) -> dict:
+        return {"source": self.source, "n_patches": len(self), "seed": self.seed, "fingerprint": self.fingerprint}
+
+
+def _spread(n_items: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """``min(k, n_items)`` indices spread over ``range(n_items)``: one random pick per equal stratum."""
+    k = min(k, n_items)
+    edges = np.linspace(0, n_items, k + 1)
+    return np.minimum((edges[:-1] + rng.random(k) * np.diff(edges)).astype(np.int64), n_items - 1)
+
+
+def calibration_from_slides(slide_paths: Sequence[str | os.PathLike], package: ModelPackage, *,
+                            n: int = CALIBRATION_PATCHES, seed: int = 0, mpp: float | None = None,
+                            backend: str = "auto", min_tissue_fraction: float = 0.5,
+                            thumb_mpp: float = 8.0) -> CalibrationSet:
+    """About ``n`` patches from the tissue of ``slide_paths``, spread over each slide's grid.
+
+    Tissue is found as ``wsi-infer`` finds it (:func:`~wsi_toolkit.tissue.detect_tissue` on the
+    thumbnail); the grid has non-overlapping cells of the model's patch size, and one cell is
+    drawn (seeded) from each of ``n / len(slide_paths)`` equal runs of the tissue cells in row order.
+    Patches are read at the model's um/px (:meth:`~wsi_toolkit.slide.SlideReader.read_at_mpp`).
+    """
+    from wsi_toolkit.slide import open_slide
+    from wsi_toolkit.tiling import GridConfig, make_grid
+    from wsi_toolkit.tissue import TissueConfig, detect_tissue
+
+    check_int(n, "calibration patches")
+    paths = [Path(p) for p in slide_paths]
+    if not paths:
+        raise ConfigError("calibration from slides needs at least one slide")
+    cfg = package.config
+    px, spacing = cfg.patch_size_pixels, cfg.spacing_um_px
+    grid_cfg = GridConfig(patch_px=px, spacing_um_px=spacing, stride_px=px, min_tissue_fraction=min_tissue_fraction)
+    rng = np.random.default_rng(seed)
+    per_slide = math.ceil(n / len(paths))
+    chunks = []
+    for path in paths:
+        with open_slide(path, mpp=mpp, backend=backend) as reader:  # type: ignore[arg-type]
+            tissue = detect_tissue(reader.thumbnail(mpp=thumb_mpp), l0_mpp=reader.mpp,
+                                   config=TissueConfig(thumb_mpp=thumb_mpp))
+            grid = make_grid(l0_size=reader.dimensions, l0_mpp=reader.mpp, config=grid_cfg,
+                             tissue_mask=tissue.mask, mask_l0_per_px=tissue.l0_per_px, require_patches=False)
+            if len(grid) == 0:
+                log.warning("calibration: no tissue cell on %s; skipped", path.name)
+                continue
+            pick = _spread(len(grid), per_slide, rng)
+            xy = grid.patch_l0_xy(grid.grid_rc[pick])
+            chunks.append(np.stack([reader.read_at_mpp((float(x), float(y)), (px, px), spacing) for x, y in xy]))
+    if not chunks:
+        raise ConfigError(f"calibration: no tissue found on {len(paths)} slide(s); give a PCam folder with "
+                          "--calibration DIR")
+    patches = np.concatenate(chunks)[:n]
+    names = ", ".join(p.name for p in paths[:3]) + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else "")
+    return CalibrationSet(patches, source=f"tissue of {len(paths)} slide(s): {names}", seed=seed)
+
+
+def calibration_from_pcam(root: str | os.PathLike, *, n: int = CALIBRATION_PATCHES, seed: int = 0,
+                          split: str = "train") -> CalibrationSet:
+    """``n`` seeded random patches of a PCam folder: PCam HDF5 (``split``) or the Kaggle layout
+    (``train/``, all of it), as :func:`patch_model.data.detect_layout` finds it. Labels are not used."""
+    from patch_model.data import KaggleFolder, PCamH5, detect_layout
+
+    check_int(n, "calibration patches")
+    root = Path(root)
+    layout = detect_layout(root)
+    ds = PCamH5(root, split) if layout == "pcam-h5" else KaggleFolder(root)
+    try:
+        rng = np.random.default_rng(seed)
+        idx = np.sort(rng.choice(len(ds), size=min(n, len(ds)), replace=False))
+        patches = np.stack([np.asarray(ds[int(i)][0], np.uint8) for i in idx])
+    finally:
+        close = getattr(ds, "close", None)
+        if close is not None:
+            close()
+    where = f"{layout} {split}" if layout == "pcam-h5" else "kaggle train/"
+    return CalibrationSet(patches, source=f"{len(patches)} patches of {root.name} ({where})", seed=seed)

@@ -1,0 +1,332 @@
+"""The package's model run by OpenVINO on a CPU: fp32 (agrees with torch within 1e-4), bf16, INT8.
+
+The model is converted once with ``openvino.convert_model`` (from the package's ``torch.export``
+program ``model.pt2`` where it has one, else from its TorchScript) and cached (:mod:`.cache`) by
+the package's sha256 and every setting the graph depends on. A new fp32 conversion is checked
+against torch on probe patches before it is cached: if the probabilities differ by more than
+:data:`FP32_TOLERANCE`, it is refused (:class:`ConversionError`) like a conversion that failed, and
+the caller runs torch instead. INT8 is NNCF's post-training static quantization of that fp32 graph,
+calibrated on uint8 patches (:mod:`.calibration`); its agreement with fp32 on the calibration
+patches is measured when it is built and recorded. bf16 is a compile-time hint on the fp32 graph.
+
+Preprocessing (uint8 -> resize -> normalise) stays :class:`wsi_toolkit.model_package.Preprocess`, so
+OpenVINO sees exactly the tensors torch sees; :class:`OpenVinoModel` takes them and returns logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import importlib.util
+import logging
+import sys
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from wsi_toolkit.errors import ConfigError, WsiToolkitError, one_line
+from wsi_toolkit.runtime.cache import MODEL_XML, CacheKey, default_cache_dir, get_or_build
+from wsi_toolkit.runtime.calibration import CalibrationSet
+
+if TYPE_CHECKING:
+    from wsi_toolkit.model_package import ModelPackage
+
+__all__ = ["FP32_TOLERANCE", "OV_PRECISIONS", "ConversionError", "OpenVinoModel", "OvPrecision", "load_openvino_model",
+           "openvino_available", "openvino_versions"]
+
+log = logging.getLogger(__name__)
+
+OvPrecision = Literal["fp32", "bf16", "int8"]
+OV_PRECISIONS = ("fp32", "bf16", "int8")
+#: Largest |probability difference| from torch fp32 accepted for an OpenVINO fp32 graph.
+FP32_TOLERANCE = 1e-4
+#: NNCF settings of the INT8 graph (part of its cache key).
+QUANTIZATION = {"method": "nncf.quantize", "preset": "performance", "fast_bias_correction": True}
+PT2_NAME = "model.pt2"
+
+_HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
+_CHANGES = {
+    "fp32": "nothing intended: the same fp32 network run by OpenVINO (probabilities checked within 1e-4 of torch "
+            "when converted)",
+    "bf16": "convolutions and matrix products computed in bfloat16 (8-bit mantissa) by OpenVINO",
+    "int8": "weights and activations of convolutions and linear layers quantized to int8 (NNCF post-training static "
+            "quantization, calibrated); the other layers in fp32",
+}
+
+
+class ConversionError(WsiToolkitError, RuntimeError):
+    """OpenVINO could not convert, quantize or compile the model, or its fp32 graph disagrees with
+    torch; the caller runs the model with torch instead (and says so in the log)."""
+
+
+def openvino_available() -> bool:
+    """True when the ``openvino`` package is installed (``pip install 'wsi-toolkit[openvino]'``)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def openvino_versions() -> dict[str, str | None]:
+    return {"openvino": _version("openvino"), "nncf": _version("nncf")}
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the expected noise of conversion: TorchScript's deprecation, tracer warnings, and
+    torch's "No CUDA runtime" line that importing NNCF logs on a CPU-only machine."""
+    from wsi_toolkit.model_package import quiet_torchscript_deprecation
+
+    cpp_log = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp_log.level
+    cpp_log.setLevel(logging.ERROR)
+    try:
+        with quiet_torchscript_deprecation(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", category=UserWarning, module=r"(openvino|nncf|torch)\b.*")
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"(openvino|nncf|torch)\b.*")
+            yield
+    finally:
+        cpp_log.setLevel(level)
+
+
+def _probabilities(logits: np.ndarray | torch.Tensor) -> np.ndarray:
+    from wsi_toolkit.inference import probabilities
+
+    return probabilities(torch.as_tensor(logits)).numpy()
+
+
+def _tumor_column(package: ModelPackage, probs: np.ndarray) -> np.ndarray:
+    return probs[:, package.config.tumor_index()] if probs.shape[1] > 1 else probs[:, 0]
+
+
+def probe_patches(patch_px: int, n: int = 16, seed: int = 0) -> np.ndarray:
+    """Probe patches for the fp32 agreement check: half uniform noise, half smooth colour fields."""
+    rng = np.random.default_rng(seed)
+    noise = rng.integers(0, 256, (n // 2, patch_px, patch_px, 3), dtype=np.uint8)
+    yy, xx = np.mgrid[0:patch_px, 0:patch_px] / max(1, patch_px - 1)
+    smooth = []
+    for _ in range(n - n // 2):
+        a, b, c = rng.uniform(0, 255, (3, 3))
+        field = a[None, None] + (b - a)[None, None] * xx[..., None] + (c - a)[None, None] * yy[..., None] ** 2
+        smooth.append(np.clip(field, 0, 255).astype(np.uint8))
+    return np.concatenate([noise, np.stack(smooth)])
+
+
+def _preprocessed(package: ModelPackage, patches_u8: np.ndarray) -> np.ndarray:
+    from wsi_toolkit.model_package import Preprocess
+
+    with torch.inference_mode():
+        return Preprocess(package.config)(torch.from_numpy(np.ascontiguousarray(patches_u8))).numpy()
+
+
+def _torch_probs(package: ModelPackage, patches_u8: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return _probabilities(package.model(torch.from_numpy(_preprocessed(package, patches_u8))))
+
+
+def _source(package: ModelPackage) -> tuple[Any, str]:
+    """What to convert: the package's torch.export program when it has one, else its model (TorchScript)."""
+    pt2 = Path(package.path) / PT2_NAME
+    if pt2.is_file():
+        try:
+            return torch.export.load(str(pt2)), "torch.export"
+        except Exception as exc:  # noqa: BLE001 - any unreadable program: use the TorchScript
+            log.info("OpenVINO: %s not readable (%s); converting the TorchScript", pt2, one_line(exc))
+    return package.model, "torchscript"
+
+
+def _convert(package: ModelPackage, src: Any, source: str):
+    import openvino as ov
+
+    s = package.config.input_size
+    with _quiet():
+        if source == "torch.export":
+            model = ov.convert_model(src)
+        else:
+            model = ov.convert_model(src, example_input=torch.zeros(2, 3, s, s))
+    model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, s, s])})  # any batch size
+    return model
+
+
+def _compile(model: Any, precision: OvPrecision, threads: int | None):
+    import openvino as ov
+
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
+    return ov.Core().compile_model(model, "CPU", config)
+
+
+def _infer(compiled: Any, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    request = compiled.create_infer_request()
+    out = []
+    for i in range(0, len(x), batch):
+        request.infer({0: np.ascontiguousarray(x[i:i + batch])})
+        out.append(np.array(request.get_output_tensor(0).data, np.float32, copy=True))
+    return np.concatenate(out)
+
+
+def _build_fp32(package: ModelPackage, src: Any, source: str, threads: int | None, folder: Path) -> dict:
+    import openvino as ov
+
+    t0 = time.perf_counter()
+    model = _convert(package, src, source)
+    ov.save_model(model, str(folder / MODEL_XML), compress_to_fp16=False)
+    probe = probe_patches(package.config.patch_size_pixels)
+    p_ov = _probabilities(_infer(_compile(model, "fp32", threads), _preprocessed(package, probe)))
+    p_torch = _torch_probs(package, probe)
+    dp = float(np.abs(p_ov - p_torch).max())
+    if not dp <= FP32_TOLERANCE:
+        raise ConversionError(f"the OpenVINO fp32 graph disagrees with torch by up to {dp:.3g} in probability "
+                              f"(more than {FP32_TOLERANCE:g}) on {len(probe)} probe patches")
+    return {"source": source, "seconds_convert": round(time.perf_counter() - t0, 3),
+            "fp32_vs_torch": {"max_abs_dp": dp, "n_patches": len(probe), "patches": "probe (noise + smooth)"}}
+
+
+def _import_nncf():
+    try:
+        with _quiet():
+            import nncf
+    except ImportError:
+        raise ConfigError("precision int8 needs NNCF: pip install 'wsi-toolkit[openvino]'") from None
+    nncf.set_log_level(logging.ERROR)
+    return nncf
+
+
+def _build_int8(package: ModelPackage, fp32_xml: Path, calibration: CalibrationSet, threads: int | None,
+                folder: Path) -> dict:
+    import openvino as ov
+
+    nncf = _import_nncf()
+    t0 = time.perf_counter()
+    fp32 = ov.Core().read_model(str(fp32_xml))
+    x = _preprocessed(package, calibration.patches)
+    batches = [x[i:i + 32] for i in range(0, len(x), 32)]
+    with _quiet(), contextlib.redirect_stdout(sys.stderr):  # NNCF's progress bars: stderr, as ours
+        quantized = nncf.quantize(fp32, nncf.Dataset(batches), subset_size=len(batches),
+                                  preset=nncf.QuantizationPreset.PERFORMANCE, fast_bias_correction=True)
+    ov.save_model(quantized, str(folder / MODEL_XML), compress_to_fp16=False)
+    seconds = time.perf_counter() - t0
+    p8 = _tumor_column(package, _probabilities(_infer(_compile(quantized, "int8", threads), x)))
+    p32 = _tumor_column(package, _probabilities(_infer(_compile(fp32, "fp32", threads), x)))
+    dp = np.abs(p8 - p32)
+    return {"seconds_quantize": round(seconds, 3), "calibration": calibration.describe(),
+            "int8_vs_fp32": {"patches": "the calibration patches", "n_patches": len(x), "max_abs_dp": float(dp.max()),
+                             "mean_abs_dp": float(dp.mean()), "flips_at_0.5": int(((p8 >= 0.5) != (p32 >= 0.5)).sum())}}
+
+
+class OpenVinoModel:
+    """A compiled OpenVINO model with the interface of the inference loop's models: a context
+    manager, called with a preprocessed ``(N, 3, S, S)`` float32 tensor, returning logits. ``path``
+    names it (``"openvino-int8"``); ``info`` is what ``run.json`` records about it."""
+
+    def __init__(self, compiled: Any, package: ModelPackage, precision: OvPrecision, info: Mapping[str, Any]):
+        self._compiled = compiled
+        self._request = compiled.create_infer_request()
+        self.package = package
+        self.precision = precision
+        self.path = f"openvino-{precision}"
+        self.info = dict(info)
+
+    def __enter__(self) -> OpenVinoModel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+        self._request.infer({0: arr}, share_inputs=True)
+        return torch.from_numpy(np.array(self._request.get_output_tensor(0).data, np.float32, copy=True))
+
+    def predict_class_proba(self, patches_uint8: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``(N, H, W, 3)`` uint8 patches -> ``(N, num_classes)`` float32 probabilities (as
+        :meth:`wsi_toolkit.model_package.ModelPackage.predict_class_proba`)."""
+        x = _preprocessed(self.package, np.asarray(patches_uint8, np.uint8))
+        return _probabilities(_infer(self._compiled, x))
+
+    def predict_proba(self, patches_uint8: np.ndarray | torch.Tensor) -> np.ndarray:
+        return _tumor_column(self.package, self.predict_class_proba(patches_uint8))
+
+
+def check_precision_supported(precision: str, *, force_bf16: bool = False) -> OvPrecision:
+    """``precision`` if OpenVINO can run it here; :class:`ConfigError` otherwise (bf16 on a CPU
+    without native bfloat16, where it would be emulated, unless ``force_bf16``)."""
+    from wsi_toolkit.inference.device import cpu_has_fast_bf16
+
+    if precision not in OV_PRECISIONS:
+        raise ConfigError(f"OpenVINO precision must be one of {', '.join(OV_PRECISIONS)}; got {precision!r}")
+    if precision == "bf16" and not force_bf16 and not cpu_has_fast_bf16():
+        raise ConfigError("precision bf16 needs a CPU with native bfloat16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo); "
+                          "this one has neither, so it would be emulated: use fp32 or int8, or force bf16")
+    return precision  # type: ignore[return-value]
+
+
+def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache_dir: str | Path | None = None,
+                        calibration: CalibrationSet | None = None, force_bf16: bool = False,
+                        threads: int | None = None) -> OpenVinoModel:
+    """The package's model compiled by OpenVINO for the CPU at ``precision`` (converted and cached on
+    first use; the cache under ``cache_dir`` or :func:`~.cache.default_cache_dir`).
+
+    ``int8`` needs ``calibration``; ``threads`` defaults to torch's intra-op thread count.
+    Raises :class:`ConfigError` for settings that cannot work here (OpenVINO or NNCF not installed,
+    bf16 without native support, int8 without calibration, a package on a GPU) and
+    :class:`ConversionError` when conversion, quantization or compilation fails or the fp32 graph
+    disagrees with torch: run torch instead.
+    """
+    prec = check_precision_supported(precision, force_bf16=force_bf16)
+    if not openvino_available():
+        raise ConfigError("runtime openvino needs OpenVINO: pip install 'wsi-toolkit[openvino]'")
+    if package.device.type != "cpu":
+        raise ConfigError(f"runtime openvino runs on the CPU; the package is loaded on {package.device}")
+    if prec == "int8" and calibration is None:
+        raise ConfigError("precision int8 needs calibration patches (from the slides' tissue or a PCam folder)")
+    if prec == "int8":
+        _import_nncf()
+    threads = threads or torch.get_num_threads()
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    versions = openvino_versions()
+    t0 = time.perf_counter()
+    src, source = _source(package)
+    size = package.config.input_size
+    fp32_key = CacheKey(package_sha256=package.sha256, graph="fp32", input_size=size, source=source,
+                        openvino=str(versions["openvino"]))
+    try:
+        folder, entry, built = get_or_build(root, fp32_key, lambda d: _build_fp32(package, src, source, threads, d))
+        info: dict[str, Any] = {**entry["info"]}
+        if prec == "int8":
+            assert calibration is not None
+            key = CacheKey(package_sha256=package.sha256, graph="int8", input_size=size, source=source,
+                           openvino=str(versions["openvino"]), nncf=versions["nncf"],
+                           calibration=calibration.fingerprint, quantization=QUANTIZATION)
+            fp32_xml = folder / MODEL_XML
+            folder, entry, built8 = get_or_build(
+                root, key, lambda d: _build_int8(package, fp32_xml, calibration, threads, d))
+            built = built or built8
+            info.update(entry["info"])
+        compiled = _compile(str(folder / MODEL_XML), prec, threads)
+    except (ConfigError, ConversionError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - OpenVINO/NNCF raise many types; all mean "use torch"
+        raise ConversionError(f"OpenVINO could not prepare the model of {package.path} at {prec}: "
+                              f"{type(exc).__name__}: {one_line(exc)}") from exc
+    info.update({
+        "runtime": "openvino", "precision": prec, "inference_precision_hint": _HINT[prec], "threads": threads,
+        "changes": _CHANGES[prec], "openvino": versions["openvino"], "nncf": versions["nncf"] if prec == "int8" else None,
+        "cache": "built" if built else "hit", "cache_entry": str(folder),
+        "seconds_load": round(time.perf_counter() - t0, 3),
+    })
+    if prec == "bf16" and force_bf16:
+        info["forced"] = True
+    log.info("OpenVINO %s model ready (%s, cache %s, %.1f s)", prec, source, info["cache"], info["seconds_load"])
+    return OpenVinoModel(compiled, package, prec, info)
