@@ -43,7 +43,7 @@ _WHERE = {
     "MissingWeightsError": "archs", "build_learner": "archs", "resolve_arch": "archs",
     "build_dataloaders": "loaders",
     "export_learner": "export", "learner_config": "export",
-    "evaluate_package": "evaluate", "EvalResult": "evaluate",
+    "evaluate_package": "patch_eval", "EvalResult": "patch_eval",
     "open_splits": "data", "detect_layout": "data", "PCamH5": "data", "KaggleFolder": "data",
     "DataLayoutError": "data",
     "cut_pcam_patches": "patches",

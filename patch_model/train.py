@@ -50,7 +50,7 @@ from patch_model.augment import (
 )
 from patch_model.callbacks import History, KeepBest, finite_or_none
 from patch_model.data import CLASS_NAMES, PCAM_PATCH_PX, TUMOR_INDEX, check_split_fractions, detect_layout, open_splits
-from patch_model.evaluate import LEAKY_NOTE, binary_metrics, plot_confusion_matrix
+from patch_model.patch_eval import LEAKY_NOTE, binary_metrics, plot_confusion_matrix
 from patch_model.export import export_learner, learner_config
 from patch_model.loaders import PatchData, build_dataloaders, labels_of
 from patch_model.reports import gradcam, plot_losses, plot_lr_find, plot_top_losses_gradcam

@@ -490,7 +490,7 @@ def test_colour_rule_package_is_labelled_synthetic(colour_rule):
 
 @pytest.mark.parametrize(
     "name, lo, hi",
-    [("tumour", 0.9, 1.0), ("normal", 0.0, 0.1), ("faint", 0.0, 0.05), ("background", 0.0, 0.05)],
+    [("tumor", 0.9, 1.0), ("normal", 0.0, 0.1), ("faint", 0.0, 0.05), ("background", 0.0, 0.05)],
 )
 def test_colour_rule_on_synthetic_texture(colour_rule, texture, name, lo, hi):
     p = colour_rule.predict_proba(_texture_patches(texture, name))
@@ -515,7 +515,7 @@ def test_colour_rule_on_colour_numbers(colour_rule, base, nuclei, coverage, lo, 
 
 
 def test_colour_rule_reads_only_the_centre(colour_rule, texture):
-    tumor = texture.level_tile("tumour", 4)[:96, :96]
+    tumor = texture.level_tile("tumor", 4)[:96, :96]
     normal = texture.level_tile("normal", 4)[:96, :96]
     centre_tumor = normal.copy()
     centre_tumor[32:64, 32:64] = tumor[32:64, 32:64]
@@ -530,7 +530,7 @@ def test_colour_rule_at_224(tmp_path, texture):
 
     pkg = make_colour_rule_package(tmp_path / "cr224", input_size=224)
     assert pkg.config.input_size == 224
-    t = _texture_patches(texture, "tumour", step=128)
+    t = _texture_patches(texture, "tumor", step=128)
     n = _texture_patches(texture, "normal", step=128)
     assert pkg.predict_proba(t).min() > 0.9 and pkg.predict_proba(n).max() < 0.1
 

@@ -24,7 +24,7 @@ from patch_model.archs import MissingWeightsError, build_learner, check_pretrain
 from patch_model.augment import DihedralBatch  # noqa: E402
 from patch_model.cli import eval_main, patches_main, train_main  # noqa: E402
 from patch_model.data import CLASS_NAMES, open_splits, pcam_paths, write_pcam_h5  # noqa: E402
-from patch_model.evaluate import binary_metrics, dihedral_views  # noqa: E402
+from patch_model.patch_eval import binary_metrics, dihedral_views  # noqa: E402
 from patch_model.export import export_learner, learner_config  # noqa: E402
 from patch_model.loaders import build_dataloaders  # noqa: E402
 from patch_model.train import TrainConfig  # noqa: E402
@@ -127,7 +127,7 @@ def synthetic_patches(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     textures at 0.972 um/px (downsample 4 of 0.243), one texture seed per "slide", shuffled."""
     tex = _Texture(seed, tile=512)
     rng = np.random.default_rng(seed)
-    pos = _crops(tex.level_tile("tumour", 4), n // 2, rng)
+    pos = _crops(tex.level_tile("tumor", 4), n // 2, rng)
     neg = _crops(tex.level_tile("normal", 4), n - n // 2, rng)
     x = np.concatenate([pos, neg])
     y = np.r_[np.ones(len(pos)), np.zeros(len(neg))].astype(np.uint8)

@@ -20,7 +20,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 
@@ -34,12 +34,12 @@ from wsi_toolkit.export import (
     write_regions_geojson,
     write_tiles_csv,
 )
-from wsi_toolkit.heatmap import Heatmap, stitch
+from wsi_toolkit.heatmap import Heatmap, MergeMode, stitch
 from wsi_toolkit.inference import InferenceConfig, run_inference
 from wsi_toolkit.limits import check_fraction
 from wsi_toolkit.model_package import ModelPackage, load_model_package
 from wsi_toolkit.records import Counts, GridInfo, ModelInfo, RunRecord, SlideInfo
-from wsi_toolkit.slide import SlideReader, open_slide
+from wsi_toolkit.slide import Backend, SlideReader, open_slide
 from wsi_toolkit.tiling import GridConfig, PatchGrid, make_grid
 from wsi_toolkit.tissue import TissueConfig, TissueMask, detect_tissue
 
@@ -103,7 +103,7 @@ class SlideAnalysis:
     tissue: TissueMask
     grid_config: GridConfig
     tissue_config: TissueConfig
-    merge: str
+    merge: MergeMode
     grid: PatchGrid
     probs: np.ndarray
     p_tumor: np.ndarray
@@ -130,13 +130,13 @@ class SlideAnalysis:
                          label_semantics=cfg.label_semantics, synthetic=bool(cfg.extra.get("synthetic")))
 
 
-def grid_settings(package: ModelPackage, config: RunConfig) -> tuple[GridConfig, str]:
+def grid_settings(package: ModelPackage, config: RunConfig) -> tuple[GridConfig, MergeMode]:
     """The grid and merge a run uses: the model's patch and spacing, the stride and merge of its
     label semantics unless ``config`` sets them."""
     cfg = package.config
     centre = cfg.label_semantics == "centre"
     stride = config.stride_px or (max(1, cfg.patch_size_pixels // 3) if centre else cfg.patch_size_pixels)
-    merge = config.merge or ("centre" if centre else "mean")
+    merge: MergeMode = config.merge or ("centre" if centre else "mean")
     grid = GridConfig(patch_px=cfg.patch_size_pixels, spacing_um_px=cfg.spacing_um_px, stride_px=stride,
                       min_tissue_fraction=config.min_tissue_fraction)
     return grid, merge
@@ -155,11 +155,11 @@ def analyse_slide(slide: str | Path | SlideReader, package: ModelPackage | str |
     if not isinstance(package, ModelPackage):
         package = load_model_package(package)
     t0 = time.perf_counter()
+    backend: Backend
     if isinstance(slide, SlideReader):
-        slide_path = Path(slide.path)
-        backend = slide.backend
+        slide_path, backend = Path(slide.path), cast(Backend, slide.backend)
     else:
-        slide_path, backend = Path(slide), settings.backend
+        slide_path, backend = Path(slide), cast(Backend, settings.backend)
     grid_cfg, merge = grid_settings(package, settings)
     tissue_cfg = TissueConfig(thumb_mpp=settings.thumb_mpp)
     with open_slide(slide_path, mpp=settings.mpp_override, backend=backend) as reader:
@@ -175,8 +175,7 @@ def analyse_slide(slide: str | Path | SlideReader, package: ModelPackage | str |
         reader_backend = reader.backend
     seconds_tissue = time.perf_counter() - t0
     result = run_inference(slide_path, grid, package, config=settings.inference, mpp=settings.mpp_override,
-                           backend=reader_backend if isinstance(slide, SlideReader) else settings.backend,
-                           desc=slide_path.name)
+                           backend=reader_backend if isinstance(slide, SlideReader) else backend, desc=slide_path.name)
     tumor_idx = package.config.tumor_index()
     p_tumor = result.probs[:, tumor_idx] if result.probs.shape[1] > 1 else result.probs[:, 0]
     heatmap = stitch(grid, p_tumor, merge=merge)

@@ -31,7 +31,8 @@ import time
 import unicodedata
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import filelock
 
@@ -230,12 +231,13 @@ def slide_out_dir(out: Path, slide_path: Path, taken: set[str]) -> Path:
 # summary.csv
 
 
-def summary_rows(out: Path, results: list[SlideResult]) -> list[dict]:
+def summary_rows(out: Path, results: list[SlideResult]) -> list[Mapping[str, Any]]:
     """The rows of ``summary.csv``: this run's slides in order (a ``busy`` slide that another
     process has finished meanwhile as ``ok``), then every other slide folder in ``OUT`` with a
     finished ``run.json`` (``ok``) or a ``failed.json`` (``failed``), by folder name."""
     out = Path(out)
-    rows, seen = [], set()
+    rows: list[Mapping[str, Any]] = []
+    seen: set[str] = set()
     for r in results:
         if r.out_dir:
             seen.add(os.path.normcase(str(Path(r.out_dir))))
@@ -311,6 +313,7 @@ def _run_one(path: Path, out_dir: Path, package: ModelPackage, config: RunConfig
     if decision == "skip":
         log.info("%s: skipped: finished before in %s with the same slide, model and settings "
                  "(use --overwrite to redo)", path, out_dir)
+        assert done is not None
         return SlideResult.from_record(done, "skipped", out_dir=str(out_dir), seconds=0.0)
     if why:
         log.warning("%s: redoing %s: %s", path, out_dir, why)
@@ -331,7 +334,7 @@ def _run_one(path: Path, out_dir: Path, package: ModelPackage, config: RunConfig
 
 
 def run_batch(slide_paths: list[Path], model_dir: str | Path, out: str | Path, config: RunConfig = RunConfig(),
-              *, failures: list[tuple[str | Path, str]] = ()) -> list[SlideResult]:
+              *, failures: Sequence[tuple[str | Path, str]] = ()) -> list[SlideResult]:
     """Run every slide; a failure is recorded and the batch goes on. Writes ``OUT/summary.csv``.
 
     A finished slide is skipped when its output key (:func:`output_key`) is unchanged, and redone
