@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 from wsi_toolkit.atomic import write_json_atomic, write_text_atomic
+from wsi_toolkit.records import RunRecord
 from wsi_toolkit.errors import ConfigError, one_line
 from wsi_toolkit.evaluate.detections import detections_from_heatmap, read_detections_csv, write_detections_csv
 from wsi_toolkit.evaluate.figures import plot_froc, plot_roc
@@ -132,26 +133,28 @@ class _Source:
 
 
 def _read_run(path: Path) -> dict:
-    """What ``wsi-eval`` uses of a ``wsi-infer`` ``run.json``: ``status``, ``finished`` (status ok with a
-    heatmap) and, for a finished run, the heatmap geometry and the slide's size, um/px and path.
+    """What ``wsi-eval`` uses of a ``wsi-infer`` ``run.json`` (a :class:`~wsi_toolkit.records.RunRecord`):
+    ``status``, ``finished`` (status ok) and, for a finished run, the heatmap geometry and the slide's
+    size, um/px and path.
 
-    Raises OSError / ValueError when the file cannot be read or is not JSON.
+    Raises OSError / ValueError when the file cannot be read or is not a run record.
     """
-    run = json.loads(path.read_text(encoding="utf-8"))
-    status = run.get("status")
-    if status != "ok" or "heatmap" not in run:
+    doc = json.loads(path.read_text(encoding="utf-8"))
+    status = doc.get("status") if isinstance(doc, dict) else None
+    if status != "ok":
         return {"status": status, "finished": False}
-    geo, slide = run["heatmap"], run.get("slide", {})
+    run = RunRecord.from_dict(doc, source=path)  # RunRecordError is a ValueError
+    geo, slide = run.heatmap, run.slide
     return {
         "status": status,
         "finished": True,
         "cell_l0": float(geo["cell_l0"]),
-        "l0_mpp": float(geo.get("l0_mpp") or slide["mpp"]),
+        "l0_mpp": float(geo.get("l0_mpp") or slide.mpp),
         "origin_l0": tuple(geo.get("origin_l0", (0, 0))),
         "shape_rc": geo.get("shape_rc"),
-        "l0_size": tuple(int(v) for v in slide["level0_size"]) if slide.get("level0_size") else None,
-        "slide_path": Path(slide["path"]) if slide.get("path") else None,
-        "synthetic": bool(run.get("synthetic")),
+        "l0_size": tuple(int(v) for v in slide.level0_size),
+        "slide_path": Path(slide.path) if slide.path else None,
+        "synthetic": run.synthetic,
     }
 
 
