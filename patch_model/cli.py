@@ -131,21 +131,34 @@ def train_main(argv: list[str] | None = None) -> int:
                    "[default: the package's training value].")
 @click.option("--seed", type=int, default=None,
               help="Kaggle layout: split seed [default: the package's training seed].")
+@click.option("--runtime", type=click.Choice(["auto", "torch", "openvino"]), default="torch",
+              help="torch: the package's model as loaded; openvino: OpenVINO on the CPU (wsi-toolkit[openvino]); "
+                   "auto: OpenVINO on a CPU where installed.")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto",
+              help="OpenVINO: fp32 (auto), bf16 (CPUs with native bf16), int8 (calibrated); torch runs fp32.")
+@click.option("--calibration", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="int8: calibrate on this PCam folder (HDF5 or Kaggle layout) [default: the train split of --data].")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Converted models [default: $WSI_TOOLKIT_CACHE or ~/.cache/wsi-toolkit].")
 @click.option("--no-progress", is_flag=True)
 @click.option("-v", "--verbose", count=True)
-def _eval_command(package, data, split, tta, out, batch_size, device, workers, valid_fraction, seed, no_progress,
-                  verbose) -> int:
+def _eval_command(package, data, split, tta, out, batch_size, device, workers, valid_fraction, seed, runtime,
+                  precision, calibration, cache_dir, no_progress, verbose) -> int:
     """Accuracy, ROC AUC, confusion matrix and ROC plot of model PACKAGE on a split of a patch set,
     through the same preprocessing as wsi-infer; optionally with 8-view dihedral TTA."""
     from patch_model.patch_eval import evaluate_package
 
     setup_logging(verbose)
     r = evaluate_package(package, data, split=split, tta=tta, batch_size=batch_size, device=device, workers=workers,
-                         valid_fraction=valid_fraction, seed=seed, out=out, progress=not no_progress)
+                         valid_fraction=valid_fraction, seed=seed, out=out, progress=not no_progress,
+                         runtime=runtime, precision=precision, calibration=calibration, cache_dir=cache_dir)
     m = r.metrics
     leaky = " LEAKY (random split without slide ids; optimistic)" if r.leaky else ""
     cm = m["confusion_matrix"]
-    click.echo(f"{split}{' +TTA(8)' if tta else ''}{leaky}: accuracy {_fmt(m['accuracy'])}, "
+    rt = r.runtime
+    shown = rt.get("runtime") != "torch" or "fallback" in rt
+    ran = f" [{rt['runtime']} {rt.get('precision', 'fp32')}]" if shown else ""
+    click.echo(f"{split}{' +TTA(8)' if tta else ''}{ran}{leaky}: accuracy {_fmt(m['accuracy'])}, "
                f"ROC AUC {_fmt(m['roc_auc'])}, "
                f"sensitivity {_fmt(m['sensitivity'])}, specificity {_fmt(m['specificity'])} ({m['n']} patches)")
     click.echo(f"confusion matrix (rows true {m['class_names']}, cols predicted): {cm}")

@@ -7,6 +7,10 @@ numbers are the numbers of the model that runs on slides, not of a training-time
 ``tta=True`` averages the class probabilities over the 8 dihedral views of each patch
 (identity, flips, 90-degree rotations): tissue has no orientation.
 
+``runtime="openvino"`` runs the model with OpenVINO on the CPU (:mod:`wsi_toolkit.runtime`) at
+``precision`` fp32, bf16 or int8: the accuracy of the model as that runtime computes it. INT8 is
+calibrated on patches of the ``train`` split of the same data, or of ``calibration`` (a PCam folder).
+
 Outputs (``out``, default ``PACKAGE/eval_<split>/``): ``eval.json`` (accuracy, ROC AUC,
 confusion matrix, counts, leaky flag) and ``roc.png``.
 """
@@ -157,13 +161,14 @@ class EvalResult:
     labels: np.ndarray = field(repr=False)
     seconds: float = 0.0
     out: Path | None = None
+    runtime: dict = field(default_factory=lambda: {"runtime": "torch"})
 
     def to_dict(self) -> dict:
         return {
             "package": str(self.package), "data": str(self.data), "split": self.split, "tta": self.tta,
             "tta_views": 8 if self.tta else 1, "leaky": self.leaky,
             "leaky_note": LEAKY_NOTE if self.leaky else None,
-            **self.metrics, "seconds": round(self.seconds, 3),
+            **self.metrics, "seconds": round(self.seconds, 3), "runtime": self.runtime,
         }
 
 
@@ -185,6 +190,10 @@ def evaluate_package(
     seed: int | None = None,
     out: str | os.PathLike | None = None,
     progress: bool = True,
+    runtime: str = "torch",
+    precision: str = "auto",
+    cache_dir: str | os.PathLike | None = None,
+    calibration: str | os.PathLike | None = None,
 ) -> EvalResult:
     """Evaluate the model package at ``package`` on ``split`` of the patch set at ``data``.
 
@@ -192,8 +201,10 @@ def evaluate_package(
     For a Kaggle folder the random
     valid split is rebuilt with ``valid_fraction``/``seed`` (default: those the package was
     trained with, from its config) and its numbers are labelled leaky.
+    ``runtime``/``precision``: see the module docstring (torch runs fp32 here: ``auto`` or ``fp32``).
     """
     from patch_model.data import open_splits
+    from wsi_toolkit.runtime import calibration_from_dataset, calibration_from_pcam, select_runtime
 
     t0 = time.perf_counter()
     batch_size = check_int(batch_size, "batch_size")
@@ -213,6 +224,17 @@ def evaluate_package(
     if leaky:
         logger.warning("%s split %r: %s", data, split, LEAKY_NOTE)
     tumor = cfg.tumor_index()
+
+    def make_calibration():
+        if calibration is not None:
+            return calibration_from_pcam(calibration)
+        return calibration_from_dataset(splits["train"], source=f"{Path(data).name} train split")
+
+    choice = select_runtime(pkg, runtime=runtime, precision=precision, device=dev, cache_dir=cache_dir,
+                            calibration=make_calibration)
+    if choice.model is None and choice.precision not in ("auto", "fp32"):
+        raise ConfigError(f"pcam-eval runs torch in fp32; precision {choice.precision} needs --runtime openvino")
+    predict = choice.model.predict_class_proba if choice.model is not None else pkg.predict_class_proba
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=int(workers),
                                          collate_fn=_collate)
     probs, labels = [], []
@@ -220,7 +242,7 @@ def evaluate_package(
               disable=not progress or None, leave=False) as bar:
         for x, y in loader:
             views = dihedral_views(x) if tta else [x]
-            p = torch.stack([pkg.predict_class_proba(v) for v in views]).mean(0)
+            p = torch.stack([torch.as_tensor(np.asarray(predict(v))) for v in views]).mean(0)
             probs.append(p.numpy())
             labels.append(y.numpy())
             bar.update(len(y))
@@ -228,7 +250,8 @@ def evaluate_package(
     labels_a = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     metrics = binary_metrics(probs_a, labels_a, tumor_index=tumor, class_names=cfg.class_names)
     result = EvalResult(package=Path(package), data=Path(data), split=split, tta=tta, leaky=leaky, metrics=metrics,
-                        probs=probs_a.astype(np.float32), labels=labels_a, seconds=time.perf_counter() - t0)
+                        probs=probs_a.astype(np.float32), labels=labels_a, seconds=time.perf_counter() - t0,
+                        runtime=choice.info)
     out_dir = Path(out) if out is not None else Path(package) / f"eval_{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     label = f"{split}{' (LEAKY)' if leaky else ''}{', 8-view TTA' if tta else ''}"

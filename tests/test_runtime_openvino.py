@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -265,3 +264,40 @@ def test_calibration_set_checks_its_patches():
         CalibrationSet(np.zeros((4, 96, 96, 3), np.float32), source="x")
     with pytest.raises(ConfigError, match="non-empty"):
         CalibrationSet(np.zeros((0, 96, 96, 3), np.uint8), source="x")
+
+
+def _kaggle_folder(root: Path, n: int = 40) -> Path:
+    import tifffile
+
+    rng = np.random.default_rng(1)
+    (root / "train").mkdir(parents=True)
+    rows = ["id,label"]
+    for i in range(n):
+        tumor = i % 2
+        patch = rng.integers(0, 60, (96, 96, 3), dtype=np.uint8) + np.uint8(120 if tumor else 170)  # dark = tumour
+        tifffile.imwrite(root / "train" / f"p{i:03d}.tif", patch)
+        rows.append(f"p{i:03d},{tumor}")
+    (root / "train_labels.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def test_pcam_eval_with_openvino(model_dir, tmp_path):
+    from patch_model.cli import eval_main
+    from patch_model.patch_eval import evaluate_package
+
+    data = _kaggle_folder(tmp_path / "kaggle")
+    common = {"split": "valid", "valid_fraction": 0.5, "seed": 0, "progress": False, "cache_dir": tmp_path / "cache"}
+    ref = evaluate_package(model_dir, data, out=tmp_path / "torch", **common)
+    ov32 = evaluate_package(model_dir, data, out=tmp_path / "ov32", runtime="openvino", precision="fp32", **common)
+    assert ref.runtime["runtime"] == "torch" and ov32.runtime["runtime"] == "openvino"
+    assert np.abs(ref.probs - ov32.probs).max() <= 1e-4 and ref.metrics["roc_auc"] == ov32.metrics["roc_auc"]
+    rc = eval_main([str(model_dir), "--data", str(data), "--split", "valid", "--valid-fraction", "0.5", "--seed", "0",
+                    "--runtime", "openvino", "--precision", "int8", "--cache-dir", str(tmp_path / "cache"),
+                    "--out", str(tmp_path / "int8"), "--no-progress"])
+    assert rc == 0
+    ev = json.loads((tmp_path / "int8" / "eval.json").read_text())
+    assert ev["runtime"]["precision"] == "int8" and "train split" in ev["runtime"]["calibration"]["source"]
+    assert ev["runtime"]["int8_vs_fp32"]["n_patches"] == 20
+    assert abs(ev["roc_auc"] - ref.metrics["roc_auc"]) <= 0.05
+    with pytest.raises(ConfigError, match="int8"):
+        evaluate_package(model_dir, data, out=tmp_path / "x", runtime="torch", precision="int8", **common)

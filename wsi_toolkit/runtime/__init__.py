@@ -5,6 +5,8 @@
 - :mod:`.cache`: converted graphs cached by package sha256 and settings, published atomically under a
   file lock.
 - :mod:`.calibration`: INT8 calibration patches from slide tissue or a PCam folder.
+- :mod:`.select`: :func:`select_runtime`, the one place settings become a model to call (with
+  the fallback to torch).
 - :func:`compare_probabilities`: how far a reduced-precision run moved the probabilities.
 
 Nothing here imports OpenVINO or NNCF until a model is converted; ``pip install
@@ -16,13 +18,12 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import torch
 
-from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.runtime.cache import CACHE_ENV, CacheKey, default_cache_dir
 from wsi_toolkit.runtime.calibration import (
     CALIBRATION_PATCHES,
     CalibrationSet,
+    calibration_from_dataset,
     calibration_from_pcam,
     calibration_from_slides,
 )
@@ -37,30 +38,15 @@ from wsi_toolkit.runtime.openvino import (
     openvino_available,
     openvino_versions,
 )
+from wsi_toolkit.runtime.select import PRECISIONS, RUNTIMES, RuntimeChoice, resolve_runtime, select_runtime
 
-__all__ = ["CACHE_ENV", "CALIBRATION_PATCHES", "FP32_TOLERANCE", "OV_PRECISIONS", "RUNTIMES", "CacheKey",
-           "CalibrationSet", "ConversionError", "OpenVinoModel", "OvPrecision", "Runtime", "calibration_from_pcam",
-           "calibration_from_slides", "check_precision_supported", "compare_probabilities", "default_cache_dir",
-           "load_openvino_model", "openvino_available", "openvino_versions", "resolve_runtime"]
+__all__ = ["CACHE_ENV", "CALIBRATION_PATCHES", "FP32_TOLERANCE", "OV_PRECISIONS", "PRECISIONS", "RUNTIMES", "CacheKey",
+           "CalibrationSet", "ConversionError", "OpenVinoModel", "OvPrecision", "Runtime", "RuntimeChoice",
+           "calibration_from_dataset", "calibration_from_pcam", "calibration_from_slides", "check_precision_supported",
+           "compare_probabilities", "default_cache_dir", "load_openvino_model", "openvino_available",
+           "openvino_versions", "resolve_runtime", "select_runtime"]
 
 Runtime = Literal["auto", "torch", "openvino"]
-RUNTIMES = ("auto", "torch", "openvino")
-
-
-def resolve_runtime(runtime: str, device: torch.device) -> Literal["torch", "openvino"]:
-    """``auto``: OpenVINO on a CPU where it is installed, torch elsewhere (CUDA, MPS) or without it.
-    ``openvino`` on a GPU device is a :class:`ConfigError` (OpenVINO runs here on the CPU only)."""
-    if runtime not in RUNTIMES:
-        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
-    if runtime == "torch":
-        return "torch"
-    if device.type != "cpu":
-        if runtime == "openvino":
-            raise ConfigError(f"runtime openvino runs on the CPU; device is {device} (use --device cpu)")
-        return "torch"
-    if runtime == "openvino":
-        return "openvino"
-    return "openvino" if openvino_available() else "torch"
 
 
 def compare_probabilities(reference: np.ndarray, other: np.ndarray, *, threshold: float = 0.5) -> dict:

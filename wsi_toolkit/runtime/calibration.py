@@ -26,7 +26,8 @@ from wsi_toolkit.limits import check_int
 if TYPE_CHECKING:
     from wsi_toolkit.model_package import ModelPackage
 
-__all__ = ["CALIBRATION_PATCHES", "CalibrationSet", "calibration_from_slides", "calibration_from_pcam"]
+__all__ = ["CALIBRATION_PATCHES", "CalibrationSet", "calibration_from_dataset", "calibration_from_pcam",
+           "calibration_from_slides"]
 
 log = logging.getLogger(__name__)
 
@@ -112,23 +113,31 @@ def calibration_from_slides(slide_paths: Sequence[str | os.PathLike], package: M
     return CalibrationSet(patches, source=f"tissue of {len(paths)} slide(s): {names}", seed=seed)
 
 
+def calibration_from_dataset(ds, *, n: int = CALIBRATION_PATCHES, seed: int = 0, source: str = "") -> CalibrationSet:
+    """``n`` seeded random patches of a patch dataset (``ds[i] = (patch, label)``, e.g. a split of
+    :func:`patch_model.data.open_splits`). Labels are not used."""
+    check_int(n, "calibration patches")
+    if len(ds) == 0:
+        raise ConfigError(f"calibration: {source or 'the patch set'} holds no patches")
+    rng = np.random.default_rng(seed)
+    idx = np.sort(rng.choice(len(ds), size=min(n, len(ds)), replace=False))
+    patches = np.stack([np.asarray(ds[int(i)][0], np.uint8) for i in idx])
+    return CalibrationSet(patches, source=f"{len(patches)} patches of {source or 'a patch set'}", seed=seed)
+
+
 def calibration_from_pcam(root: str | os.PathLike, *, n: int = CALIBRATION_PATCHES, seed: int = 0,
                           split: str = "train") -> CalibrationSet:
     """``n`` seeded random patches of a PCam folder: PCam HDF5 (``split``) or the Kaggle layout
     (``train/``, all of it), as :func:`patch_model.data.detect_layout` finds it. Labels are not used."""
     from patch_model.data import KaggleFolder, PCamH5, detect_layout
 
-    check_int(n, "calibration patches")
     root = Path(root)
     layout = detect_layout(root)
     ds = PCamH5(root, split) if layout == "pcam-h5" else KaggleFolder(root)
+    where = f"{layout} {split}" if layout == "pcam-h5" else "kaggle train/"
     try:
-        rng = np.random.default_rng(seed)
-        idx = np.sort(rng.choice(len(ds), size=min(n, len(ds)), replace=False))
-        patches = np.stack([np.asarray(ds[int(i)][0], np.uint8) for i in idx])
+        return calibration_from_dataset(ds, n=n, seed=seed, source=f"{root.name} ({where})")
     finally:
         close = getattr(ds, "close", None)
         if close is not None:
             close()
-    where = f"{layout} {split}" if layout == "pcam-h5" else "kaggle train/"
-    return CalibrationSet(patches, source=f"{len(patches)} patches of {root.name} ({where})", seed=seed)

@@ -322,7 +322,8 @@ def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache
                               f"{type(exc).__name__}: {one_line(exc)}") from exc
     info.update({
         "runtime": "openvino", "precision": prec, "inference_precision_hint": _HINT[prec], "threads": threads,
-        "changes": _CHANGES[prec], "openvino": versions["openvino"], "nncf": versions["nncf"] if prec == "int8" else None,
+        "changes": _CHANGES[prec], "openvino": versions["openvino"],
+        "nncf": versions["nncf"] if prec == "int8" else None,
         "cache": "built" if built else "hit", "cache_entry": str(folder),
         "seconds_load": round(time.perf_counter() - t0, 3),
     })

@@ -1,0 +1,100 @@
+"""Choosing the runtime of a run: torch or OpenVINO, the precision, and the fallback to torch.
+
+:func:`select_runtime` is the one place that turns ``runtime`` / ``precision`` settings into a model
+to call: ``None`` (the package's torch model, run as before) or an :class:`~.openvino.OpenVinoModel`,
+plus ``info``, the facts a run records (``run.json``, ``eval.json``): which runtime ran, at which
+precision, what that changes, and why torch ran when OpenVINO was asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.runtime.calibration import CalibrationSet
+from wsi_toolkit.runtime.openvino import ConversionError, OpenVinoModel, load_openvino_model, openvino_available
+
+if TYPE_CHECKING:
+    from wsi_toolkit.model_package import ModelPackage
+
+__all__ = ["RUNTIMES", "PRECISIONS", "RuntimeChoice", "resolve_runtime", "select_runtime"]
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "torch", "openvino")
+#: Every precision a run may ask for; int8 runs on OpenVINO only, fp16 on torch only.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
+
+
+def resolve_runtime(runtime: str, device: torch.device) -> str:
+    """``auto``: OpenVINO on a CPU where it is installed, torch elsewhere (CUDA, MPS) or without it.
+    ``openvino`` on a GPU device is a :class:`ConfigError` (OpenVINO runs here on the CPU only)."""
+    if runtime not in RUNTIMES:
+        raise ConfigError(f"runtime must be one of {', '.join(RUNTIMES)}; got {runtime!r}")
+    if runtime == "torch":
+        return "torch"
+    if device.type != "cpu":
+        if runtime == "openvino":
+            raise ConfigError(f"runtime openvino runs on the CPU; device is {device} (use --device cpu)")
+        return "torch"
+    if runtime == "openvino":
+        return "openvino"
+    return "openvino" if openvino_available() else "torch"
+
+
+@dataclass
+class RuntimeChoice:
+    """``model``: the OpenVINO model to call, or None to run the package's torch model.
+    ``precision``: what torch should run at when ``model`` is None (its ``precision`` setting).
+    ``info``: what the run records about the runtime."""
+
+    model: OpenVinoModel | None
+    precision: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def select_runtime(package: ModelPackage, *, runtime: str = "auto", precision: str = "auto",
+                   device: torch.device | None = None, cache_dir: str | Path | None = None,
+                   calibration: CalibrationSet | Callable[[], CalibrationSet] | None = None,
+                   force_bf16: bool = False) -> RuntimeChoice:
+    """The model a run calls, from its ``runtime`` and ``precision`` settings.
+
+    On a CPU, ``auto`` is OpenVINO where installed (fp32 there agrees with torch within 1e-4: each
+    conversion is checked before it is used). ``int8`` needs OpenVINO and ``calibration`` (a set, or
+    a function making one, called only then). Settings that cannot work raise :class:`ConfigError`;
+    a model OpenVINO cannot convert runs on torch (fp32 where int8 was asked for), with a warning in
+    the log and the reason in ``info["fallback"]``.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    device = package.device if device is None else device
+    which = resolve_runtime(runtime, device)
+    if which == "openvino" and precision == "fp16":
+        if runtime == "openvino":
+            raise ConfigError("precision fp16 is not an OpenVINO CPU precision here; use fp32, bf16 or int8")
+        which = "torch"
+    if precision == "int8" and which != "openvino":
+        why = "OpenVINO is not installed (pip install 'wsi-toolkit[openvino]')" if device.type == "cpu" \
+            else f"the device is {device}"
+        raise ConfigError(f"precision int8 runs on OpenVINO on the CPU (--runtime openvino); {why}")
+    requested = {"runtime": runtime, "precision": precision}
+    if which == "torch":
+        return RuntimeChoice(None, precision, {"runtime": "torch", "requested": requested})
+    ov_precision = "fp32" if precision == "auto" else precision
+    try:
+        cal = calibration() if callable(calibration) and ov_precision == "int8" else calibration
+        model = load_openvino_model(package, precision=ov_precision, cache_dir=cache_dir,
+                                    calibration=cal if isinstance(cal, CalibrationSet) else None,
+                                    force_bf16=force_bf16)
+    except ConversionError as exc:
+        torch_precision = "fp32" if ov_precision == "int8" else precision
+        log.warning("OpenVINO: %s; running the model with torch at %s instead", exc,
+                    "fp32" if torch_precision == "auto" else torch_precision)
+        return RuntimeChoice(None, torch_precision, {"runtime": "torch", "requested": requested, "fallback": str(exc)})
+    return RuntimeChoice(model, ov_precision, {**model.info, "requested": requested})
