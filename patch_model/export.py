@@ -1,12 +1,14 @@
 """A trained fastai learner -> the model package ``wsi-infer`` (and WSInfer, QuPath) loads.
 
-The package holds the whole fastai model (body + head) as TorchScript, in eval mode, mapping
-``(N, 3, S, S)`` normalised float32 to the 2 class **logits** (no softmax inside: the inference
-path applies softmax), and a WSInfer config whose ``transform`` list is the preprocessing the
-learner's validation DataLoader applies (``Resize`` to S - kept at S = 96 for WSInfer, which reads
-level 0 - ``ToTensor``,
-``Normalize`` with the backbone's statistics), so probabilities through
-:mod:`wsi_toolkit.inference` equal the learner's ``get_preds`` (to float rounding).
+The package holds the whole fastai model (body + head) in eval mode, mapping ``(N, 3, S, S)``
+normalised float32 to the 2 class **logits** (no softmax inside: the inference path applies
+softmax), as TorchScript (``torchscript_model.pt``, WSInfer's file) and as a ``torch.export``
+program (``model.pt2``, batch size dynamic, written when the model exports; see
+:func:`wsi_toolkit.model_package.save_model_package`), and a WSInfer config whose ``transform``
+list is the preprocessing the learner's validation DataLoader applies (``Resize`` to S - kept at
+S = 96 for WSInfer, which reads level 0 - ``ToTensor``, ``Normalize`` with the backbone's
+statistics), so probabilities through :mod:`wsi_toolkit.inference` equal the learner's
+``get_preds`` (to float rounding).
 
 Example::
 
@@ -54,7 +56,8 @@ def learner_config(
 
 
 def export_learner(learn, path: str | os.PathLike, *, config: ModelConfig, overwrite: bool = False) -> Path:
-    """Write ``learn.model`` (eval mode, logits) and ``config`` as a model package at ``path``.
+    """Write ``learn.model`` (eval mode, logits) and ``config`` as a model package at ``path``
+    (TorchScript and, when it exports, ``model.pt2``).
 
     The model is copied to the CPU in float32 first, so the learner is left as it was (device,
     train/eval mode). A learner whose vocab differs from ``config.class_names`` is refused.

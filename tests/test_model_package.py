@@ -1,10 +1,14 @@
-"""Model package: WSInfer config validation, Preprocess, save/load, the SYNTHETIC colour-rule model."""
+"""Model package: WSInfer config validation (schema + rules), Preprocess, save/load (TorchScript and
+torch.export), the SYNTHETIC colour-rule model."""
 
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +17,7 @@ from torchvision.transforms import v2
 
 from wsi_toolkit.model_package import (
     CONFIG_NAME,
+    EXPORT_NAME,
     IMAGENET_MEAN,
     IMAGENET_STD,
     TORCHSCRIPT_NAME,
@@ -24,6 +29,7 @@ from wsi_toolkit.model_package import (
     pcam_config,
     save_model_package,
 )
+from wsi_toolkit import limits
 from wsi_toolkit.errors import WsiToolkitError
 
 # A config as the WSInfer model zoo publishes them (breast tumour ResNet34 layout), written by hand.
@@ -271,7 +277,8 @@ def test_preprocess_skips_resize_at_native_size(monkeypatch):
 
 
 def test_preprocess_resize_list_size():
-    cfg = ModelConfig.from_dict(_zoo(transform=[{"name": "ToTensor"}, {"name": "Resize", "arguments": {"size": [48, 48]}}]))
+    cfg = ModelConfig.from_dict(_zoo(transform=[{"name": "ToTensor"},
+                                                {"name": "Resize", "arguments": {"size": [48, 48]}}]))
     assert cfg.input_size == 48
     assert cfg.to_dict()["transform"][1]["arguments"]["size"] == [48, 48]
     out = Preprocess(cfg)(_patches(1))
@@ -584,4 +591,133 @@ def test_legacy_tumour_class_key_is_read():
     d = _zoo(class_names=["tumor", "stroma"], wsi_toolkit={"tumour_class": "stroma"})
     cfg = ModelConfig.from_dict(d)
     assert cfg.tumor_class == "stroma" and cfg.tumor_index() == 1
-    assert "tumour_class" not in cfg.to_dict()["wsi_toolkit"] and cfg.to_dict()["wsi_toolkit"]["tumor_class"] == "stroma"
+    ours = cfg.to_dict()["wsi_toolkit"]
+    assert "tumour_class" not in ours and ours["tumor_class"] == "stroma"
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 14: the config module without torch, the schema as data, model.pt2 (torch.export)
+
+
+def test_config_module_does_not_import_torch():
+    code = "import sys, wsi_toolkit.model_package.config, wsi_toolkit.model_package; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_schema_is_a_valid_schema_whose_ranges_are_the_limits():
+    import jsonschema
+
+    from wsi_toolkit.model_package.schema import config_schema
+
+    schema = config_schema()
+    jsonschema.Draft7Validator.check_schema(schema)
+    props, side = schema["properties"], schema["definitions"]["side_px"]
+    assert (props["patch_size_pixels"]["minimum"], props["patch_size_pixels"]["maximum"]) == limits.PATCH_PX_RANGE
+    assert (side["minimum"], side["maximum"]) == limits.PATCH_PX_RANGE
+    assert (props["spacing_um_px"]["minimum"], props["spacing_um_px"]["maximum"]) == limits.SPACING_RANGE_UM
+    assert limits.range_text(limits.PATCH_PX_RANGE, "px") in props["patch_size_pixels"]["description"]
+    assert limits.range_text(limits.SPACING_RANGE_UM, "um/px") in props["spacing_um_px"]["description"]
+    # Other tools can check a config.json with the schema file alone.
+    jsonschema.Draft7Validator(schema).validate(json.loads(pcam_config().to_json()))
+    jsonschema.Draft7Validator(schema).validate(WSINFER_ZOO_CONFIG)
+
+
+def test_config_from_python_with_nan_names_the_field():
+    with pytest.raises(ModelPackageError, match="finite") as info:
+        pcam_config(extra={"metrics": {"auc": float("nan")}})
+    assert info.value.field == "wsi_toolkit.metrics.auc"
+    with pytest.raises(ModelPackageError, match="finite") as info:
+        ModelConfig.from_dict(_zoo(spacing_um_px=float("nan")))
+    assert info.value.field == "spacing_um_px"
+
+
+def test_saved_package_has_an_export_program_with_the_torchscript_probabilities(tiny_package):
+    path, model, _ = tiny_package
+    assert (path / EXPORT_NAME).is_file()
+    d = json.loads((path / CONFIG_NAME).read_text())["wsi_toolkit"]
+    assert d["pt2_sha256"] == hashlib.sha256((path / EXPORT_NAME).read_bytes()).hexdigest()
+    assert d["export"]["torch_export"] == EXPORT_NAME
+    exported = load_model_package(path, prefer_export=True)
+    scripted = load_model_package(path)  # on the CPU: the TorchScript (its fused graph is the faster one there)
+    assert (exported.format, scripted.format) == ("torch.export", "torchscript")
+    assert isinstance(scripted.model, torch.jit.ScriptModule) and not isinstance(exported.model, torch.jit.ScriptModule)
+    assert exported.sha256 == scripted.sha256  # one identity: the TorchScript, which model.pt2 was checked against
+    for n in (1, 7):  # the batch size is dynamic
+        x = _patches(n, seed=n)
+        assert torch.allclose(exported.predict_class_proba(x), scripted.predict_class_proba(x), atol=1e-5)
+    assert exported.load_torchscript().code == scripted.model.code
+    assert isinstance(scripted.export_program(), torch.export.ExportedProgram)
+
+
+def test_exported_model_moves_and_evaluates_but_does_not_train(tiny_package):
+    pkg = load_model_package(tiny_package[0], prefer_export=True)
+    assert pkg.model.to("cpu").eval() is pkg.model and not pkg.model.training
+    with pytest.raises(ModelPackageError, match="no training mode"):
+        pkg.model.train()
+
+
+def test_package_without_export_program_loads_torchscript(tiny_package, tmp_path):
+    path, model, cfg = tiny_package
+    (path / EXPORT_NAME).unlink()  # e.g. a WSInfer zoo package: torchscript_model.pt only
+    pkg = load_model_package(path, prefer_export=True)
+    assert pkg.format == "torchscript"
+    plain = save_model_package(tmp_path / "plain", model, cfg, export=False)
+    assert not (plain / EXPORT_NAME).exists()
+    assert "pt2_sha256" not in json.loads((plain / CONFIG_NAME).read_text())["wsi_toolkit"]
+    assert load_model_package(plain, prefer_export=True).format == "torchscript"
+
+
+def test_corrupt_export_program_falls_back_to_torchscript(tiny_package, caplog):
+    path, _, _ = tiny_package
+    pt2 = path / EXPORT_NAME
+    x = _patches(3)
+    want = load_model_package(path, prefer_export=False).predict_proba(x)
+    assert load_model_package(path, prefer_export=True).format == "torch.export"
+    pt2.write_bytes(pt2.read_bytes()[:-100])  # damaged: its sha256 no longer matches
+    with caplog.at_level("WARNING"):
+        pkg = load_model_package(path, prefer_export=True)
+    assert pkg.format == "torchscript" and "falling back" in caplog.text
+    assert torch.allclose(pkg.predict_proba(x), want)
+    assert pkg.export_program() is None
+    # Damaged but recorded as it is: torch.export.load fails, the TorchScript is used.
+    pt2.write_bytes(b"PK\x03\x04 not a program")
+    d = json.loads((path / CONFIG_NAME).read_text())
+    d["wsi_toolkit"]["pt2_sha256"] = hashlib.sha256(pt2.read_bytes()).hexdigest()
+    (path / CONFIG_NAME).write_text(json.dumps(d))
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        pkg = load_model_package(path, prefer_export=True)
+    assert pkg.format == "torchscript" and "cannot be used" in caplog.text
+    assert torch.allclose(pkg.predict_proba(x), want)
+
+
+def test_export_program_only_with_its_own_torchscript(tiny_package, tmp_path):
+    """A replaced torchscript_model.pt (loaded with verify_sha256=False) is what runs and what the
+    sha256 names: the model.pt2 exported beside the old one is not used."""
+    path, _, cfg = tiny_package
+    net = TinyNet().eval()
+    with torch.no_grad():
+        net.head.bias += 1.0
+    other = load_model_package(save_model_package(tmp_path / "other", net, cfg))
+    assert load_model_package(path, prefer_export=True, verify_sha256=False).format == "torch.export"  # intact
+    shutil.copy(other.path / TORCHSCRIPT_NAME, path / TORCHSCRIPT_NAME)
+    pkg = load_model_package(path, prefer_export=True, verify_sha256=False)
+    assert pkg.format == "torchscript" and pkg.sha256 == other.sha256
+    x = _patches(3)
+    assert torch.equal(pkg.predict_proba(x), other.predict_proba(x))
+
+
+def test_model_that_cannot_be_exported_is_saved_as_torchscript_only(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        path = save_model_package(tmp_path / "b", BranchyNet().eval(),
+                                  pcam_config(architecture="branchy", input_size=96))
+    assert not (path / EXPORT_NAME).exists() and "torch.export failed" in caplog.text
+    assert json.loads((path / CONFIG_NAME).read_text())["wsi_toolkit"]["export"]["torch_export"] is None
+    assert load_model_package(path, prefer_export=True).format == "torchscript"
+
+
+def test_colour_rule_package_runs_from_its_export_program(colour_rule, texture):
+    exported = load_model_package(colour_rule.path, prefer_export=True)
+    assert (exported.format, colour_rule.format) == ("torch.export", "torchscript")
+    x = torch.cat([_texture_patches(texture, "tumor", step=96), _texture_patches(texture, "normal", step=96)])
+    assert torch.allclose(exported.predict_proba(x), colour_rule.predict_proba(x), atol=1e-5)

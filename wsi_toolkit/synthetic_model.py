@@ -31,7 +31,6 @@ from wsi_toolkit.model_package import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     ModelPackage,
-    quiet_torchscript_deprecation,
     load_model_package,
     pcam_config,
     save_model_package,
@@ -85,7 +84,6 @@ def make_colour_rule_package(path: str | Path, *, input_size: int = 96, overwrit
             "rule": {"channel": "green", "region": "centre third", "threshold": THRESHOLD, "gain": GAIN},
         },
     )
-    with quiet_torchscript_deprecation():
-        net = torch.jit.script(ColourRuleNet().eval())
-    save_model_package(path, net, config, overwrite=overwrite)
+    # The eager module: saved as TorchScript (traced at input_size) and as a torch.export program.
+    save_model_package(path, ColourRuleNet().eval(), config, overwrite=overwrite)
     return load_model_package(path)
