@@ -14,6 +14,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON_BIN" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
-echo "[env] installing wsi-toolkit[$EXTRAS] into $VENV" >&2
-"$VENV/bin/python" -m pip install -q -e "$REPO_ROOT[$EXTRAS]" 2> >(grep -v -e '^ *!!' -e 'editable' -e '\*\*\*' -e 'precedence' -e 'WheelFile' -e '^ *$' >&2)
+if [ "${WSI_TOOLKIT_INSTALLED:-}" != "$REPO_ROOT[$EXTRAS]" ]; then  # once per shell (.ci/run, then test.sh)
+  echo "[env] installing wsi-toolkit[$EXTRAS] into $VENV" >&2
+  "$VENV/bin/python" -m pip install -q -e "$REPO_ROOT[$EXTRAS]" 2> >(grep -v -e '^ *!!' -e 'editable' -e '\*\*\*' -e 'precedence' -e 'WheelFile' -e '^ *$' >&2)
+  export WSI_TOOLKIT_INSTALLED="$REPO_ROOT[$EXTRAS]"
+fi
 export PATH="$VENV/bin:$PATH"

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from typing import TypeAlias
+
 import numpy as np
 import shapely
 import shapely.affinity
@@ -21,7 +23,7 @@ from wsi_toolkit.limits import check_number
 __all__ = ["Polygonal", "polygonal_parts", "as_polygonal", "repair_polygonal", "mask_to_polygons", "scale_xy"]
 
 #: An areal geometry: a Polygon or a MultiPolygon (holes allowed).
-Polygonal = shapely.Polygon | shapely.MultiPolygon
+Polygonal: TypeAlias = shapely.Polygon | shapely.MultiPolygon
 
 
 def polygonal_parts(geom: BaseGeometry | None) -> list[Polygon]:

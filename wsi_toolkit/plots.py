@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -22,7 +22,8 @@ __all__ = ["new_figure", "save_figure", "plot_roc"]
 DPI = 110
 
 
-def new_figure(figsize: tuple[float, float], *, layout: str | None = None) -> Any:
+def new_figure(figsize: tuple[float, float], *,
+               layout: Literal["constrained", "compressed", "tight"] | None = None) -> Any:
     """A :class:`matplotlib.figure.Figure` of ``figsize`` inches with an Agg canvas attached.
 
     ``layout``: matplotlib's layout engine (``"constrained"``, ``"tight"``) or None.

@@ -86,7 +86,7 @@ def inspect_slide(
     t0 = time.perf_counter()
     report = SlideReport(path=str(path))
     try:
-        with open_slide(path, mpp=mpp, backend=backend) as slide:
+        with open_slide(path, mpp=mpp, backend=backend) as slide:  # type: ignore[arg-type]  # checked by open_slide
             report.backend, report.vendor = slide.backend, slide.vendor
             report.synthetic = slide.is_synthetic
             report.mpp, report.mpp_source = slide.mpp, slide.mpp_source
@@ -153,7 +153,7 @@ def check_read_tiles(slide: SlideReader, grid: PatchGrid, level: int, n: int | N
     tiles = patch_tiles(slide, grid, level)
     total = len(tiles)
     if n is not None and total > n:
-        pick = np.unique(np.linspace(0, total - 1, n).round().astype(np.int64)) if n > 0 else []
+        pick: np.ndarray | list[int] = np.unique(np.linspace(0, total - 1, n).round().astype(np.int64)) if n > 0 else []
         tiles = tiles[pick]
     slide.decode_tiles(level, [tuple(t) for t in tiles])
     return total, len(tiles)

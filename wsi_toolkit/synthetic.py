@@ -23,7 +23,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import numpy as np
 import shapely
@@ -149,8 +150,8 @@ class SyntheticSlide:
     flavour: str
     level0_size: tuple[int, int]
     spec: SyntheticSpec
-    tissue_l0: object  # shapely geometry, level-0 px
-    tumor_l0: object
+    tissue_l0: Any  # shapely geometry, level-0 px
+    tumor_l0: Any
 
     @property
     def tissue_mm2(self) -> float:
@@ -399,7 +400,7 @@ def write_pyramidal_tiff(
     sizes = _level_sizes(l0_size, min_size=min_level_size)
     w0, h0 = l0_size
 
-    def tiles(level: int) -> Iterator[np.ndarray]:
+    def tiles(level: int) -> Iterator[np.ndarray | bytes]:
         k = 2**level
         w, h = sizes[level]
         for ty in range(0, h, tile):
@@ -430,7 +431,7 @@ def write_pyramidal_tiff(
                 kw["subfiletype"] = 0
             else:
                 kw["description"] = description if level == 0 else None
-            tw.write(tiles(level), **kw)
+            tw.write(tiles(level), **kw)  # type: ignore[arg-type]  # tifffile takes an iterator of tiles (arrays or encoded bytes)
             if svs and level == 0:
                 # Aperio's second directory: a stripped thumbnail (an associated image, not a level).
                 thumb_level = len(sizes) - 1
@@ -455,8 +456,8 @@ def _jp2k_ycbcr_tile(rgb: np.ndarray, quality: int) -> bytes:
     ycc = np.asarray(Image.fromarray(np.ascontiguousarray(rgb)).convert("YCbCr"))
     # quality 90 -> PSNR 45 dB-ish; 100 -> reversible (lossless)
     if quality >= 100:
-        return imagecodecs.jpeg2k_encode(ycc, codecformat="J2K", mct=False, reversible=True)
-    return imagecodecs.jpeg2k_encode(ycc, level=max(30, quality // 2), codecformat="J2K", mct=False)
+        return bytes(imagecodecs.jpeg2k_encode(ycc, codecformat="J2K", mct=False, reversible=True))
+    return bytes(imagecodecs.jpeg2k_encode(ycc, level=max(30, quality // 2), codecformat="J2K", mct=False))
 
 
 def write_synthetic_slide(

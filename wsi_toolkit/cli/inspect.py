@@ -18,6 +18,7 @@ from wsi_toolkit.tissue import TissueConfig
 def _human(r: SlideReport) -> str:
     if not r.ok:
         return f"FAILED  {r.path}\n  {r.error_type}: {r.error}"
+    assert r.level0_size is not None and r.grid is not None  # set on every ok report
     w, h = r.level0_size
     lines = [
         f"ok      {r.path}" + ("   [SYNTHETIC]" if r.synthetic else ""),

@@ -14,7 +14,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -129,7 +129,7 @@ class _Source:
     stem: str
     kind: Literal["heatmap", "csv"]
     path: Path
-    run: dict | None = None  # _read_run's fields, for a heatmap folder
+    run: dict[str, Any] = field(default_factory=dict)  # _read_run's fields, for a heatmap folder
 
 
 def _read_run(path: Path) -> dict:

@@ -150,7 +150,7 @@ class FrocResult:
         return int(sum(m.n_found for m in self.matches))
 
 
-def sensitivities_at(avg_fps: Sequence[float], sensitivity: Sequence[float],
+def sensitivities_at(avg_fps: Sequence[float] | np.ndarray, sensitivity: Sequence[float] | np.ndarray,
                      targets: Sequence[float] = TARGET_FPS) -> np.ndarray:
     """Sensitivity at each target average-FP rate by the CAMELYON16 data-release rule.
 
@@ -214,7 +214,7 @@ def froc(slides: Iterable[tuple[np.ndarray, EvaluationMask | None]], *,
     return froc_curve([match_detections(det, mask) for det, mask in slides], targets=targets)
 
 
-def slide_auc(scores: Sequence[float], truths: Sequence[bool]) -> float:
+def slide_auc(scores: Sequence[float] | np.ndarray, truths: Sequence[bool] | np.ndarray) -> float:
     """ROC AUC of slide scores for tumour (True) vs normal (False); NaN unless both occur."""
     from sklearn.metrics import roc_auc_score
 

@@ -118,7 +118,7 @@ def _is_single_channel_tiff(path: Path) -> bool:
 
     try:
         with tifffile.TiffFile(path) as tif:
-            return int(tif.pages[0].samplesperpixel) == 1
+            return int(tif.pages.first.samplesperpixel) == 1
     except Exception:  # not a readable TIFF: let the reader report it if chosen
         return True
 

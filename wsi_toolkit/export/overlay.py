@@ -205,7 +205,7 @@ def _draw_legend(draw: ImageDraw.ImageDraw, img: Image.Image, *, top: int, width
         x = _BAR_X0 + min(round(threshold * _BAR_PX), _BAR_PX - 1)
         draw.polygon([(x - 4, bar_top - 7), (x + 4, bar_top - 7), (x, bar_top - 1)], fill=_LEGEND_FG)
     kx = _BAR_X0 + _BAR_PX + 10 + round(draw.textlength("tumour probability", font=font)) + 40
-    keys = []
+    keys: list[tuple[tuple[int, int, int] | None, str]] = []
     if tissue:
         keys.append((_TISSUE_RGB, "tissue outline"))
     if threshold is not None:

@@ -289,7 +289,7 @@ class ModelConfig:
     @property
     def input_size(self) -> int:
         """Side in pixels of the model's input: the last Resize's size, else ``patch_size_pixels``."""
-        sizes = [s.size for s in self.transform if s.name == "Resize"]
+        sizes = [s.size for s in self.transform if s.name == "Resize" and s.size is not None]
         return int(sizes[-1]) if sizes else int(self.patch_size_pixels)
 
     @property
@@ -345,7 +345,7 @@ def pcam_config(
         class_names=class_names,
         patch_size_pixels=PCAM_PATCH_PX,
         spacing_um_px=PCAM_SPACING_UM_PX,
-        transform=tuple(steps),
+        transform=tuple(steps),  # type: ignore[arg-type]  # validated into TransformSteps by __post_init__
         tumor_class=class_names[1] if len(class_names) == 2 else None,
         label_semantics="centre",
         extra=dict(extra or {}),

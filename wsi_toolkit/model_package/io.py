@@ -279,7 +279,7 @@ def load_model_package(path: str | os.PathLike, *, device: str | torch.device = 
             "the weights changed after export", source=pt_path)
     if prefer_export is None:
         prefer_export = device.type != "cpu"
-    model = _load_exported(root, config, sha, device) if prefer_export else None
+    model: torch.nn.Module | None = _load_exported(root, config, sha, device) if prefer_export else None
     fmt = "torch.export"
     if model is None:
         model, fmt = _load_torchscript(pt_path, device), "torchscript"

@@ -44,7 +44,7 @@ class Preprocess(torch.nn.Module):
             raise ModelPackageError(f"Preprocess expects (N, H, W, 3) uint8 RGB patches; got {desc}")
         x = x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
         for step in self.steps:
-            if step.name == "Resize":
+            if step.name == "Resize" and step.size is not None:
                 x = _resize(x, step.size, exact=not isinstance(step.arguments["size"], int))
             elif step.name == "Normalize":
                 mean = torch.as_tensor(step.arguments["mean"], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
