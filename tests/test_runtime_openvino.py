@@ -77,6 +77,20 @@ def test_fp32_agrees_with_torch(which, request, tmp_path):
     assert logits.shape == (5, 2) and logits.dtype == torch.float32
 
 
+def test_converts_from_torch_export_or_torchscript(r18_package, tmp_path):
+    """model.pt2 where the package has one; the TorchScript of a package without (a WSInfer zoo package)."""
+    import shutil
+
+    assert load_openvino_model(r18_package, cache_dir=tmp_path).info["source"] == "torch.export"
+    zoo = tmp_path / "zoo"
+    shutil.copytree(r18_package.path, zoo, ignore=shutil.ignore_patterns("model.pt2"))
+    package = load_model_package(zoo)
+    model = load_openvino_model(package, cache_dir=tmp_path)
+    assert model.info["source"] == "torchscript" and model.info["cache"] == "built"
+    x = _patches(16)
+    assert compare_probabilities(_torch_p(package, x), model.predict_proba(x))["max_abs_dp"] <= 1e-4
+
+
 def test_cache_hit_does_not_convert(colour_package, tmp_path, monkeypatch):
     first = load_openvino_model(colour_package, cache_dir=tmp_path)
     entry = Path(first.info["cache_entry"])
@@ -135,7 +149,7 @@ def test_two_processes_converting_at_once(model_dir, tmp_path):
         while not Path({str(go)!r}).exists():
             time.sleep(0.01)
         model = load_openvino_model(package, cache_dir={str(cache)!r})
-        print(json.dumps({{"cache": model.info["cache"], "entry": model.info["cache_entry"]}}))
+        print(json.dumps({{k: model.info[k] for k in ("cache", "cache_entry", "source")}}))
     """)
     ready = [tmp_path / f"ready{i}" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -151,11 +165,11 @@ def test_two_processes_converting_at_once(model_dir, tmp_path):
         assert p.returncode == 0, err
         results.append(json.loads(out.strip().splitlines()[-1]))
     assert sorted(r["cache"] for r in results) == ["built", "hit"]
-    assert results[0]["entry"] == results[1]["entry"]
-    entry = Path(results[0]["entry"])
+    assert results[0]["cache_entry"] == results[1]["cache_entry"]
+    entry = Path(results[0]["cache_entry"])
     assert not list(entry.parent.glob(".*.partial-*"))
     package = load_model_package(model_dir)
-    key = ov_runtime.CacheKey(package_sha256=package.sha256, graph="fp32", input_size=96, source="torchscript",
+    key = ov_runtime.CacheKey(package_sha256=package.sha256, graph="fp32", input_size=96, source=results[0]["source"],
                               openvino=ov_runtime.openvino_versions()["openvino"])
     assert lookup(cache, key) is not None
 

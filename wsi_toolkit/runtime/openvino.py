@@ -47,7 +47,6 @@ OV_PRECISIONS = ("fp32", "bf16", "int8")
 FP32_TOLERANCE = 1e-4
 #: NNCF settings of the INT8 graph (part of its cache key).
 QUANTIZATION = {"method": "nncf.quantize", "preset": "performance", "fast_bias_correction": True}
-PT2_NAME = "model.pt2"
 
 _HINT = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 _CHANGES = {
@@ -135,14 +134,14 @@ def _torch_probs(package: ModelPackage, patches_u8: np.ndarray) -> np.ndarray:
 
 
 def _source(package: ModelPackage) -> tuple[Any, str]:
-    """What to convert: the package's torch.export program when it has one, else its model (TorchScript)."""
-    pt2 = Path(package.path) / PT2_NAME
-    if pt2.is_file():
-        try:
-            return torch.export.load(str(pt2)), "torch.export"
-        except Exception as exc:  # noqa: BLE001 - any unreadable program: use the TorchScript
-            log.info("OpenVINO: %s not readable (%s); converting the TorchScript", pt2, one_line(exc))
-    return package.model, "torchscript"
+    """What to convert: the package's ``torch.export`` program where it has one (``model.pt2``, checked
+    against the package's sha256 by :meth:`~wsi_toolkit.model_package.ModelPackage.export_program`),
+    else its TorchScript."""
+    program = package.export_program() if hasattr(package, "export_program") else None
+    if program is not None:
+        return program, "torch.export"
+    model = package.load_torchscript() if hasattr(package, "load_torchscript") else package.model
+    return model, "torchscript"
 
 
 def _convert(package: ModelPackage, src: Any, source: str):
