@@ -230,56 +230,13 @@ def _loadavg() -> str | None:
         return None
 
 
-def _plain_dataloader():
-    """WSInfer's pattern: a map-style DataLoader over the blocks, each worker opening its slide in
-    ``worker_init_fn``, regions pickled back to this process (patches cut here), default order."""
-    import torch
-
-    from wsi_toolkit.inference import cut_patches
-    from wsi_toolkit.slide import open_slide
-
-    class PlainBlocks(torch.utils.data.Dataset):
-        def __init__(self, slide_path, blocks, *, patch_px, spacing_um_px, mpp=None, backend="auto"):
-            self.slide_path, self.blocks, self.patch_px, self.spacing = str(slide_path), blocks, patch_px, spacing_um_px
-            self.mpp, self.backend, self.slide = mpp, backend, None
-
-        def __len__(self):
-            return len(self.blocks)
-
-        def open(self, _worker_id=None):
-            info = torch.utils.data.get_worker_info()
-            ds = info.dataset if info is not None else self
-            ds.slide = open_slide(ds.slide_path, mpp=ds.mpp, backend=ds.backend)
-            ds.slide.reserve_tile_cache(ds.spacing)
-
-        def __getitem__(self, i):
-            t0 = time.perf_counter()
-            b = self.blocks[i]
-            region = self.slide.read_at_mpp(b.region_l0_xy, b.region_px, self.spacing)
-            return region, b.index, b.offsets_px, time.perf_counter() - t0
-
-        def read(self, workers, prefetch=4):
-            if workers == 0:
-                self.open()
-            loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                                 worker_init_fn=self.open if workers else None,
-                                                 prefetch_factor=prefetch if workers else None)
-            for region, index, offsets, seconds in loader:
-                t0 = time.perf_counter()
-                patches = cut_patches(region, offsets, self.patch_px)
-                yield patches, index, seconds + time.perf_counter() - t0
-
-    return PlainBlocks
-
-
-def _as_is(item):
-    return item
-
-
-def _slot_ring():
-    """The reader before issue 14 (commit cb490e4, trimmed of its error relay): DataLoader workers in a
-    contiguous-band order (``worker_order``), regions copied into a ring of ``prefetch + 2``
-    shared-memory slots per worker, made before the workers fork; patches cut in this process."""
+def _dataloader_design(slots: bool):
+    """A DataLoader reader. ``slots=False``: WSInfer's pattern, a map-style DataLoader over the blocks,
+    each worker opening its slide in ``worker_init_fn``, regions pickled back to this process,
+    default order. ``slots=True``: this project's reader before issue 14 (commit cb490e4, without
+    its error relay): workers in a contiguous-band order (``worker_order``), regions copied into a
+    ring of ``prefetch + 2`` shared-memory slots per worker made before the workers fork. Patches are
+    cut in this process in both."""
     import math
 
     import numpy as np
@@ -296,7 +253,7 @@ def _slot_ring():
         sizes = np.array([len(range(v, n, workers)) for v in range(workers)])
         return np.concatenate([[0], np.cumsum(sizes)[:-1]])[w] + k
 
-    class SlotBlocks(torch.utils.data.Dataset):
+    class LoaderBlocks(torch.utils.data.Dataset):
         def __init__(self, slide_path, blocks, *, patch_px, spacing_um_px, mpp=None, backend="auto"):
             self.slide_path, self.blocks, self.patch_px, self.spacing = str(slide_path), blocks, patch_px, spacing_um_px
             self.mpp, self.backend, self.slide, self.slots, self.served = mpp, backend, None, None, 0
@@ -307,15 +264,20 @@ def _slot_ring():
         def __getstate__(self):
             return {**self.__dict__, "slide": None}
 
+        def open(self, _worker_id=None):
+            info = torch.utils.data.get_worker_info()
+            ds = info.dataset if info is not None else self
+            ds.slide = open_slide(ds.slide_path, mpp=ds.mpp, backend=ds.backend)
+            ds.slide.reserve_tile_cache(ds.spacing)
+
         def __getitem__(self, i):
             t0 = time.perf_counter()
             if self.slide is None:
-                self.slide = open_slide(self.slide_path, mpp=self.mpp, backend=self.backend)
-                self.slide.reserve_tile_cache(self.spacing)
+                self.open()
             b = self.blocks[i]
             region = self.slide.read_at_mpp(b.region_l0_xy, b.region_px, self.spacing)
             info = torch.utils.data.get_worker_info()
-            if info is None:
+            if self.slots is None or info is None:
                 return region, b.index, b.offsets_px, time.perf_counter() - t0
             slot = self.served % self.slots.shape[1]
             self.served += 1
@@ -324,13 +286,15 @@ def _slot_ring():
             return (info.id, slot, h, w), b.index, b.offsets_px, time.perf_counter() - t0
 
         def read(self, workers, prefetch=4):
-            self.blocks = [self.blocks[i] for i in worker_order(len(self.blocks), workers)]
-            if workers:
+            if slots:
+                self.blocks = [self.blocks[i] for i in worker_order(len(self.blocks), workers)]
+            if slots and workers:
                 shape = (workers, prefetch + 2, max(b.region_px[1] for b in self.blocks),
                          max(b.region_px[0] for b in self.blocks), 3)
-                self.slots = torch.empty(shape, dtype=torch.uint8).share_memory_()
                 assert math.prod(shape) < shutil.disk_usage("/dev/shm").free // 2, "/dev/shm too small"
+                self.slots = torch.empty(shape, dtype=torch.uint8).share_memory_()
             loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                                                 worker_init_fn=None if slots or not workers else self.open,
                                                  prefetch_factor=prefetch if workers else None)
             for field, index, offsets, seconds in loader:
                 t0 = time.perf_counter()
@@ -338,7 +302,11 @@ def _slot_ring():
                                                                                 :field[3]].numpy()
                 yield cut_patches(region, offsets, self.patch_px), index, seconds + time.perf_counter() - t0
 
-    return SlotBlocks
+    return LoaderBlocks
+
+
+def _as_is(item):
+    return item
 
 
 def _package_reader():
@@ -348,7 +316,8 @@ def _package_reader():
 
 
 #: Reader designs, each a factory of a class with PatchBlocks' constructor and ``read(workers)``.
-READER_DESIGNS = {"threads": _package_reader, "dataloader": _plain_dataloader, "slots": _slot_ring}
+READER_DESIGNS = {"threads": _package_reader, "dataloader": lambda: _dataloader_design(slots=False),
+                  "slots": lambda: _dataloader_design(slots=True)}
 
 
 def compare_readers(slide_path: Path, strides: list[int], workers: list[int], designs: list[str], rounds: int,
@@ -422,7 +391,8 @@ def precision_diff(slide_path: Path, n: int, device: str, batch_size: int, worke
             "label_flips_at_0.5": int(((p32 >= 0.5) != (p16 >= 0.5)).sum()),
             "fp32_model_patches_per_s": round(len(xy) / got["fp32"].seconds_model, 1),
             "bf16_model_patches_per_s": round(len(xy) / got["bf16"].seconds_model, 1),
-            "fp32_model_path": got["fp32"].extra.get("model_path"), "bf16_model_path": got["bf16"].extra.get("model_path")}
+            "fp32_model_path": got["fp32"].extra.get("model_path"),
+            "bf16_model_path": got["bf16"].extra.get("model_path")}
 
 
 def main() -> int:
@@ -557,7 +527,8 @@ def run_wsi_infer(exe: str | None, slide: Path, pkg: Path, data: Path, size: int
     m = run_measured(cmd, gpu=args.device.startswith("cuda"))
     run_json = out / slide.stem / "run.json"
     timings = json.loads(run_json.read_text())["timings"] if run_json.exists() and not m["returncode"] else {}
-    rec = {"bench": "wsi_infer", **({"design": design, "loadavg": _loadavg()} if design else {}), "input_px": size, "stride_px": stride, "precision": precision,
+    rec = {"bench": "wsi_infer", **({"design": design, "loadavg": _loadavg()} if design else {}), "input_px": size,
+           "stride_px": stride, "precision": precision,
            "device": args.device, "batch_size": args.batch_size,
            "returncode": m["returncode"], "seconds_wall": round(m["seconds"], 2),
            "peak_rss_mb": m["peak_rss_mb"], "peak_pss_mb": m["peak_pss_mb"], **{k: timings.get(k) for k in (

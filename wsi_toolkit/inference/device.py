@@ -198,7 +198,8 @@ def cuda_batch_size(model, preprocess: torch.nn.Module, device: torch.device, am
     torch.cuda.empty_cache()
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype or torch.float16, enabled=amp_dtype is not None):
+    amp = torch.autocast("cuda", dtype=amp_dtype or torch.float16, enabled=amp_dtype is not None)
+    with torch.inference_mode(), amp:
         model(preprocess(x).contiguous(memory_format=torch.channels_last))
     torch.cuda.synchronize(device)
     per_patch = max(1.0, (torch.cuda.max_memory_allocated(device) - base) / probe)
