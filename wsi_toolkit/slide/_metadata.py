@@ -69,11 +69,12 @@ def _rational(value: Any) -> float | None:
         return None
 
 
-def mpp_from_tiff_tags(page: Any) -> tuple[float, float] | None:
+def mpp_from_tiff_tags(page: Any, *, default_unit: int | None = 2) -> tuple[float, float] | None:
     """(mpp_x, mpp_y) from a tifffile page's XResolution/YResolution/ResolutionUnit tags, or None.
 
-    A missing ResolutionUnit is inch (the TIFF default); the units and the plausibility rule are
-    those of :func:`mpp_from_tiff_resolution`.
+    A missing ResolutionUnit is ``default_unit`` (2, inch: the TIFF default; None: no mpp, as the
+    slide reader wants); the units and the plausibility rule are those of
+    :func:`mpp_from_tiff_resolution`.
     """
     try:
         tags = page.tags
@@ -81,7 +82,12 @@ def mpp_from_tiff_tags(page: Any) -> tuple[float, float] | None:
             return None
         x_res = _rational(tags["XResolution"].value)
         y_res = _rational(tags["YResolution"].value) if "YResolution" in tags else x_res
-        unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 2
+        if "ResolutionUnit" in tags:
+            unit = int(tags["ResolutionUnit"].value)
+        elif default_unit is None:
+            return None
+        else:
+            unit = default_unit
     except (AttributeError, KeyError, TypeError, ValueError):
         return None
     if x_res is None or not x_res > 0 or y_res is None or not y_res > 0:

@@ -1,6 +1,6 @@
 """The one reader interface; backends implement only the low-level level read and metadata.
 
-Frames and units (see DESIGN.md):
+Frames and units (docs/frames.md):
 
 - ``l0_xy``: (x, y) in level-0 pixels of the slide; may be fractional for physical reads.
 - ``lvl_xy``: (x, y) in pixels of one pyramid level.

@@ -21,7 +21,7 @@ from PIL import Image
 
 from wsi_toolkit.errors import SlideFormatError, SlideReadError, SlideTooLargeError, one_line
 from wsi_toolkit.limits import MAX_SEGMENT_BYTES
-from wsi_toolkit.slide._metadata import mpp_from_aperio_description, mpp_from_tiff_resolution
+from wsi_toolkit.slide._metadata import mpp_from_aperio_description, mpp_from_tiff_tags
 from wsi_toolkit.slide._reader import BACKGROUND_RGB, LevelInfo, SlideReader, snap_downsample
 
 __all__ = ["TiffFileReader"]
@@ -65,7 +65,7 @@ class TiffFileReader(SlideReader):
             raise SlideFormatError(
                 f"{self.path}: its TIFF structure is not a readable image ({type(exc).__name__}: {one_line(exc)}); "
                 "the file is damaged, copy or convert the slide again") from exc
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self._fd: int | None = os.open(self.path, os.O_RDONLY)
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_bytes = int(cache_bytes)
         self._cached = 0
@@ -151,19 +151,10 @@ class TiffFileReader(SlideReader):
             m = mpp_from_aperio_description(page0.description)
             if m is not None:
                 return (m, m), "aperio.MPP"
-        tags = page0.tags
-        if "XResolution" in tags and "ResolutionUnit" in tags:
-            xr, yr = tags["XResolution"].value, tags.get("YResolution")
-            yr = yr.value if yr is not None else xr
-            try:
-                unit_code = int(tags["ResolutionUnit"].value)
-            except (TypeError, ValueError):
-                return None
-            got = mpp_from_tiff_resolution(_rational(xr), _rational(yr), unit_code)
-            if got is not None:
-                unit = tags["ResolutionUnit"].value
-                name = getattr(unit, "name", str(unit)).lower()
-                return got, f"tiff.XResolution ({name})"
+        got = mpp_from_tiff_tags(page0, default_unit=None)  # no unit tag: no physical size
+        if got is not None:
+            unit = page0.tags["ResolutionUnit"].value
+            return got, f"tiff.XResolution ({getattr(unit, 'name', str(unit)).lower()})"
         return None
 
     def _read_level(self, level: int, lvl_xy: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
@@ -231,7 +222,7 @@ class TiffFileReader(SlideReader):
             tile[:] = BACKGROUND_RGB
             return tile
         try:
-            data = os.pread(self._fd, count, offset)
+            data = os.pread(self._fd, count, offset)  # type: ignore[arg-type]  # open until close()
             if len(data) != count:
                 raise OSError(f"read {len(data)} of {count} bytes")
             with self._lock:
@@ -259,21 +250,11 @@ class TiffFileReader(SlideReader):
         return arr
 
     def close(self) -> None:
-        if getattr(self, "_fd", None) is not None:
-            os.close(self._fd)
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
             self._fd = None
         self._tif.close()
-
-
-def _rational(v) -> float | None:
-    """A TIFF RATIONAL (num, den) or number as a float; None when missing or malformed."""
-    try:
-        if isinstance(v, tuple):
-            num, den = v[:2]
-            return num / den if den else None
-        return float(v) if v is not None else None
-    except (TypeError, ValueError, OverflowError):
-        return None
 
 
 def _ome_mpp(ome_xml: str | None) -> tuple[float, float] | None:
