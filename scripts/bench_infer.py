@@ -139,13 +139,16 @@ def _grid_blocks(slide_path: Path, stride_px: int):
 
 
 def decode_floor(slide_path: Path, level: int = 2, blocks=None) -> dict:
-    """Decode every tile of one pyramid level once, single thread (the issue's floor; best of 3). With
+    """Decode every tile of one pyramid level once, single thread (the decode floor; best of 3). With
     ``blocks`` also the tiles those block regions touch, alone: tissue tiles decode slower than
     the blank glass tiles that make up much of a level, so this is the floor for what is read."""
     import tifffile
 
+    from wsi_toolkit.slide._metadata import largest_series
+
     with tifffile.TiffFile(slide_path) as tif:
-        page = tif.series[0].levels[level].keyframe
+        series = largest_series(tif)
+        page = series.levels[level].keyframe
         fh = tif.filehandle
         data = []
         for off, cnt in zip(page.dataoffsets, page.databytecounts):
@@ -171,7 +174,7 @@ def decode_floor(slide_path: Path, level: int = 2, blocks=None) -> dict:
         if blocks:
             tw, th = page.tilewidth, page.tilelength
             across = -(-page.imagewidth // tw)
-            ds = round(tif.series[0].levels[0].keyframe.imagewidth / page.imagewidth)  # integer pyramid
+            ds = round(series.levels[0].keyframe.imagewidth / page.imagewidth)  # integer pyramid
             touched = set()
             for b in blocks:
                 x0, y0 = b.region_l0_xy[0] / ds, b.region_l0_xy[1] / ds

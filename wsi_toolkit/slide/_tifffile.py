@@ -21,7 +21,7 @@ from PIL import Image
 
 from wsi_toolkit.errors import SlideFormatError, SlideReadError, SlideTooLargeError, one_line
 from wsi_toolkit.limits import MAX_SEGMENT_BYTES
-from wsi_toolkit.slide._metadata import mpp_from_aperio_description, mpp_from_tiff_tags
+from wsi_toolkit.slide._metadata import largest_series, mpp_from_aperio_description, mpp_from_tiff_tags
 from wsi_toolkit.slide._reader import BACKGROUND_RGB, LevelInfo, SlideReader, snap_downsample
 
 __all__ = ["TiffFileReader"]
@@ -93,11 +93,9 @@ class TiffFileReader(SlideReader):
         return int(page.imagewidth), int(page.imagelength)
 
     def _pyramid_pages(self) -> list:
-        tif = self._tif
-        if not tif.series:
+        series = largest_series(self._tif)  # the main image: labels and macros are smaller
+        if series is None:
             raise SlideFormatError(f"{self.path} holds no image")
-        # The main image is the series with the largest level 0 (labels/macros are smaller).
-        series = max(tif.series, key=lambda s: s.levels[0].keyframe.imagewidth * s.levels[0].keyframe.imagelength)
         pages = [lvl.keyframe for lvl in series.levels]
         page0 = pages[0]
         if page0.samplesperpixel not in (1, 3, 4) or page0.planarconfig != 1 and page0.samplesperpixel > 1:
