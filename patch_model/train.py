@@ -14,6 +14,7 @@ The names that lived here before the split (``resolve_arch``, ``build_dataloader
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import json
 import logging
@@ -29,7 +30,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from patch_model._fastai import Learner, MixedPrecision, fastai, num_distrib, rank_distrib, set_seed, valley
+from patch_model._fastai import Callback, Learner, MixedPrecision, fastai, num_distrib, rank_distrib, set_seed, valley
 from patch_model.archs import (
     ARCH_SOURCES,
     ArchSpec,
@@ -50,9 +51,9 @@ from patch_model.augment import (
 )
 from patch_model.callbacks import History, KeepBest, finite_or_none
 from patch_model.data import CLASS_NAMES, PCAM_PATCH_PX, TUMOR_INDEX, check_split_fractions, detect_layout, open_splits
-from patch_model.patch_eval import LEAKY_NOTE, binary_metrics, plot_confusion_matrix
 from patch_model.export import export_learner, learner_config
 from patch_model.loaders import PatchData, build_dataloaders, labels_of
+from patch_model.patch_eval import LEAKY_NOTE, binary_metrics, plot_confusion_matrix
 from patch_model.reports import gradcam, plot_losses, plot_lr_find, plot_top_losses_gradcam
 from wsi_toolkit.atomic import write_json_atomic
 from wsi_toolkit.errors import ConfigError, WsiToolkitError
@@ -304,8 +305,13 @@ def train_model(config: TrainConfig) -> TrainResult:
                           "run differently on each rank; take them from a single-GPU run's lr_find plots")
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-    with _log_to(out / "train.log" if is_main else None):
-        return _train(config, spec, world=world, rank=rank, t_start=t_start)
+    world_env = os.environ.get("WORLD_SIZE")
+    try:
+        with _log_to(out / "train.log" if is_main else None):
+            return _train(config, spec, world=world, rank=rank, t_start=t_start)
+    finally:
+        if world_env is not None:
+            os.environ["WORLD_SIZE"] = world_env
 
 
 def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_start: float) -> TrainResult:
@@ -349,7 +355,8 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
             importlib.import_module("fastai.distributed")  # patches Learner.distrib_ctx
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"multi-GPU training needs accelerate (pip install accelerate): {e}") from None
-    dist_ctx = learn.distrib_ctx if world > 1 else contextlib.nullcontext
+        learn.add_cb(_RankDigest(rank, world))
+    dist_ctx = ((lambda: _distributed(learn, device)) if world > 1 else contextlib.nullcontext)
     bar_ctx = (lambda: _quiet(learn)) if not config.progress else contextlib.nullcontext
 
     n_batches = len(data.dls.train)
@@ -400,6 +407,13 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
             learn.fit_one_cycle(config.epochs, slice(lr_max / 10, lr_max), cbs=[keep_best, history])
     fit_s = time.perf_counter() - t_fit
     learn.model.eval()
+    if world > 1:
+        learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, _RankDigest)))
+        logger.info("rank %d of %d: final model sha256 %s", rank, world, state_digest(learn.model))
+        torch.distributed.barrier()
+        # Rank 0 evaluates and exports alone; fastai gathers predictions over the ranks whenever
+        # WORLD_SIZE > 1, so it is 1 from here (train_model puts it back).
+        os.environ["WORLD_SIZE"] = "1"
 
     if not is_main:
         return TrainResult(out=out, package=out / "model", metrics={}, settings={},
@@ -517,6 +531,65 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
                 valid_metrics["accuracy"], valid_metrics["roc_auc"], " (LEAKY)" if leaky else "")
     return TrainResult(out=out, package=package_dir, metrics=metrics, settings=settings,
                        seconds=time.perf_counter() - t_start)
+
+
+def state_digest(model: torch.nn.Module, *, parameters_only: bool = False) -> str:
+    """sha256 of a model's weights (``parameters_only``) or whole ``state_dict``, in key order: the
+    same number on every rank means the ranks hold the same model."""
+    h = hashlib.sha256()
+    items = model.named_parameters() if parameters_only else model.state_dict().items()
+    for name, t in items:
+        h.update(name.encode())
+        h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class _RankDigest(Callback):
+    """Under DDP, logs each rank's weight digest after every epoch (they must agree: the gradients
+    are averaged over the ranks before each step). BatchNorm running statistics are left out: on
+    the CPU they are per rank, as SyncBatchNorm needs a GPU."""
+
+    order = 90
+
+    def __init__(self, rank: int, world: int):
+        self.rank, self.world = rank, world
+
+    def after_epoch(self):
+        model = getattr(self.learn.model, "module", self.learn.model)
+        logger.info("rank %d of %d, epoch %d: weights sha256 %s", self.rank, self.world, self.epoch + 1,
+                    state_digest(model, parameters_only=True))
+
+
+@contextlib.contextmanager
+def _distributed(learn: Learner, device: torch.device):
+    """fastai's ``distrib_ctx`` (DDP through accelerate), also on the CPU (gloo): there fastai would
+    move its index broadcast to CUDA and convert BatchNorm to SyncBatchNorm (GPU only), so the CPU
+    path uses a loader that broadcasts CPU tensors and keeps plain BatchNorm (DDP still sends rank
+    0's BatchNorm buffers to the others before every training step)."""
+    if device.type != "cpu":
+        with learn.distrib_ctx():
+            yield
+        return
+    from fastai.callback.progress import ProgressCallback
+    from fastai.distributed import DistributedDL, DistributedTrainer
+
+    class _GlooDL(DistributedDL):
+        def _broadcast(self, t, rank):
+            t = torch.LongTensor(t)
+            torch.distributed.broadcast(t, rank)
+            return t.tolist()
+
+    class _GlooTrainer(DistributedTrainer):
+        def _wrap_dl(self, dl):
+            return dl if isinstance(dl, DistributedDL) else _GlooDL(dl, device=torch.device("cpu"))
+
+    learn.add_cb(_GlooTrainer(sync_bn=False, cpu=True))
+    if rank_distrib():
+        learn.remove_cb(ProgressCallback)
+    try:
+        yield
+    finally:
+        learn.remove_cb(_GlooTrainer)
 
 
 @contextlib.contextmanager
