@@ -29,9 +29,9 @@ import logging
 import os
 import time
 import unicodedata
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import filelock
@@ -43,8 +43,9 @@ from wsi_toolkit.export import write_summary_csv
 from wsi_toolkit.model_package import ModelPackage, load_model_package
 from wsi_toolkit.records import RunRecord, RunRecordError, upgrade_output_key
 
-__all__ = ["RunConfig", "SlideResult", "run_slide", "run_batch", "OUTPUT_FILES", "RESERVED_NAMES", "safe_dir_name",
-           "slide_out_dir", "output_key", "summary_rows"]
+__all__ = ["RunConfig", "SlideResult", "SlideTask", "run_slide", "run_batch", "place_slide", "run_slide_task",
+           "OUTPUT_FILES", "RESERVED_NAMES", "safe_dir_name", "slide_out_dir", "output_key", "summary_rows",
+           "write_summary", "record_failed", "prepare_out"]
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +82,14 @@ class SlideResult:
                    seconds=record.timings.get("seconds_slide") if seconds is None else seconds, out_dir=out_dir)
 
 
-def run_slide(slide_path: str | Path, package: ModelPackage, out_dir: str | Path, config: RunConfig) -> SlideResult:
+def run_slide(slide_path: str | Path, package: ModelPackage, out_dir: str | Path, config: RunConfig, *,
+              worker: Mapping[str, Any] | None = None) -> SlideResult:
     """Analyse one slide and write its outputs into ``out_dir`` (its own folder). Raises on failure
-    (see :func:`run_batch`)."""
-    record = write_outputs(analyse_slide(slide_path, package, config), out_dir)
+    (see :func:`run_batch`). ``worker``: which node and device ran it (recorded in ``run.json``)."""
+    import inspect  # TRANSITIONAL until write_outputs takes worker=
+
+    extra = {"worker": dict(worker)} if worker and "worker" in inspect.signature(write_outputs).parameters else {}
+    record = write_outputs(analyse_slide(slide_path, package, config), out_dir, **extra)
     return SlideResult.from_record(record, out_dir=str(out_dir), seconds=round(record.timings["seconds_slide"], 3))
 
 
@@ -265,7 +270,7 @@ def summary_rows(out: Path, results: list[SlideResult]) -> list[Mapping[str, Any
     return rows
 
 
-def _write_summary(out: Path, results: list[SlideResult]) -> None:
+def write_summary(out: Path, results: list[SlideResult]) -> None:
     """Rebuild ``OUT/summary.csv`` (atomically, under ``OUT/.summary.csv.lock``)."""
     with filelock.FileLock(str(out / SUMMARY_LOCK), timeout=120):
         write_summary_csv(out / "summary.csv", summary_rows(out, results))
@@ -275,7 +280,9 @@ def _write_summary(out: Path, results: list[SlideResult]) -> None:
 # The batch
 
 
-def _failed(path: Path, out_dir: Path | None, error: str, t0: float) -> SlideResult:
+def record_failed(path: Path, out_dir: Path | None, error: str, t0: float) -> SlideResult:
+    """A ``failed`` result for ``path`` (``t0``: when it started); with ``out_dir``, also written
+    there as ``failed.json`` (summary.csv lists it)."""
     seconds = round(time.perf_counter() - t0, 3)
     if out_dir is not None:
         try:
@@ -304,7 +311,9 @@ def _unreadable(path: Path) -> str | None:
     return None
 
 
-def _run_one(path: Path, out_dir: Path, package: ModelPackage, config: RunConfig) -> SlideResult:
+def _run_one(path: Path, out_dir: Path, package: ModelPackage, config: RunConfig, *,
+             worker: Mapping[str, Any] | None = None,
+             before_run: Callable[[Path], None] | None = None) -> SlideResult:
     """Run (or skip) one slide while holding its lock."""
     t0 = time.perf_counter()
     for stale in clean_stale_partials(out_dir):
@@ -321,16 +330,76 @@ def _run_one(path: Path, out_dir: Path, package: ModelPackage, config: RunConfig
         log.info("%s: running into %s", path, out_dir)
     # Unfinished until the new run.json: a reader never pairs new files with the old run.json.
     (out_dir / "run.json").unlink(missing_ok=True)
+    if before_run is not None:
+        before_run(out_dir)
     try:
-        result = run_slide(path, package, out_dir, config)
+        result = run_slide(path, package, out_dir, config, worker=worker)
     except WsiToolkitError as exc:
         log.error("%s", exc)
-        return _failed(path, out_dir, str(exc), t0)
+        return record_failed(path, out_dir, str(exc), t0)
     except Exception as exc:  # one slide's unexpected failure must not end the batch
         log.exception("%s: unexpected failure", path)
-        return _failed(path, out_dir, f"{path}: unexpected {type(exc).__name__}: {exc}", t0)
+        return record_failed(path, out_dir, f"{path}: unexpected {type(exc).__name__}: {exc}", t0)
     (out_dir / FAILED_FILE).unlink(missing_ok=True)
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# The per-slide step, in two halves: placing (the batch's driver) and running (whoever holds the
+# model: this process, or a worker of wsi_toolkit.scale)
+
+
+@dataclass(frozen=True)
+class SlideTask:
+    """A slide of the batch and the folder in ``OUT`` its outputs go to (:func:`place_slide`)."""
+
+    slide: Path
+    out_dir: Path
+
+
+def place_slide(out: Path, path: Path, taken: set[str]) -> SlideTask | SlideResult:
+    """The first half of a slide's step: a :class:`SlideTask` when ``path`` is readable and has a
+    folder (:func:`slide_out_dir`; ``taken`` is updated), else its ``failed`` result (recorded
+    without touching any folder: another slide may own its name)."""
+    t0 = time.perf_counter()
+    problem = _unreadable(path)
+    if problem is not None:
+        log.error("%s", problem)
+        return record_failed(path, None, problem, t0)
+    try:
+        return SlideTask(slide=path, out_dir=slide_out_dir(out, path, taken))
+    except OSError as exc:
+        return record_failed(path, None, f"{path}: cannot choose an output folder ({exc})", t0)
+
+
+def run_slide_task(task: SlideTask, package: ModelPackage, config: RunConfig, *,
+                   worker: Mapping[str, Any] | None = None,
+                   before_run: Callable[[Path], None] | None = None) -> SlideResult:
+    """The second half: take the slide's lock (``OUT/.locks/<name>.lock``, non-blocking; held by
+    another process: status ``busy``), then skip, redo or run it (:func:`run_batch`). A failure is
+    recorded and returned, never raised. ``worker`` is recorded in ``run.json``; ``before_run`` is
+    called with the folder once the lock is held and the slide is about to run."""
+    path, out_dir = task.slide, task.out_dir
+    lock = filelock.FileLock(str(out_dir.parent / LOCK_DIR / f"{out_dir.name}.lock"))
+    try:
+        lock.acquire(blocking=False)
+    except filelock.Timeout:
+        log.warning("%s: another wsi-infer process is running it into %s; left to that process", path, out_dir)
+        return SlideResult(
+            slide=str(path), status="busy", out_dir=str(out_dir),
+            error=f"being run by another wsi-infer process (lock {lock.lock_file}); its summary.csv lists it")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return _run_one(path, out_dir, package, config, worker=worker, before_run=before_run)
+    finally:
+        lock.release()
+
+
+def prepare_out(out: Path) -> None:
+    """``OUT`` and its lock folder made, temporaries of killed runs (``summary.csv``) removed."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LOCK_DIR).mkdir(exist_ok=True)
+    clean_stale_partials(out)
 
 
 def run_batch(slide_paths: list[Path], model_dir: str | Path, out: str | Path, config: RunConfig = RunConfig(),
@@ -341,45 +410,26 @@ def run_batch(slide_paths: list[Path], model_dir: str | Path, out: str | Path, c
     (with a log line saying what differed) when it changed, or always with ``config.overwrite``.
     A slide another process holds the lock of is left to it (status ``busy``). ``failures``:
     (argument, error) pairs found before the batch (e.g. an unreadable folder), recorded as failed
-    slides. The model is loaded once; an unloadable model raises before any slide runs.
+    slides. The model is loaded once; an unloadable model raises before any slide runs. The same
+    batch on a Ray cluster: :func:`wsi_toolkit.scale.run_batch_ray`.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     package = load_model_package(model_dir)
-    (out / LOCK_DIR).mkdir(exist_ok=True)
-    clean_stale_partials(out)  # summary.csv temporaries of killed runs
+    prepare_out(out)
     results: list[SlideResult] = [
         SlideResult(slide=str(arg), status="failed", error=error) for arg, error in failures]
-    for arg, error in failures:
+    for _arg, error in failures:
         log.error("%s", error)
     taken: set[str] = set()
     for path in slide_paths:
-        path = Path(path)
-        t0 = time.perf_counter()
-        problem = _unreadable(path)
-        if problem is not None:  # recorded without touching any folder (another slide may own its name)
-            log.error("%s", problem)
-            results.append(_failed(path, None, problem, t0))
+        placed = place_slide(out, Path(path), taken)
+        if isinstance(placed, SlideResult):
+            results.append(placed)
             continue
-        try:
-            out_dir = slide_out_dir(out, path, taken)
-        except OSError as exc:
-            results.append(_failed(path, None, f"{path}: cannot choose an output folder ({exc})", t0))
-            continue
-        lock = filelock.FileLock(str(out / LOCK_DIR / f"{out_dir.name}.lock"))
-        try:
-            lock.acquire(blocking=False)
-        except filelock.Timeout:
-            log.warning("%s: another wsi-infer process is running it into %s; left to that process", path, out_dir)
-            results.append(SlideResult(
-                slide=str(path), status="busy", out_dir=str(out_dir),
-                error=f"being run by another wsi-infer process (lock {lock.lock_file}); its summary.csv lists it"))
-            continue
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            results.append(_run_one(path, out_dir, package, config))
-        finally:
-            lock.release()
-        _write_summary(out, results)
-    _write_summary(out, results)
+        result = run_slide_task(placed, package, config)
+        results.append(result)
+        if result.status != "busy":
+            write_summary(out, results)
+    write_summary(out, results)
     return results
