@@ -10,6 +10,8 @@ pixel at every zoom.
 
 - :class:`OpenSlideTiles`: ``DeepZoomGenerator`` on an ``openslide.OpenSlide`` (slides OpenSlide
   reads). A failed read puts an OpenSlide handle in an error state, so the handle is reopened.
+  ``get_tile`` shrinks with ``thumbnail()``, which keeps the read box's aspect ratio and can return
+  an edge tile 1 px short of its Deep Zoom size; such a tile is resized to the contract's size.
 - :class:`ReaderTiles`: the same tiles from our :class:`~wsi_toolkit.slide.SlideReader` (slides
   only the tifffile backend reads): the same level choice, box and Lanczos shrink.
 - :class:`TileCache`: encoded tiles by key, least recently used dropped past ``max_bytes``; two
@@ -176,7 +178,7 @@ class OpenSlideTiles:
     def render(self, level: int, col: int, row: int) -> bytes:
         import openslide
 
-        self.geometry.tile_box(level, col, row)  # TileAddressError before OpenSlide's ValueError
+        size = self.geometry.tile_box(level, col, row)[2:]  # TileAddressError before OpenSlide's ValueError
         with self._lock:
             dz, generation = self._dz, self._generation
         try:
@@ -185,6 +187,8 @@ class OpenSlideTiles:
             self._reopen(generation)
             raise TileRenderError(f"{self.path.name}: tile {level}/{col}_{row} cannot be read "
                                   f"({one_line(exc)})") from exc
+        if img.size != size:  # get_tile shrinks with thumbnail(), which keeps the read box's aspect: 1 px short
+            img = img.resize(size, Image.Resampling.LANCZOS)
         return encode_jpeg(img, self._quality)
 
     def _reopen(self, generation: int) -> None:
