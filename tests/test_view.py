@@ -232,7 +232,13 @@ def test_info_of_each_slide_layout(server, results, layout, backend, mpp, mpp_so
     la = np.asarray(png)
     assert png.mode == "LA" and la.shape[:2] == heat.shape_rc
     assert np.array_equal(la[..., 0], np.rint(heat.prob * 255).astype(np.uint8))
-    assert np.array_equal(la[..., 1] > 0, heat.predicted)
+    # predicted: every patch's cell (tiles.csv), also those whose probability rounds to 0 in heatmap.tif
+    patches = np.loadtxt(run_dir / "tiles.csv", delimiter=",", skiprows=1, usecols=(0, 1), ndmin=2)
+    rc = np.rint((patches[:, ::-1] + record["grid"]["offset_l0"]) / record["grid"]["cell_l0"]).astype(int)
+    predicted = np.zeros(heat.shape_rc, bool)
+    predicted[rc[:, 0], rc[:, 1]] = True
+    assert record["heatmap"]["merge"] == "centre" and np.array_equal(la[..., 1] > 0, predicted)
+    assert (predicted & ~heat.predicted).any()  # the cells heatmap.tif alone would leave out
     features = json.loads((run_dir / "tumor.geojson").read_text())["features"]
     assert len(info["regions"]) == len(features) == record["counts"]["n_regions"] > 0
     maxes = [r["max_prob"] for r in info["regions"]]

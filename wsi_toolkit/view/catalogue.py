@@ -318,10 +318,55 @@ def _entry(name: str, results_dir: Path, record: RunRecord | None, error: str | 
         slide_path = Path(record.slide.path)
         if not slide_path.exists() and slides_dir is not None and (Path(slides_dir) / slide_path.name).exists():
             slide_path = Path(slides_dir) / slide_path.name
-    return SlideEntry(id=name, name=Path(record.slide.path).name, slide_path=slide_path, results_dir=results_dir,
+    return SlideEntry(id=name, name=slide_path.name, slide_path=slide_path, results_dir=results_dir,
                       record=record, mpp_override=record.slide.mpp if record.slide.mpp_source == "override" else None,
                       backend=record.slide.backend, status=record.status, slide_score=_float(record.slide_score),
                       tumor_area_mm2=_float(record.tumor_area_mm2))
+
+
+def read_results_heatmap(results_dir: Path, record: RunRecord) -> Heatmap:
+    """The heatmap of a results folder: ``heatmap.tif``, whose cells read as not predicted where their
+    probability rounds to 0 / 255, with the predicted cells restored from ``tiles.csv`` (one row per
+    predicted patch: its cell, or with the mean merge the cells its footprint paints). Without a
+    usable ``tiles.csv`` the non-zero cells are the predicted ones."""
+    from wsi_toolkit.export import read_heatmap_tiff
+
+    heat = read_heatmap_tiff(_results_file(results_dir, "heatmap.tif"))
+    try:
+        predicted = _predicted_from_tiles(_results_file(results_dir, "tiles.csv"), record, heat.shape_rc)
+    except (ViewerError, OSError, ValueError) as exc:
+        log.info("%s: predicted cells from heatmap.tif only (%s)", results_dir, one_line(exc))
+        return heat
+    if (heat.predicted & ~predicted).any():
+        log.warning("%s: tiles.csv does not cover heatmap.tif's cells; predicted cells from heatmap.tif only",
+                    results_dir)
+        return heat
+    return Heatmap(prob=heat.prob, predicted=predicted, cell_l0=heat.cell_l0, l0_mpp=heat.l0_mpp, merge=heat.merge)
+
+
+def _predicted_from_tiles(path: Path, record: RunRecord, shape_rc: tuple[int, int]) -> np.ndarray:
+    grid = record.grid
+    with path.open(encoding="utf-8") as fh:
+        header = fh.readline().strip().split(",")
+        if header[:2] != ["minx", "miny"]:
+            raise ViewerError(f"{path}: not a wsi-infer tiles.csv")
+        xy = np.loadtxt(fh, delimiter=",", usecols=(0, 1), ndmin=2) if path.stat().st_size > 0 else np.zeros((0, 2))
+    cells = np.rint((xy + grid.offset_l0) / grid.cell_l0).astype(np.int64)
+    if [int(v) for v in grid.shape_rc] != list(shape_rc):
+        raise ViewerError(f"{path}: run.json's grid is {grid.shape_rc}, heatmap.tif {shape_rc}")
+    offsets = [0]
+    if record.heatmap.get("merge") == "mean":
+        run_grid = record.settings.get("grid") or {}
+        patch, stride = int(run_grid["patch_px"]), int(run_grid["stride_px"])
+        offsets = list(range(-(patch // (2 * stride)), -((-patch) // (2 * stride))))  # as heatmap.stitch paints
+    rows, cols = shape_rc
+    predicted = np.zeros(shape_rc, bool)
+    for dr in offsets:
+        for dc in offsets:
+            r, c = cells[:, 1] + dr, cells[:, 0] + dc
+            ok = (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
+            predicted[r[ok], c[ok]] = True
+    return predicted
 
 
 def open_tiles(path: Path, *, mpp: float | None = None, backend: str = "auto") -> tuple[TileSource, dict[str, Any]]:
@@ -372,10 +417,8 @@ def open_view(entry: SlideEntry) -> SlideView:
         geometry = DeepZoomGeometry(int(meta["width"]), int(meta["height"]))  # error tiles where the slide is
     view = SlideView(entry=entry, tiles=tiles, geometry=geometry, slide_meta=meta, error=error)
     if entry.results_dir is not None and rec is not None:
-        from wsi_toolkit.export import read_heatmap_tiff
-
         try:
-            view.heatmap = read_heatmap_tiff(_results_file(entry.results_dir, "heatmap.tif"))
+            view.heatmap = read_results_heatmap(entry.results_dir, rec)
         except (WsiToolkitError, OSError) as exc:
             view.heatmap_error = one_line(exc)
         try:

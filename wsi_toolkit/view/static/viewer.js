@@ -16,7 +16,7 @@
   const state = {
     slides: [], lut: null, index: -1, info: null, viewer: null, slideItem: null, heatItem: null,
     heat: null, threshold: 0, opacity: 0.5, heatOn: true, regionsOn: true, region: -1, hover: -1,
-    tileLog: [], tileErrors: 0, messages: [], levels: null, loadSeq: 0,
+    tileLog: [], tileErrors: 0, messages: [], levels: null, loadSeq: 0, pending: 0, loading: false,
   };
 
   // -- data loading through script tags -------------------------------------------------------------------
@@ -307,6 +307,7 @@
     i = ((i % state.slides.length) + state.slides.length) % state.slides.length;
     const seq = ++state.loadSeq;
     state.index = i;
+    state.loading = true;
     for (const li of $('slides').children) li.classList.toggle('current', Number(li.dataset.index) === i);
     const entry = state.slides[i];
     history.replaceState(null, '', '#slide=' + encodeURIComponent(entry.id));
@@ -315,7 +316,7 @@
     try {
       info = await loadData('info:' + entry.id, dataUrl(entry.id, 'info.js'));
     } catch (err) {
-      if (seq === state.loadSeq) setMessages([entry.name + ': ' + (entry.error || err.message)]);
+      if (seq === state.loadSeq) { setMessages([entry.name + ': ' + (entry.error || err.message)]); state.loading = false; }
       return;
     }
     if (seq !== state.loadSeq) return;
@@ -329,7 +330,7 @@
     drawLegend();
     buildRegionList();
     buildOutlines();
-    if (!info.slide.width) { state.viewer.close(); return; }
+    if (!info.slide.width) { state.viewer.close(); state.loading = false; return; }
     state.levels = levelDims(info.slide.width, info.slide.height);
     if (info.heatmap) {
       try { state.heat = await decodeHeatmap(info.heatmap); } catch (err) { addMessage('heatmap: ' + err.message); }
@@ -356,7 +357,10 @@
     $('threshold').value = String(state.threshold);
     $('threshold-value').textContent = state.threshold.toFixed(2);
     drawLegend();
-    if (redraw && state.heatItem) state.viewer.requestInvalidate(true);
+    if (redraw && state.heatItem) {
+      state.pending += 1;
+      state.viewer.requestInvalidate(true).finally(() => { state.pending -= 1; });
+    }
   }
   function setOpacity(v) {
     state.opacity = Math.min(1, Math.max(0, Number(v)));
@@ -384,6 +388,7 @@
       n: () => loadSlide(state.index + 1), p: () => loadSlide(state.index - 1),
       ']': () => selectRegion(state.region + 1, true), '[': () => selectRegion(state.region - 1, true),
       h: () => setHeatOn(!state.heatOn), o: () => setRegionsOn(!state.regionsOn),
+      0: () => state.viewer.viewport.goHome(), Home: () => state.viewer.viewport.goHome(),
       '?': () => { $('help').hidden = !$('help').hidden; },
     };
     const act = actions[e.key];
@@ -401,9 +406,13 @@
     viewer.addHandler('open', () => {
       state.slideItem = viewer.world.getItemAt(0);
       state.heatItem = viewer.world.getItemCount() > 1 ? viewer.world.getItemAt(1) : null;
+      state.loading = false;
       updateOutlineTransform(); updateScaleBar();
     });
-    viewer.addHandler('open-failed', (e) => addMessage('the slide cannot be shown: ' + (e.message || 'open failed')));
+    viewer.addHandler('open-failed', (e) => {
+      state.loading = false;
+      addMessage('the slide cannot be shown: ' + (e.message || 'open failed'));
+    });
     viewer.addHandler('tile-load-failed', (e) => {
       state.tileErrors += 1;
       addMessage(state.tileErrors + ' tile(s) could not be loaded (' + (e.message || 'error') + ')');
@@ -438,9 +447,13 @@
     return viewer;
   }
 
+  /** True when the page has drawn everything it was asked to: data loaded, no animation, all tiles. */
   function isIdle() {
     const v = state.viewer;
+    if (state.loading || state.pending > 0 || waiting.size > 0) return false;
     if (!v || !v.isOpen() || v.world.getItemCount() === 0) return false;
+    const vp = v.viewport, a = vp.getCenter(true), b = vp.getCenter(false);
+    if (vp.getZoom(true) !== vp.getZoom(false) || a.x !== b.x || a.y !== b.y) return false;
     for (let i = 0; i < v.world.getItemCount(); i++) if (!v.world.getItemAt(i).getFullyLoaded()) return false;
     return !v.world.needsDraw();
   }
