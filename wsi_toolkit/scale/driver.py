@@ -7,8 +7,8 @@ checks that each of them sees ``OUT`` (a probe file written by the driver and re
 worker, and one written by every worker and read back by the driver; a node that cannot see it
 stops the batch before any slide runs), then hands the slides out from one queue: an idle worker
 gets the next one. Each worker runs the same per-slide step as one process, so finished slides are
-skipped, failures are recorded in the slide's folder, ``summary.csv`` is rebuilt after each slide,
-and the outputs are the same bytes.
+skipped, failures are recorded in the slide's folder, ``summary.csv`` is rebuilt as slides finish
+(:data:`SUMMARY_EVERY_S`) and at the end, and the outputs are the same bytes.
 
 A worker that dies mid-slide (killed, out of memory, its node lost) costs that slide's partial
 work only: its temporary files are removed when the slide starts again, the slide goes back to the
@@ -45,6 +45,10 @@ __all__ = ["RaySettings", "run_batch_ray", "connect", "OutNotSharedError"]
 
 log = logging.getLogger(__name__)
 
+#: ``summary.csv`` is rebuilt (a scan of every slide folder in ``OUT``) at most this often while
+#: slides finish, and once at the end: with many workers on a network filesystem, rebuilding it
+#: after every slide would keep the driver from handing out slides.
+SUMMARY_EVERY_S = 10.0
 #: ``on_event(kind, worker, slide)``: kind is ready, start, done, died; ``worker`` the worker's
 #: :meth:`~wsi_toolkit.scale.worker.SlideWorker.describe` (``{"worker": index}`` before it is known).
 EventHook = Callable[[str, dict[str, Any], str | None], None]
@@ -185,6 +189,7 @@ class _Pool:
         self.probe_dir, self.token, self.on_event, self.progress = probe_dir, token, on_event, progress
         self.actor_class = ray.remote(SlideWorker).options(max_restarts=0, max_concurrency=1, **options)
         self.slots: list[_Slot] = []
+        self.summary_written = -float("inf")
         self.running: dict[Any, tuple[str, _Slot, _Item | None]] = {}
 
     def start(self, index: int) -> _Slot:
@@ -419,7 +424,9 @@ def _gave_up(item: _Item, why: str | None) -> SlideResult:
 def _finish(pool: _Pool, results: list[SlideResult | None], out: Path, item: _Item, result: SlideResult,
             slot: _Slot | None = None) -> None:
     results[item.order] = result
-    write_summary(out, [r for r in results if r is not None])
+    if time.monotonic() - pool.summary_written >= SUMMARY_EVERY_S:
+        write_summary(out, [r for r in results if r is not None])
+        pool.summary_written = time.monotonic()
     detail = f"score {result.slide_score:.3f}, {result.n_patches} patches" if result.slide_score is not None else (
         result.error.splitlines()[0][:160] if result.error else "")
     who = f"{slot.label}: " if slot is not None else ""
