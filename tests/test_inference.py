@@ -161,9 +161,10 @@ def test_cpu_fp32_graph_is_fused_and_matches_the_plain_model(synthetic_slides, t
     xy = _xy(s)
     was = torch.jit.onednn_fusion_enabled()
     fast = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8,
-                                                                 device="cpu", precision="fp32"))
+                                                                 device="cpu", precision="fp32", runtime="torch"))
     plain = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8,
-                                                                  device="cpu", precision="fp32", optimize=False))
+                                                                  device="cpu", precision="fp32", runtime="torch",
+                                                                  optimize=False))
     assert fast.extra["model_path"] != plain.extra["model_path"]  # an optimised graph ran, not the model as loaded
     assert torch.jit.onednn_fusion_enabled() == was  # the process-wide switch is restored
     p = plain.probs[:, 1]
@@ -194,10 +195,11 @@ def test_cpu_graph_falls_back_when_the_fused_graph_fails(synthetic_slides, tmp_p
     monkeypatch.setattr(torch.jit, "freeze", freeze_once_broken)
     was = torch.jit.onednn_fusion_enabled()
     got = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8, device="cpu",
-                                                                precision="fp32"))
+                                                                precision="fp32", runtime="torch"))
     monkeypatch.setattr(torch.jit, "freeze", real_freeze)
     plain = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8,
-                                                                  device="cpu", precision="fp32", optimize=False))
+                                                                  device="cpu", precision="fp32", runtime="torch",
+                                                                  optimize=False))
     assert broken_calls == [8]  # 5 batches of 8: the failed graph ran once, the fallback did the rest
     assert caplog.text.count("oneDNN-fused graph failed") == 1
     assert torch.jit.onednn_fusion_enabled() == was
@@ -333,9 +335,10 @@ def test_fused_cpu_graph_pads_a_short_last_batch(synthetic_slides, tmp_path, mon
 
     monkeypatch.setattr(torch.jit, "freeze", recording_freeze)
     fast = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8,
-                                                                 device="cpu", precision="fp32"))
+                                                                 device="cpu", precision="fp32", runtime="torch"))
     plain = run_inference(s.path, xy, pkg, config=InferenceConfig(workers=0, progress=False, batch_size=8,
-                                                                  device="cpu", precision="fp32", optimize=False))
+                                                                  device="cpu", precision="fp32", runtime="torch",
+                                                                  optimize=False))
     assert fast.extra["model_path"] != plain.extra["model_path"]
     assert len(shapes) == 6 and set(shapes) == {(8, 3, 96, 96)}  # 5 full batches and the padded last one
     assert np.abs(fast.probs - plain.probs).max() < 1e-5

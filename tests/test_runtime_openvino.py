@@ -71,7 +71,7 @@ def test_fp32_agrees_with_torch(which, request, tmp_path):
     report = compare_probabilities(_torch_p(package, x), model.predict_proba(x))
     assert report["max_abs_dp"] <= 1e-4, report
     assert model.info["fp32_vs_torch"]["max_abs_dp"] <= 1e-4
-    assert model.path == "openvino-fp32" and model.info["cache"] == "built"
+    assert model.path == "openvino-fp32" and model.stats["cache"] == "built"
     # The loop's interface: preprocessed float batch in, logits out.
     logits = model(package.preprocess(torch.from_numpy(x[:5])))
     assert logits.shape == (5, 2) and logits.dtype == torch.float32
@@ -86,14 +86,14 @@ def test_converts_from_torch_export_or_torchscript(r18_package, tmp_path):
     shutil.copytree(r18_package.path, zoo, ignore=shutil.ignore_patterns("model.pt2"))
     package = load_model_package(zoo)
     model = load_openvino_model(package, cache_dir=tmp_path)
-    assert model.info["source"] == "torchscript" and model.info["cache"] == "built"
+    assert model.info["source"] == "torchscript" and model.stats["cache"] == "built"
     x = _patches(16)
     assert compare_probabilities(_torch_p(package, x), model.predict_proba(x))["max_abs_dp"] <= 1e-4
 
 
 def test_cache_hit_does_not_convert(colour_package, tmp_path, monkeypatch):
     first = load_openvino_model(colour_package, cache_dir=tmp_path)
-    entry = Path(first.info["cache_entry"])
+    entry = Path(first.stats["cache_entry"])
     stamp = (entry / MODEL_BIN).stat().st_mtime_ns
 
     def no_conversion(*a, **k):
@@ -101,8 +101,8 @@ def test_cache_hit_does_not_convert(colour_package, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ov_runtime, "_convert", no_conversion)
     second = load_openvino_model(colour_package, cache_dir=tmp_path)
-    assert (first.info["cache"], second.info["cache"]) == ("built", "hit")
-    assert Path(second.info["cache_entry"]) == entry and (entry / MODEL_BIN).stat().st_mtime_ns == stamp
+    assert (first.stats["cache"], second.stats["cache"]) == ("built", "hit")
+    assert Path(second.stats["cache_entry"]) == entry and (entry / MODEL_BIN).stat().st_mtime_ns == stamp
     x = _patches(8)
     np.testing.assert_array_equal(first.predict_class_proba(x), second.predict_class_proba(x))
 
@@ -110,27 +110,27 @@ def test_cache_hit_does_not_convert(colour_package, tmp_path, monkeypatch):
 def test_cache_dir_from_environment(colour_package, tmp_path, monkeypatch):
     monkeypatch.setenv("WSI_TOOLKIT_CACHE", str(tmp_path / "env_cache"))
     model = load_openvino_model(colour_package)
-    assert Path(model.info["cache_entry"]).is_relative_to(tmp_path / "env_cache" / "openvino")
+    assert Path(model.stats["cache_entry"]).is_relative_to(tmp_path / "env_cache" / "openvino")
 
 
 def test_cache_entry_for_other_settings_is_rebuilt(colour_package, tmp_path, caplog):
-    entry = Path(load_openvino_model(colour_package, cache_dir=tmp_path).info["cache_entry"])
+    entry = Path(load_openvino_model(colour_package, cache_dir=tmp_path).stats["cache_entry"])
     meta = json.loads((entry / ENTRY_JSON).read_text())
     meta["key"]["package_sha256"] = "0" * 64  # an entry written for another package under this name
     (entry / ENTRY_JSON).write_text(json.dumps(meta))
     with caplog.at_level(logging.WARNING, logger="wsi_toolkit.runtime.cache"):
         again = load_openvino_model(colour_package, cache_dir=tmp_path)
-    assert again.info["cache"] == "built" and "other settings" in caplog.text
+    assert again.stats["cache"] == "built" and "other settings" in caplog.text
     assert json.loads((entry / ENTRY_JSON).read_text())["key"]["package_sha256"] == colour_package.sha256
 
 
 def test_corrupt_cache_entry_is_rebuilt(colour_package, tmp_path, caplog):
-    entry = Path(load_openvino_model(colour_package, cache_dir=tmp_path).info["cache_entry"])
+    entry = Path(load_openvino_model(colour_package, cache_dir=tmp_path).stats["cache_entry"])
     data = (entry / MODEL_BIN).read_bytes()
     (entry / MODEL_BIN).write_bytes(data[: len(data) // 2])  # truncated, as by a full disk
     with caplog.at_level(logging.WARNING, logger="wsi_toolkit.runtime.cache"):
         again = load_openvino_model(colour_package, cache_dir=tmp_path)
-    assert again.info["cache"] == "built" and "sha256" in caplog.text
+    assert again.stats["cache"] == "built" and "sha256" in caplog.text
     x = _patches(8)
     assert compare_probabilities(_torch_p(colour_package, x), again.predict_proba(x))["max_abs_dp"] <= 1e-4
     assert not list(entry.parent.glob(".*.partial-*")) and not list(entry.parent.glob(".*.stale-*"))
@@ -149,7 +149,7 @@ def test_two_processes_converting_at_once(model_dir, tmp_path):
         while not Path({str(go)!r}).exists():
             time.sleep(0.01)
         model = load_openvino_model(package, cache_dir={str(cache)!r})
-        print(json.dumps({{k: model.info[k] for k in ("cache", "cache_entry", "source")}}))
+        print(json.dumps({{**model.stats, "source": model.info["source"]}}))
     """)
     ready = [tmp_path / f"ready{i}" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", script, str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -195,7 +195,7 @@ def test_fp32_graph_disagreeing_with_torch_is_refused(colour_package, tmp_path, 
     with pytest.raises(ConversionError, match="disagrees with torch"):
         load_openvino_model(colour_package, cache_dir=tmp_path)
     monkeypatch.setattr(ov_runtime, "_torch_probs", real)
-    assert load_openvino_model(colour_package, cache_dir=tmp_path).info["cache"] == "built"  # nothing was cached
+    assert load_openvino_model(colour_package, cache_dir=tmp_path).stats["cache"] == "built"  # nothing was cached
 
 
 def test_int8_runs_close_to_fp32(r18_package, r18_cache, synthetic_slides):
@@ -219,9 +219,9 @@ def test_calibration_fingerprint_keys_the_int8_graph(r18_package, r18_cache, syn
     assert a.fingerprint != b.fingerprint
     ma = load_openvino_model(r18_package, precision="int8", cache_dir=r18_cache, calibration=a)
     mb = load_openvino_model(r18_package, precision="int8", cache_dir=r18_cache, calibration=b)
-    assert ma.info["cache_entry"] != mb.info["cache_entry"]
+    assert ma.stats["cache_entry"] != mb.stats["cache_entry"]
     again = load_openvino_model(r18_package, precision="int8", cache_dir=r18_cache, calibration=a)
-    assert (again.info["cache"], again.info["cache_entry"]) == ("hit", ma.info["cache_entry"])
+    assert (again.stats["cache"], again.stats["cache_entry"]) == ("hit", ma.stats["cache_entry"])
 
 
 def test_int8_needs_calibration(colour_package, tmp_path):
@@ -315,3 +315,91 @@ def test_pcam_eval_with_openvino(model_dir, tmp_path):
     assert abs(ev["roc_auc"] - ref.metrics["roc_auc"]) <= 0.05
     with pytest.raises(ConfigError, match="int8"):
         evaluate_package(model_dir, data, out=tmp_path / "x", runtime="torch", precision="int8", **common)
+
+
+# ------------------------------------------------------------------------------------------------
+# Wired in: run_inference, wsi-infer
+
+
+def _grid(slide_path, package, stride_px: int = 96):
+    from wsi_toolkit.analysis import RunConfig, grid_settings
+    from wsi_toolkit.slide import open_slide
+    from wsi_toolkit.tiling import make_grid
+    from wsi_toolkit.tissue import detect_tissue
+
+    grid_cfg, _ = grid_settings(package, RunConfig(stride_px=stride_px))
+    with open_slide(slide_path) as slide:
+        tissue = detect_tissue(slide.thumbnail(mpp=8.0), l0_mpp=slide.mpp)
+        return make_grid(l0_size=slide.dimensions, l0_mpp=slide.mpp, config=grid_cfg, tissue_mask=tissue.mask,
+                         mask_l0_per_px=tissue.l0_per_px)
+
+
+def test_run_inference_with_openvino_agrees_with_torch(r18_package, r18_cache, synthetic_slides):
+    from wsi_toolkit.inference import InferenceConfig, run_inference
+
+    slide = synthetic_slides().path
+    grid = _grid(slide, r18_package)
+    cfg = {"workers": 0, "progress": False, "device": "cpu", "batch_size": 16, "cache_dir": str(r18_cache)}
+    torch_run = run_inference(slide, grid, r18_package, config=InferenceConfig(runtime="torch", **cfg))
+    ov_run = run_inference(slide, grid, r18_package, config=InferenceConfig(**cfg))  # auto: OpenVINO on a CPU
+    assert len(grid) >= 32 and torch_run.runtime["runtime"] == "torch"
+    assert ov_run.runtime["runtime"] == "openvino" and ov_run.extra["model_path"] == "openvino-fp32"
+    assert ov_run.precision == "fp32" and ov_run.runtime["requested"] == {"runtime": "auto", "precision": "auto"}
+    assert np.abs(ov_run.probs - torch_run.probs).max() <= 1e-4
+    few = run_inference(slide, grid.patch_l0_xy()[:5], r18_package, config=InferenceConfig(**cfg))
+    assert few.runtime["runtime"] == "torch"  # auto: a few patches are not worth compiling for
+
+
+def test_unconvertible_model_falls_back_to_torch_with_a_log_line(tmp_path, synthetic_slides, caplog):
+    from wsi_toolkit.inference import InferenceConfig, run_inference
+
+    path = save_model_package(tmp_path / "cummax", _Cummax(), pcam_config(architecture="cummax", input_size=96))
+    package = load_model_package(path)
+    slide = synthetic_slides().path
+    xy = _grid(slide, package).patch_l0_xy()[:40]
+    cfg = {"workers": 0, "progress": False, "device": "cpu", "batch_size": 8, "cache_dir": str(tmp_path / "cache")}
+    with caplog.at_level(logging.WARNING):
+        got = run_inference(slide, xy, package, config=InferenceConfig(runtime="openvino", **cfg))
+    assert "running the model with torch" in caplog.text and "cummax" in caplog.text
+    assert got.runtime["runtime"] == "torch" and "cummax" in got.runtime["fallback"]
+    want = run_inference(slide, xy, package, config=InferenceConfig(runtime="torch", **cfg))
+    np.testing.assert_array_equal(got.probs, want.probs)
+
+
+def test_wsi_infer_int8_records_the_runtime_and_redoes_on_a_runtime_change(model_dir, synthetic_slides, tmp_path):
+    from wsi_toolkit.cli.infer import main
+
+    slide = synthetic_slides().path
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    base = [str(slide), "--model", str(model_dir), "--out", str(out), "--no-progress", "--workers", "0",
+            "--stride-px", "96", "--cache-dir", str(cache)]
+    assert main([*base, "--precision", "int8"]) == 0
+    run = json.loads(next(out.glob("*/run.json")).read_text())
+    rt = run["runtime"]
+    assert rt["runtime"] == "openvino" and rt["precision"] == "int8" and "quantized to int8" in rt["changes"]
+    assert "tissue of 1 slide(s)" in rt["calibration"]["source"] and rt["int8_vs_fp32"]["n_patches"] > 0
+    assert run["output_key"]["runtime"] == "auto" and run["output_key"]["precision"] == "int8"
+    assert run["output_key"]["calibration"].endswith(f"{rt['calibration']['fingerprint']}.npy")
+    assert "seconds" not in json.dumps(rt)  # run.json's runtime is the same on every run; times go to timings
+    assert main([*base, "--precision", "int8"]) == 0  # same calibration (seeded): the slide is skipped
+    assert json.loads(next(out.glob("*/run.json")).read_text())["runtime"] == rt
+    assert main([*base, "--runtime", "torch"]) == 0  # another runtime: redone
+    assert json.loads(next(out.glob("*/run.json")).read_text())["runtime"]["runtime"] == "torch"
+
+
+def test_wsi_infer_check_precision(model_dir, synthetic_slides, tmp_path):
+    from wsi_toolkit.cli.infer import main
+
+    slide = synthetic_slides().path
+    out = tmp_path / "check"
+    rc = main([str(slide), "--model", str(model_dir), "--out", str(out), "--no-progress", "--workers", "0",
+               "--stride-px", "96", "--cache-dir", str(tmp_path / "cache"), "--runtime", "openvino",
+               "--precision", "bf16", "--check-precision"])
+    assert rc == 0
+    report = json.loads((out / "precision_check.json").read_text())["slides"][0]
+    assert report["run"] == {"runtime": "openvino", "precision": "bf16"}
+    assert report["reference"] == {"runtime": "torch", "precision": "fp32"}
+    p = report["patches"]
+    assert p["n_patches"] > 0 and 0 < p["max_abs_dp"] < 0.2 and p["label_flips"] <= 0.05 * p["n_patches"]
+    assert set(report["tumor_area_mm2"]) == {"reference", "run", "change"}
+    assert not list(out.glob("*/run.json"))  # a check writes no slide outputs

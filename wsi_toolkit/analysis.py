@@ -92,7 +92,8 @@ class SlideAnalysis:
     tumour class's column; ``heatmap`` those stitched on the grid (one pixel per grid cell);
     ``regions`` the heatmap's regions at ``settings.threshold``; ``thumbnail`` the RGB thumbnail
     tissue was found on (``tissue.l0_per_px`` level-0 px per thumbnail px). ``slide_info`` and
-    ``model_info`` are what ``run.json`` records of the slide and model.
+    ``model_info`` are what ``run.json`` records of the slide and model; ``runtime`` which runtime
+    ran the model at which precision (:attr:`wsi_toolkit.inference.InferenceResult.runtime`).
     """
 
     slide_path: Path
@@ -112,6 +113,7 @@ class SlideAnalysis:
     slide_score: float
     tumor_area_mm2: float
     timings: dict[str, float]
+    runtime: dict[str, Any] = field(default_factory=dict)
 
     @property
     def synthetic(self) -> bool:
@@ -187,7 +189,8 @@ def analyse_slide(slide: str | Path | SlideReader, package: ModelPackage | str |
         slide_score=float(p_tumor.max()) if len(p_tumor) else 0.0,
         tumor_area_mm2=float(sum(r.area_mm2 for r in regions)),
         timings={**result.timings(), "seconds_tissue": round(seconds_tissue, 4),
-                 "seconds_analysis": round(time.perf_counter() - t0, 4)})
+                 "seconds_analysis": round(time.perf_counter() - t0, 4)},
+        runtime=result.runtime)
 
 
 def write_outputs(analysis: SlideAnalysis, out_dir: str | Path) -> RunRecord:
@@ -231,6 +234,7 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | Path) -> RunRecord:
                  "seconds_slide": round(a.timings.get("seconds_analysis", 0.0) + seconds_export, 4)},
         versions=_versions(),
         outputs=list(OUTPUT_FILES),
+        runtime=a.runtime or None,
     )
     record.write(out_dir / "run.json")  # last: marks the slide finished
     return record
@@ -261,8 +265,9 @@ def output_key(slide_path: str | Path, package: ModelPackage, config: RunConfig)
     A finished slide is skipped only when this matches exactly: the slide file (name and size),
     the model's weights (sha256) and ``config.json`` (sha256 of its content), the resolved grid
     (patch size, spacing, stride, tissue fraction), merge, tissue settings, threshold, the mpp
-    override, reader backend, device, precision and graph optimisation. Batch size, reader
-    workers and progress bars do not change outputs and are not in it.
+    override, reader backend, device, runtime, precision (and an int8 run's calibration) and graph
+    optimisation. Batch size, reader workers, the conversion cache and progress bars do not change
+    outputs and are not in it.
     """
     slide_path = Path(slide_path)
     grid_cfg, merge = grid_settings(package, config)
@@ -278,7 +283,9 @@ def output_key(slide_path: str | Path, package: ModelPackage, config: RunConfig)
         "mpp_override": config.mpp_override,
         "backend": config.backend,
         "device": inf.device,
+        "runtime": inf.runtime,
         "precision": inf.precision,
+        "calibration": inf.calibration if inf.precision == "int8" else None,
         "optimize": inf.optimize,
     }
 

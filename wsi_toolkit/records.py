@@ -89,7 +89,9 @@ class RunRecord:
     """One finished slide. ``heatmap`` is :meth:`wsi_toolkit.heatmap.Heatmap.geometry`;
     ``settings``, ``output_key``, ``timings`` and ``versions`` are plain JSON objects (their keys
     are documented where they are made: :func:`wsi_toolkit.pipeline.output_key`,
-    :class:`wsi_toolkit.analysis.RunConfig`)."""
+    :class:`wsi_toolkit.analysis.RunConfig`). ``runtime`` (optional; absent from records written
+    before it) says which runtime ran the model at which precision, what that changes, and why torch
+    ran where OpenVINO was asked for (:func:`wsi_toolkit.runtime.select_runtime`)."""
 
     status: str
     synthetic: bool
@@ -105,6 +107,7 @@ class RunRecord:
     timings: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
+    runtime: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     # -- JSON ----------------------------------------------------------------------------------
@@ -161,7 +164,7 @@ class RunRecord:
         return cls.from_dict(doc, source=path)
 
 
-_OPTIONAL = frozenset({"timings", "versions", "outputs", "schema_version", "output_key"})
+_OPTIONAL = frozenset({"timings", "versions", "outputs", "runtime", "schema_version", "output_key"})
 
 
 def _typed(kind: type, value: Any, key: str, source: str | os.PathLike[str]) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import click
@@ -49,9 +50,23 @@ class _BatchSize(click.ParamType):
               help="Reader processes [default: 1 on CPU (the network is the bottleneck there), min(4, cpus - 1) "
                    "on a GPU].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+@click.option("--runtime", type=click.Choice(["auto", "torch", "openvino"]), default="auto", show_default=True,
+              help="auto: OpenVINO on a CPU where installed (wsi-toolkit[openvino]; its fp32 agrees with torch "
+                   "within 1e-4), torch on CUDA/MPS; a model OpenVINO cannot convert runs on torch (logged).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default="auto",
+              show_default=True,
               help="auto: mixed precision (bf16, else fp16) on CUDA; fp32 on CPU and MPS, so every CPU gives the "
-                   "same heatmap. bf16 on a CPU is opt-in (fast with AVX512-BF16/AMX; probabilities move ~1e-2).")
+                   "same heatmap. bf16 on a CPU is opt-in (fast with AVX512-BF16/AMX; probabilities move ~1e-2). "
+                   "int8 (OpenVINO): the model quantized with NNCF, calibrated on tissue of the slides "
+                   "(or --calibration).")
+@click.option("--calibration", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="int8: calibrate on this PCam folder (HDF5 or Kaggle layout) [default: a few hundred "
+                   "patches of tissue of the slides being run].")
+@click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Converted models [default: $WSI_TOOLKIT_CACHE, else ~/.cache/wsi-toolkit].")
+@click.option("--check-precision", is_flag=True,
+              help="Do not write outputs: run each slide as set and with torch fp32, and report max/mean |dp|, "
+                   "label flips at --threshold and the tumour-area change (OUT/precision_check.json).")
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True,
               help="Redo slides that already finished [default: redo only those whose slide, model or output "
@@ -59,7 +74,8 @@ class _BatchSize(click.ParamType):
 @click.option("--no-progress", is_flag=True)
 @click.option("-v", "--verbose", count=True)
 def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_tissue, batch_size, workers, device,
-             precision, backend, overwrite, no_progress, verbose) -> int:
+             runtime, precision, calibration, cache_dir, check_precision, backend, overwrite, no_progress,
+             verbose) -> int:
     """Tumour-probability heatmaps for SLIDES (files and folders mixed).
 
     Per slide, in OUT/<slide-stem>/ (the stem made a safe, unique folder name): heatmap.tif,
@@ -80,12 +96,19 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
                                   "(chmod +rx) or pass the slide files"))
     if not paths and not failures:
         raise click.UsageError(f"no slides found in {', '.join(map(str, slides))}")
+    inference = InferenceConfig(batch_size=batch_size, workers=workers, device=device, precision=precision,
+                                progress=not no_progress, runtime=runtime,
+                                cache_dir=None if cache_dir is None else str(cache_dir),
+                                calibration=None if calibration is None else str(calibration))
     config = RunConfig(
         mpp_override=mpp, stride_px=stride_px, merge=merge, threshold=threshold, min_tissue_fraction=min_tissue,
-        overwrite=overwrite, backend=backend,
-        inference=InferenceConfig(batch_size=batch_size, workers=workers, device=device, precision=precision,
-                                  progress=not no_progress),
+        overwrite=overwrite, backend=backend, inference=inference,
     )
+    if precision == "int8" and calibration is None and paths:
+        cal_path = _slides_calibration(paths, model_dir, config)
+        config = replace(config, inference=replace(inference, calibration=cal_path))
+    if check_precision:
+        return _check_precision(paths, model_dir, out_dir, config)
     results = run_batch(paths, model_dir, out_dir, config, failures=failures)
     for r in results:
         if r.status == "failed":
@@ -96,8 +119,56 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
             click.echo(f"{r.status:<8} {r.slide}: score {r.slide_score:.3f}, tumour {r.tumor_area_mm2:.3f} mm^2, "
                        f"{r.n_patches} patches -> {r.out_dir}")
     n_bad = sum(r.status == "failed" for r in results)
-    click.echo(f"summary: {Path(out_dir) / 'summary.csv'}" + (f"; {n_bad} of {len(results)} slides failed" if n_bad else ""),
-               err=bool(n_bad))
+    failed = f"; {n_bad} of {len(results)} slides failed" if n_bad else ""
+    click.echo(f"summary: {Path(out_dir) / 'summary.csv'}{failed}", err=bool(n_bad))
+    return 1 if n_bad else 0
+
+
+def _slides_calibration(paths: list[Path], model_dir: Path, config: RunConfig) -> str:
+    """INT8 calibration patches from tissue of the batch's slides (up to 8 of them), saved once in the
+    cache as ``calibration/<fingerprint>.npy``: every slide of the batch runs the same quantized model."""
+    from wsi_toolkit.model_package import load_model_package
+    from wsi_toolkit.runtime import calibration_from_slides, default_cache_dir, openvino_available, save_calibration
+
+    if not openvino_available():
+        raise click.UsageError("--precision int8 needs OpenVINO: pip install 'wsi-toolkit[openvino]'")
+    package = load_model_package(model_dir)
+    cal = calibration_from_slides(paths, package, mpp=config.mpp_override, backend=config.backend,
+                                  min_tissue_fraction=config.min_tissue_fraction, thumb_mpp=config.thumb_mpp)
+    root = Path(config.inference.cache_dir) if config.inference.cache_dir else default_cache_dir()
+    path = save_calibration(cal, root / "calibration")
+    click.echo(f"int8 calibration: {cal.source} -> {path}", err=True)
+    return str(path)
+
+
+def _check_precision(paths: list[Path], model_dir: Path, out_dir: Path, config: RunConfig) -> int:
+    from wsi_toolkit.atomic import write_json_atomic
+    from wsi_toolkit.errors import WsiToolkitError
+    from wsi_toolkit.model_package import load_model_package
+    from wsi_toolkit.runtime.check import check_precision
+
+    package = load_model_package(model_dir)
+    reports, n_bad = [], 0
+    for path in paths:
+        try:
+            r = check_precision(path, package, config)
+        except WsiToolkitError as exc:
+            click.echo(f"FAILED   {path}\n  {exc}", err=True)
+            reports.append({"slide": str(path), "error": str(exc)})
+            n_bad += 1
+            continue
+        reports.append(r)
+        p, area = r["patches"], r["tumor_area_mm2"]
+        run = r["run"]
+        click.echo(f"{path.name}: {run.get('runtime')} {run.get('precision')} vs torch fp32 on {p['n_patches']} "
+                   "patches: "
+                   f"max |dp| {p['max_abs_dp']:.2e}, mean |dp| {p['mean_abs_dp']:.2e}, {p['label_flips']} label "
+                   f"flip(s) at {p['threshold']:g} ({100 * p['label_flip_fraction']:.2f}%), tumour area "
+                   f"{area['reference']:.4f} -> {area['run']:.4f} mm^2 ({area['change']:+.4f})"
+                   + (f" [fell back: {run['fallback']}]" if run.get("fallback") else ""))
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    write_json_atomic(Path(out_dir) / "precision_check.json", {"settings": config.to_dict(), "slides": reports})
+    click.echo(f"report: {Path(out_dir) / 'precision_check.json'}")
     return 1 if n_bad else 0
 
 

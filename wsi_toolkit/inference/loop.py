@@ -1,7 +1,8 @@
 """The prediction loop: patches read in blocks (:mod:`.reading`), re-batched, predicted on the device.
 
 Batches go to the device as uint8 (4x less than float), pinned on CUDA; resizing and
-normalisation run on the device (:class:`wsi_toolkit.model_package.Preprocess`).
+normalisation run on the device (:class:`wsi_toolkit.model_package.Preprocess`). The model is the
+package's torch model or, on a CPU, OpenVINO's compilation of it (:mod:`wsi_toolkit.runtime`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -30,6 +31,7 @@ from wsi_toolkit.inference.device import (
 )
 from wsi_toolkit.inference.reading import PatchBlocks, plan_blocks, single_patch_blocks
 from wsi_toolkit.limits import check_int
+from wsi_toolkit.runtime import PRECISIONS, RUNTIMES, select_runtime
 from wsi_toolkit.tiling import PatchGrid
 
 if TYPE_CHECKING:
@@ -63,17 +65,28 @@ class InferenceConfig:
     patches cut from one region (27 kB each at 96 px) in cache: at stride 96 that is 16 x 16 cells
     (1536 px), at stride 32 22 x 22 (768 px, BENCHMARKS.md); ``block_cells`` sets the number of
     cells directly instead.
+    ``runtime``: ``"auto"`` runs the model with OpenVINO on a CPU where it is installed (its fp32
+    agrees with torch within 1e-4, checked when the model is converted) for runs of at least two
+    batches (fewer patches run on torch: compiling would take longer), torch elsewhere;
+    ``"torch"``, ``"openvino"`` force one (:func:`wsi_toolkit.runtime.select_runtime`).
+    ``precision="int8"`` (OpenVINO only) quantizes the model, calibrated on ``calibration`` (a PCam
+    folder or an ``.npy`` of patches, :func:`~wsi_toolkit.runtime.load_calibration`), by default on
+    tissue of the slide being analysed. ``cache_dir``: converted models (default
+    :func:`~wsi_toolkit.runtime.default_cache_dir`).
     """
 
     batch_size: int | Literal["auto"] = "auto"
     workers: int | None = None
     device: str = "auto"
-    precision: Precision = "auto"
+    precision: Precision | Literal["int8"] = "auto"
     progress: bool = True
     block_cells: int | None = None
     block_px: int = 1536
     block_patches: int = 512
     optimize: bool = True
+    runtime: str = "auto"
+    cache_dir: str | None = None
+    calibration: str | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size != "auto":
@@ -84,8 +97,14 @@ class InferenceConfig:
             check_int(self.block_cells, "block_cells")
         check_int(self.block_px, "block_px")
         check_int(self.block_patches, "block_patches")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ConfigError(f"precision must be auto, fp32, bf16 or fp16; got {self.precision!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if self.runtime not in RUNTIMES:
+            raise ConfigError(f"runtime must be {', '.join(RUNTIMES)}; got {self.runtime!r}")
+        if self.precision == "int8" and self.runtime == "torch":
+            raise ConfigError("precision int8 runs on OpenVINO: use runtime openvino (or auto)")
+        if self.calibration is not None and not Path(self.calibration).exists():
+            raise ConfigError(f"calibration {self.calibration} does not exist; give a PCam folder")
         resolve_device(self.device)  # validates
 
     def cells_per_block(self, *, patch_px: int, stride_px: int) -> int:
@@ -128,6 +147,7 @@ class InferenceResult:
     workers: int
     batch_size: int
     extra: dict = field(default_factory=dict)
+    runtime: dict = field(default_factory=dict)  # which runtime ran and what it changed (run.json "runtime")
 
     @property
     def patches_per_s(self) -> float:
@@ -197,8 +217,6 @@ def run_inference(
 
     t_start = time.perf_counter()
     device = resolve_device(config.device)
-    amp_dtype = autocast_dtype(device, config.precision)
-    precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
     cfg = package.config
     if isinstance(patches, PatchGrid):
         if (patches.config.patch_px, patches.config.spacing_um_px) != (cfg.patch_size_pixels, cfg.spacing_um_px):
@@ -211,8 +229,25 @@ def run_inference(
     else:
         blocks = single_patch_blocks(patches, cfg.patch_size_pixels)
         n = len(blocks)
-    model = prepare_model(package.model, device, amp_dtype=amp_dtype,
-                          optimize=config.optimize and n >= 2 * config.nominal_batch_size())
+    large = n >= 2 * config.nominal_batch_size()
+    runtime = "torch" if config.runtime == "auto" and not large and config.precision != "int8" else config.runtime
+
+    def calibration():
+        from wsi_toolkit.runtime import calibration_from_slides, load_calibration
+
+        if config.calibration is not None:
+            return load_calibration(config.calibration)
+        return calibration_from_slides([slide_path], package, mpp=mpp, backend=backend)
+
+    choice = select_runtime(package, runtime=runtime, precision=config.precision, device=device,
+                            cache_dir=config.cache_dir, calibration=calibration)
+    model: Any
+    if choice.model is not None:
+        model, amp_dtype, precision = choice.model, None, choice.precision
+    else:
+        amp_dtype = autocast_dtype(device, choice.precision)  # type: ignore[arg-type]
+        precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
+        model = prepare_model(package.model, device, amp_dtype=amp_dtype, optimize=config.optimize and large)
     preprocess = Preprocess(cfg).to(device)
     batch_size = config.nominal_batch_size()
     if config.batch_size == "auto" and device.type == "cuda" and n > batch_size:
@@ -279,5 +314,7 @@ def run_inference(
         probs=probs, device=str(device), precision=precision, n_patches=n,
         seconds_total=time.perf_counter() - t_start, seconds_read=read_s, seconds_wait=wait_s,
         seconds_model=model_s, workers=workers, batch_size=batch_size,
-        extra={"n_regions": len(blocks), "model_path": model.path},
+        extra={"n_regions": len(blocks), "model_path": model.path,
+               **{f"runtime_{k}": v for k, v in choice.stats.items()}},
+        runtime={**choice.info, "precision": precision},
     )

@@ -26,6 +26,8 @@ from wsi_toolkit.runtime.calibration import (
     calibration_from_dataset,
     calibration_from_pcam,
     calibration_from_slides,
+    load_calibration,
+    save_calibration,
 )
 from wsi_toolkit.runtime.openvino import (
     FP32_TOLERANCE,
@@ -43,8 +45,8 @@ from wsi_toolkit.runtime.select import PRECISIONS, RUNTIMES, RuntimeChoice, reso
 __all__ = ["CACHE_ENV", "CALIBRATION_PATCHES", "FP32_TOLERANCE", "OV_PRECISIONS", "PRECISIONS", "RUNTIMES", "CacheKey",
            "CalibrationSet", "ConversionError", "OpenVinoModel", "OvPrecision", "Runtime", "RuntimeChoice",
            "calibration_from_dataset", "calibration_from_pcam", "calibration_from_slides", "check_precision_supported",
-           "compare_probabilities", "default_cache_dir", "load_openvino_model", "openvino_available",
-           "openvino_versions", "resolve_runtime", "select_runtime"]
+           "compare_probabilities", "default_cache_dir", "load_calibration", "load_openvino_model",
+           "openvino_available", "openvino_versions", "resolve_runtime", "save_calibration", "select_runtime"]
 
 Runtime = Literal["auto", "torch", "openvino"]
 

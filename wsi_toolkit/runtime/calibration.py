@@ -10,6 +10,7 @@ uint8 RGB at the model's patch size and um/px, chosen with a seed, so a calibrat
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -20,14 +21,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.errors import ConfigError, WsiToolkitError
 from wsi_toolkit.limits import check_int
 
 if TYPE_CHECKING:
     from wsi_toolkit.model_package import ModelPackage
 
 __all__ = ["CALIBRATION_PATCHES", "CalibrationSet", "calibration_from_dataset", "calibration_from_pcam",
-           "calibration_from_slides"]
+           "calibration_from_slides", "load_calibration", "save_calibration"]
 
 log = logging.getLogger(__name__)
 
@@ -71,22 +72,27 @@ def _spread(n_items: int, k: int, rng: np.random.Generator) -> np.ndarray:
 def calibration_from_slides(slide_paths: Sequence[str | os.PathLike], package: ModelPackage, *,
                             n: int = CALIBRATION_PATCHES, seed: int = 0, mpp: float | None = None,
                             backend: str = "auto", min_tissue_fraction: float = 0.5,
-                            thumb_mpp: float = 8.0) -> CalibrationSet:
+                            thumb_mpp: float = 8.0, max_slides: int = 8) -> CalibrationSet:
     """About ``n`` patches from the tissue of ``slide_paths``, spread over each slide's grid.
 
-    Tissue is found as ``wsi-infer`` finds it (:func:`~wsi_toolkit.tissue.detect_tissue` on the
-    thumbnail); the grid has non-overlapping cells of the model's patch size, and one cell is
-    drawn (seeded) from each of ``n / len(slide_paths)`` equal runs of the tissue cells in row order.
-    Patches are read at the model's um/px (:meth:`~wsi_toolkit.slide.SlideReader.read_at_mpp`).
+    At most ``max_slides`` slides are used, spread over the list. Tissue is found as ``wsi-infer``
+    finds it (:func:`~wsi_toolkit.tissue.detect_tissue` on the thumbnail); the grid has
+    non-overlapping cells of the model's patch size, and one cell is drawn (seeded) from each of
+    ``n / slides`` equal runs of the tissue cells in row order. Patches are read at the model's
+    um/px (:meth:`~wsi_toolkit.slide.SlideReader.read_at_mpp`). A slide that cannot be read is
+    skipped with a warning.
     """
     from wsi_toolkit.slide import open_slide
     from wsi_toolkit.tiling import GridConfig, make_grid
     from wsi_toolkit.tissue import TissueConfig, detect_tissue
 
     check_int(n, "calibration patches")
+    check_int(max_slides, "max_slides")
     paths = [Path(p) for p in slide_paths]
     if not paths:
         raise ConfigError("calibration from slides needs at least one slide")
+    if len(paths) > max_slides:
+        paths = [paths[int(i)] for i in np.linspace(0, len(paths) - 1, max_slides).round()]
     cfg = package.config
     px, spacing = cfg.patch_size_pixels, cfg.spacing_um_px
     grid_cfg = GridConfig(patch_px=px, spacing_um_px=spacing, stride_px=px, min_tissue_fraction=min_tissue_fraction)
@@ -94,23 +100,28 @@ def calibration_from_slides(slide_paths: Sequence[str | os.PathLike], package: M
     per_slide = math.ceil(n / len(paths))
     chunks = []
     for path in paths:
-        with open_slide(path, mpp=mpp, backend=backend) as reader:  # type: ignore[arg-type]
-            tissue = detect_tissue(reader.thumbnail(mpp=thumb_mpp), l0_mpp=reader.mpp,
-                                   config=TissueConfig(thumb_mpp=thumb_mpp))
-            grid = make_grid(l0_size=reader.dimensions, l0_mpp=reader.mpp, config=grid_cfg,
-                             tissue_mask=tissue.mask, mask_l0_per_px=tissue.l0_per_px, require_patches=False)
-            if len(grid) == 0:
-                log.warning("calibration: no tissue cell on %s; skipped", path.name)
-                continue
-            pick = _spread(len(grid), per_slide, rng)
-            xy = grid.patch_l0_xy(grid.grid_rc[pick])
-            chunks.append(np.stack([reader.read_at_mpp((float(x), float(y)), (px, px), spacing) for x, y in xy]))
+        try:
+            with open_slide(path, mpp=mpp, backend=backend) as reader:  # type: ignore[arg-type]
+                tissue = detect_tissue(reader.thumbnail(mpp=thumb_mpp), l0_mpp=reader.mpp,
+                                       config=TissueConfig(thumb_mpp=thumb_mpp))
+                grid = make_grid(l0_size=reader.dimensions, l0_mpp=reader.mpp, config=grid_cfg,
+                                 tissue_mask=tissue.mask, mask_l0_per_px=tissue.l0_per_px, require_patches=False)
+                if len(grid) == 0:
+                    log.warning("calibration: no tissue cell on %s; skipped", path.name)
+                    continue
+                pick = _spread(len(grid), per_slide, rng)
+                xy = grid.patch_l0_xy(grid.grid_rc[pick])
+                chunks.append(np.stack([reader.read_at_mpp((float(x), float(y)), (px, px), spacing)
+                                        for x, y in xy]))
+        except WsiToolkitError as exc:
+            log.warning("calibration: %s skipped (%s)", path.name, exc)
     if not chunks:
         raise ConfigError(f"calibration: no tissue found on {len(paths)} slide(s); give a PCam folder with "
                           "--calibration DIR")
     patches = np.concatenate(chunks)[:n]
     names = ", ".join(p.name for p in paths[:3]) + (f" (+{len(paths) - 3} more)" if len(paths) > 3 else "")
-    return CalibrationSet(patches, source=f"tissue of {len(paths)} slide(s): {names}", seed=seed)
+    return CalibrationSet(patches, source=f"{len(patches)} patches of tissue of {len(paths)} slide(s): {names}",
+                          seed=seed)
 
 
 def calibration_from_dataset(ds, *, n: int = CALIBRATION_PATCHES, seed: int = 0, source: str = "") -> CalibrationSet:
@@ -141,3 +152,38 @@ def calibration_from_pcam(root: str | os.PathLike, *, n: int = CALIBRATION_PATCH
         close = getattr(ds, "close", None)
         if close is not None:
             close()
+
+
+def save_calibration(calibration: CalibrationSet, folder: str | os.PathLike) -> Path:
+    """Write ``calibration``'s patches as ``<folder>/<fingerprint>.npy``, its description beside it
+    (``.json``), atomically; an existing file of that name holds the same patches and is kept.
+    Returns the ``.npy`` path, for :func:`load_calibration`."""
+    from wsi_toolkit.atomic import atomic_path, write_json_atomic
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{calibration.fingerprint}.npy"
+    if not path.is_file():
+        write_json_atomic(path.with_suffix(".json"), calibration.describe())
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, calibration.patches, allow_pickle=False)
+    return path
+
+
+def load_calibration(path: str | os.PathLike, *, n: int = CALIBRATION_PATCHES, seed: int = 0) -> CalibrationSet:
+    """Calibration patches from ``path``: a PCam folder (:func:`calibration_from_pcam`) or an ``.npy``
+    of (N, S, S, 3) uint8 patches written by :func:`save_calibration`."""
+    path = Path(path)
+    if path.is_dir():
+        return calibration_from_pcam(path, n=n, seed=seed)
+    try:
+        patches = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"calibration {path}: neither a PCam folder nor an .npy of uint8 patches ({exc})") from None
+    source, saved_seed = f"{len(patches)} patches of {path.name}", seed
+    try:  # the description save_calibration wrote beside it
+        meta = json.loads(path.with_suffix(".json").read_text(encoding="utf-8"))
+        source, saved_seed = str(meta["source"]), int(meta["seed"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return CalibrationSet(patches, source=source, seed=saved_seed)

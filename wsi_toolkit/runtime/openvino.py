@@ -148,11 +148,17 @@ def _convert(package: ModelPackage, src: Any, source: str):
     import openvino as ov
 
     s = package.config.input_size
-    with _quiet():
-        if source == "torch.export":
-            model = ov.convert_model(src)
-        else:
-            model = ov.convert_model(src, example_input=torch.zeros(2, 3, s, s))
+    root = logging.getLogger()
+    state = (root.level, list(root.filters), list(root.handlers))
+    try:
+        with _quiet():
+            if source == "torch.export":
+                model = ov.convert_model(src)
+            else:
+                model = ov.convert_model(src, example_input=torch.zeros(2, 3, s, s))
+    finally:  # convert_model sets the root logger to ERROR and leaves it so when it fails: our fallback
+        root.setLevel(state[0])  # warning would be lost
+        root.filters, root.handlers = state[1], state[2]
     model.reshape({model.inputs[0]: ov.PartialShape([-1, 3, s, s])})  # any batch size
     return model
 
@@ -198,7 +204,9 @@ def _import_nncf():
             import nncf
     except ImportError:
         raise ConfigError("precision int8 needs NNCF: pip install 'wsi-toolkit[openvino]'") from None
-    nncf.set_log_level(logging.ERROR)
+    # NNCF logs INFO lines to stdout; not nncf.set_log_level, which also sets the level of every
+    # handler it finds on its logger (pytest's capture handlers included).
+    logging.getLogger("nncf").setLevel(logging.ERROR)
     return nncf
 
 
@@ -227,15 +235,19 @@ def _build_int8(package: ModelPackage, fp32_xml: Path, calibration: CalibrationS
 class OpenVinoModel:
     """A compiled OpenVINO model with the interface of the inference loop's models: a context
     manager, called with a preprocessed ``(N, 3, S, S)`` float32 tensor, returning logits. ``path``
-    names it (``"openvino-int8"``); ``info`` is what ``run.json`` records about it."""
+    names it (``"openvino-int8"``); ``info`` is what ``run.json`` records about it (the same on
+    every run of the same model and settings); ``stats`` how this load went (cache ``"hit"`` or
+    ``"built"``, the entry's folder, seconds), which goes with the timings."""
 
-    def __init__(self, compiled: Any, package: ModelPackage, precision: OvPrecision, info: Mapping[str, Any]):
+    def __init__(self, compiled: Any, package: ModelPackage, precision: OvPrecision, info: Mapping[str, Any],
+                 stats: Mapping[str, Any] | None = None):
         self._compiled = compiled
         self._request = compiled.create_infer_request()
         self.package = package
         self.precision = precision
         self.path = f"openvino-{precision}"
         self.info = dict(info)
+        self.stats = dict(stats or {})
 
     def __enter__(self) -> OpenVinoModel:
         return self
@@ -319,14 +331,15 @@ def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache
     except Exception as exc:  # noqa: BLE001 - OpenVINO/NNCF raise many types; all mean "use torch"
         raise ConversionError(f"OpenVINO could not prepare the model of {package.path} at {prec}: "
                               f"{type(exc).__name__}: {one_line(exc)}") from exc
+    stats = {k: info.pop(k) for k in ("seconds_convert", "seconds_quantize") if k in info}
+    stats.update({"cache": "built" if built else "hit", "cache_entry": str(folder),
+                  "seconds_load": round(time.perf_counter() - t0, 3)})
     info.update({
         "runtime": "openvino", "precision": prec, "inference_precision_hint": _HINT[prec], "threads": threads,
         "changes": _CHANGES[prec], "openvino": versions["openvino"],
         "nncf": versions["nncf"] if prec == "int8" else None,
-        "cache": "built" if built else "hit", "cache_entry": str(folder),
-        "seconds_load": round(time.perf_counter() - t0, 3),
     })
     if prec == "bf16" and force_bf16:
         info["forced"] = True
-    log.info("OpenVINO %s model ready (%s, cache %s, %.1f s)", prec, source, info["cache"], info["seconds_load"])
-    return OpenVinoModel(compiled, package, prec, info)
+    log.info("OpenVINO %s model ready (%s, cache %s, %.1f s)", prec, source, stats["cache"], stats["seconds_load"])
+    return OpenVinoModel(compiled, package, prec, info, stats)

@@ -52,11 +52,13 @@ def resolve_runtime(runtime: str, device: torch.device) -> str:
 class RuntimeChoice:
     """``model``: the OpenVINO model to call, or None to run the package's torch model.
     ``precision``: what torch should run at when ``model`` is None (its ``precision`` setting).
-    ``info``: what the run records about the runtime."""
+    ``info``: what the run records about the runtime (``run.json`` ``runtime``); ``stats``: how the
+    model was loaded (cache hit or built, seconds), for the timings."""
 
     model: OpenVinoModel | None
     precision: str
     info: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
 
 
 def select_runtime(package: ModelPackage, *, runtime: str = "auto", precision: str = "auto",
@@ -66,10 +68,11 @@ def select_runtime(package: ModelPackage, *, runtime: str = "auto", precision: s
     """The model a run calls, from its ``runtime`` and ``precision`` settings.
 
     On a CPU, ``auto`` is OpenVINO where installed (fp32 there agrees with torch within 1e-4: each
-    conversion is checked before it is used). ``int8`` needs OpenVINO and ``calibration`` (a set, or
-    a function making one, called only then). Settings that cannot work raise :class:`ConfigError`;
-    a model OpenVINO cannot convert runs on torch (fp32 where int8 was asked for), with a warning in
-    the log and the reason in ``info["fallback"]``.
+    conversion is checked before it is used), except fp16, and bf16 on a CPU without native bf16.
+    ``int8`` needs OpenVINO and ``calibration`` (a set, or a function making one, called only then).
+    Settings that cannot work raise :class:`ConfigError`; a model OpenVINO cannot convert runs on
+    torch (fp32 where int8 was asked for), with a warning in the log and the reason in
+    ``info["fallback"]``.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
@@ -79,6 +82,11 @@ def select_runtime(package: ModelPackage, *, runtime: str = "auto", precision: s
         if runtime == "openvino":
             raise ConfigError("precision fp16 is not an OpenVINO CPU precision here; use fp32, bf16 or int8")
         which = "torch"
+    if which == "openvino" and runtime == "auto" and precision == "bf16" and not force_bf16:
+        from wsi_toolkit.inference.device import cpu_has_fast_bf16
+
+        if not cpu_has_fast_bf16():  # emulated either way: torch, as before OpenVINO was a runtime
+            which = "torch"
     if precision == "int8" and which != "openvino":
         why = "OpenVINO is not installed (pip install 'wsi-toolkit[openvino]')" if device.type == "cpu" \
             else f"the device is {device}"
@@ -97,4 +105,4 @@ def select_runtime(package: ModelPackage, *, runtime: str = "auto", precision: s
         log.warning("OpenVINO: %s; running the model with torch at %s instead", exc,
                     "fp32" if torch_precision == "auto" else torch_precision)
         return RuntimeChoice(None, torch_precision, {"runtime": "torch", "requested": requested, "fallback": str(exc)})
-    return RuntimeChoice(model, ov_precision, {**model.info, "requested": requested})
+    return RuntimeChoice(model, ov_precision, {**model.info, "requested": requested}, dict(model.stats))
