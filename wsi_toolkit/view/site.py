@@ -105,18 +105,14 @@ def export_site(catalogue: Catalogue, site: str | os.PathLike[str], *, workers: 
 
 def _write_tiles(views: list[SlideView], root: Path, report: ExportReport, *, workers: int | None,
                  progress: Callable[[int, int], None] | None) -> None:
-    jobs: list[tuple[SlideView, int, int, int, Path]] = []
-    for view in views:
-        geo = view.geometry
-        assert geo is not None
-        base = root / "data" / view.entry.id / "slide_files"
-        for z, (cols, rows) in enumerate(geo.level_tiles):
-            (base / str(z)).mkdir(parents=True, exist_ok=True)
-            jobs.extend((view, z, c, r, base / str(z) / f"{c}_{r}.jpeg") for r in range(rows) for c in range(cols))
-    total = len(jobs)
+    """Every tile of every view, level by level, each level in rows (the slide's decoded-tile cache
+    is sized for that sweep first)."""
+    total = sum(v.geometry.tile_count for v in views if v.geometry is not None)
+    done = 0
 
-    def one(job) -> tuple[int, str | None]:
+    def one(job: tuple[SlideView, int, int, int, Path]) -> tuple[int, str | None]:
         view, z, c, r, path = job
+        assert view.geometry is not None
         error = None
         if view.tiles is None:
             data, error = error_tile(view.geometry.tile_box(z, c, r)[2:], "slide unreadable"), view.error
@@ -129,15 +125,26 @@ def _write_tiles(views: list[SlideView], root: Path, report: ExportReport, *, wo
         return len(data), error
 
     with ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 2, thread_name_prefix="wsi-view-export") as pool:
-        for done, (nbytes, error) in enumerate(pool.map(one, jobs), start=1):
-            report.tiles += 1
-            report.bytes += nbytes
-            if error is not None:
-                report.error_tiles += 1
-                if len(report.errors) < 20:
-                    report.errors.append(error)
-            if progress is not None and (done % 500 == 0 or done == total):
-                progress(done, total)
+        for view in views:
+            geo = view.geometry
+            assert geo is not None
+            base = root / "data" / view.entry.id / "slide_files"
+            for z, (cols, rows) in enumerate(geo.level_tiles):
+                folder = base / str(z)
+                folder.mkdir(parents=True, exist_ok=True)
+                if view.tiles is not None:
+                    view.tiles.prepare_sweep(z)
+                jobs = [(view, z, c, r, folder / f"{c}_{r}.jpeg") for r in range(rows) for c in range(cols)]
+                for nbytes, error in pool.map(one, jobs):
+                    done += 1
+                    report.tiles += 1
+                    report.bytes += nbytes
+                    if error is not None:
+                        report.error_tiles += 1
+                        if len(report.errors) < 20:
+                            report.errors.append(error)
+                    if progress is not None and (done % 500 == 0 or done == total):
+                        progress(done, total)
 
 
 def _swap_in(tmp: Path, site: Path) -> None:

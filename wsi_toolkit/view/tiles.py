@@ -49,6 +49,8 @@ TILE_SIZE = 254
 TILE_OVERLAP = 1
 #: JPEG quality of slide tiles (openslide's deepzoom example uses 75).
 JPEG_QUALITY = 80
+#: Most memory for decoded slide tiles while an export sweeps a level row by row.
+SWEEP_CACHE_BYTES = 512 * 2**20
 
 
 class TileAddressError(WsiToolkitError, LookupError):
@@ -141,6 +143,10 @@ class TileSource(Protocol):
         """The encoded tile; :class:`TileAddressError` or :class:`TileRenderError` when it cannot be."""
         ...
 
+    def prepare_sweep(self, level: int) -> None:
+        """Size the slide's decoded-tile cache for rendering ``level`` row by row (the export)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -190,6 +196,15 @@ class OpenSlideTiles:
         if img.size != size:  # get_tile shrinks with thumbnail(), which keeps the read box's aspect: 1 px short
             img = img.resize(size, Image.Resampling.LANCZOS)
         return encode_jpeg(img, self._quality)
+
+    def prepare_sweep(self, level: int, *, nbytes: int = SWEEP_CACHE_BYTES) -> None:
+        """A private OpenSlide tile cache large enough for rows of tiles (OpenSlide >= 4.0)."""
+        import openslide
+
+        cache_cls = getattr(openslide, "OpenSlideCache", None)
+        with self._lock:
+            if cache_cls is not None and hasattr(self._osr, "set_cache"):
+                self._osr.set_cache(cache_cls(int(nbytes)))
 
     def _reopen(self, generation: int) -> None:
         """OpenSlide refuses every read after a failed one: open a fresh handle (once per failure)."""
@@ -242,6 +257,12 @@ class ReaderTiles:
         size = (max(1, int(min(math.ceil(zw * l_per_z), lvl_w - math.ceil(lx)))),
                 max(1, int(min(math.ceil(zh * l_per_z), lvl_h - math.ceil(ly)))))
         return l0_xy, slide_level, size, (zw, zh)
+
+    def prepare_sweep(self, level: int) -> None:
+        """Keep three rows of the slide level's stored tiles decoded (at most 512 MiB): a row of Deep Zoom
+        tiles then decodes each stored tile it shares with the row above once, not again."""
+        slide_level = self._slide_level[level]
+        self.reader.reserve_tile_cache(self.reader.level_mpp(slide_level), rows=3, max_bytes=SWEEP_CACHE_BYTES)
 
     def render(self, level: int, col: int, row: int) -> bytes:
         l0_xy, slide_level, size, tile_wh = self.region(level, col, row)
