@@ -11,17 +11,21 @@ What it measures (one JSON line each):
   rounds: the package's threads, WSInfer's plain ``worker_init_fn`` DataLoader, and the slot ring
   of DataLoader workers with shared-memory slots this project used before; median and spread of
   patches/s with the load average. ``infer-readers``: one ``wsi-infer`` run per design.
-- ``wsi_infer``: the ``wsi-infer`` command as a new process at stride 96 and stride 32:
-  seconds, patches/s, reading vs model split (from run.json), peak RSS and PSS of the process tree.
+- ``wsi_infer``: the ``wsi-infer`` command as a new process at stride 96 and stride 32, once per
+  ``--runtime`` and ``--precision`` (``runtime_prepare`` first fills the OpenVINO cache, so the
+  timed runs start warm): seconds, patches/s, reading vs model split and the runtime that ran (from
+  run.json), peak RSS and PSS of the process tree.
+- ``precision``: bf16 (and with OpenVINO int8) against fp32 on the same patches, per runtime.
 - with ``--wsinfer BIN``: WSInfer 0.6.x on the same slide and package (its default settings unless
-  ``--wsinfer-args``), and the ratio.
+  ``--wsinfer-args``) at ``--wsinfer-strides``, and the ratio.
 
 The package is a ResNet50 with RANDOM weights (timing only; its probabilities mean nothing),
 96 px input at 0.972 um/px, its config carrying WSInfer's ``Resize`` step. Run from the
 repository root:
 
     python scripts/bench_infer.py [--data bench_data] [--tissue-mm2 40] [--strides 96 32]
-        [--precision auto fp32] [--device cpu|cuda] [--workers N] [--batch-size N]
+        [--precision auto fp32 bf16 int8] [--runtime auto torch openvino] [--device cpu|cuda] [--workers N]
+        [--batch-size N] [--cache-dir DIR] [--wsinfer-strides 96 32]
         [--only floor read infer wsinfer precision readers infer-readers] [--wsinfer PATH/TO/wsinfer]
         [--slide EXISTING.tif] [--reader-designs threads dataloader slots] [--reader-rounds 5]
 """
@@ -349,7 +353,8 @@ def compare_readers(slide_path: Path, strides: list[int], workers: list[int], de
     return out
 
 
-def precision_diff(slide_path: Path, n: int, device: str, batch_size: int, workers: int) -> dict:
+def precision_diff(slide_path: Path, n: int, device: str, batch_size: int, workers: int, runtime: str = "torch",
+                   cache_dir: Path | None = None) -> dict:
     """bf16 autocast vs fp32 on ``n`` patches of the slide: probability differences and speed.
 
     A random ResNet50's probabilities sit at 0 or 1, where no difference shows; the final layer
@@ -379,23 +384,33 @@ def precision_diff(slide_path: Path, n: int, device: str, batch_size: int, worke
         net.fc.weight.mul_(scale)
         net.fc.bias.mul_(scale)
         net.fc.bias[1] -= float(gap.mean()) * scale  # centre the logit gap on 0
+    precisions = ["fp32", "bf16"] + (["int8"] if runtime == "openvino" else [])
+    if runtime == "openvino" and not cpu_has_fast_bf16():
+        precisions.remove("bf16")  # refused there: OpenVINO's bf16 needs native bf16
     with tempfile.TemporaryDirectory() as tmp:
         save_model_package(Path(tmp) / "m", net, cfg, overwrite=True)
         pkg = load_model_package(Path(tmp) / "m")
         got = {}
-        for precision in ("fp32", "bf16"):
+        for precision in precisions:
             got[precision] = run_inference(slide_path, xy, pkg, config=InferenceConfig(
-                workers=workers, progress=False, device=device, precision=precision, batch_size=batch_size))
-    p32, p16 = got["fp32"].probs[:, 1], got["bf16"].probs[:, 1]
-    d = np.abs(p32 - p16)
-    return {"bench": "precision", "patches": len(xy), "device": device, "cpu_native_bf16": cpu_has_fast_bf16(),
-            "prob_fp32_range": [round(float(p32.min()), 4), round(float(p32.max()), 4)],
-            "max_abs_prob_diff": round(float(d.max()), 5), "mean_abs_prob_diff": round(float(d.mean()), 5),
-            "label_flips_at_0.5": int(((p32 >= 0.5) != (p16 >= 0.5)).sum()),
-            "fp32_model_patches_per_s": round(len(xy) / got["fp32"].seconds_model, 1),
-            "bf16_model_patches_per_s": round(len(xy) / got["bf16"].seconds_model, 1),
-            "fp32_model_path": got["fp32"].extra.get("model_path"),
-            "bf16_model_path": got["bf16"].extra.get("model_path")}
+                workers=workers, progress=False, device=device, precision=precision, batch_size=batch_size,
+                runtime=runtime, cache_dir=None if cache_dir is None else str(cache_dir)))
+    p32 = got["fp32"].probs[:, 1]
+    rec = {"bench": "precision", "runtime": runtime, "patches": len(xy), "device": device,
+           "cpu_native_bf16": cpu_has_fast_bf16(), "prob_fp32_range": [round(float(p32.min()), 4),
+                                                                      round(float(p32.max()), 4)],
+           "fp32_model_patches_per_s": round(len(xy) / got["fp32"].seconds_model, 1),
+           "fp32_model_path": got["fp32"].extra.get("model_path")}
+    for precision in precisions[1:]:
+        p = got[precision].probs[:, 1]
+        d = np.abs(p32 - p)
+        pre = "" if precision == "bf16" else f"{precision}_"  # bf16 keys as before
+        rec.update({f"{pre}max_abs_prob_diff": round(float(d.max()), 5),
+                    f"{pre}mean_abs_prob_diff": round(float(d.mean()), 5),
+                    f"{pre}label_flips_at_0.5": int(((p32 >= 0.5) != (p >= 0.5)).sum()),
+                    f"{precision}_model_patches_per_s": round(len(xy) / got[precision].seconds_model, 1),
+                    f"{precision}_model_path": got[precision].extra.get("model_path")})
+    return rec
 
 
 def main() -> int:
@@ -405,7 +420,12 @@ def main() -> int:
                     help="an existing slide (e.g. the demo's wsi-synth slide) instead of making one in --data")
     ap.add_argument("--tissue-mm2", type=float, default=40.0)
     ap.add_argument("--strides", type=int, nargs="+", default=[96, 32])
-    ap.add_argument("--precision", nargs="+", default=["auto"])
+    ap.add_argument("--precision", nargs="+", default=["auto"],
+                    help="wsi-infer --precision values (auto fp32 bf16 fp16 int8), each with each --runtime")
+    ap.add_argument("--runtime", nargs="+", default=["auto"], choices=["auto", "torch", "openvino"],
+                    help="wsi-infer --runtime values (int8 runs with openvino only)")
+    ap.add_argument("--cache-dir", type=Path, default=None,
+                    help="OpenVINO's converted models [default: DATA/ov_cache]; filled before the timed runs")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--batch-size", default="auto", type=lambda v: v if v == "auto" else int(v),
@@ -428,6 +448,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=1,
                     help="repetitions of the stride-96 wsi-infer / WSInfer pair (alternating; medians reported)")
     ap.add_argument("--wsinfer", default=None, help="path to a WSInfer 0.6.x `wsinfer` executable")
+    ap.add_argument("--wsinfer-strides", type=int, nargs="+", default=[96],
+                    help="strides WSInfer runs at (its --patch-overlap-ratio = 1 - stride / patch px)")
     ap.add_argument("--wsinfer-args", nargs="*", default=[],
                     help="extra `wsinfer run` options (default: none, i.e. WSInfer's defaults: batch 32, "
                          "min(cpus, 8) workers)")
@@ -461,7 +483,7 @@ def main() -> int:
     pkg = pkgs[args.input_size[0]]
     machine = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
                "python": platform.python_version(), "torch": torch.__version__,
-               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **_cpu_flags()}
     print(json.dumps({"bench": "setup", "slide": str(slide), "packages": [str(p) for p in pkgs.values()],
                       **machine}), flush=True)
     parts = set(args.only or ["floor", "read", "infer", "wsinfer", "precision"])
@@ -484,54 +506,117 @@ def main() -> int:
             for stride in args.strides:
                 print(json.dumps(read_only(slide, stride, w, passes=args.read_passes)), flush=True)
     exe = shutil.which("wsi-infer", path=str(Path(sys.executable).parent)) or "wsi-infer"
-    runs = [(size, precision, stride) for size in args.input_size for precision in args.precision
-            for stride in args.strides] if "infer" in parts else []
-    walls: dict = {}  # (precision, stride) -> wall seconds of each repetition, first input size
-    wsinfer_walls: list[float] = []
+    cache_dir = args.cache_dir or args.data / "ov_cache"
+    runs = [(size, runtime, precision, stride) for size in args.input_size for runtime in args.runtime
+            for precision in args.precision for stride in args.strides
+            if precision != "int8" or runtime != "torch"] if "infer" in parts else []
+    walls: dict = {}  # (runtime, precision, stride) -> wall seconds of each repetition, first input size
+    wsinfer_walls: dict[int, list[float]] = {}  # stride -> WSInfer wall seconds
     if "precision" in parts and args.precision_diff:
-        print(json.dumps(precision_diff(slide, args.precision_diff, args.device, args.batch_size, workers)),
-              flush=True)
+        with_ov = _ov() and any(r != "torch" for r in args.runtime)
+        for runtime in ["torch", *(["openvino"] if with_ov else [])]:
+            print(json.dumps(precision_diff(slide, args.precision_diff, args.device, args.batch_size, workers,
+                                            runtime=runtime, cache_dir=cache_dir)), flush=True)
+    for size, runtime, precision in sorted({(r[0], r[1], r[2]) for r in runs}):
+        rec = prepare_runtime(slide, pkgs[size], runtime, precision, args.device, cache_dir)
+        if rec is not None:
+            print(json.dumps(rec), flush=True)
     # Repetitions alternate wsi-infer and WSInfer, so both see the same machine conditions.
     for rep in range(args.repeat):
-        for size, precision, stride in runs:
+        for size, runtime, precision, stride in runs:
             if rep and stride != 96:
                 continue  # repetitions only for the comparison at stride 96
-            rec = run_wsi_infer(exe, slide, pkgs[size], args.data, size, precision, stride, args, workers)
+            rec = run_wsi_infer(exe, slide, pkgs[size], args.data, size, precision, stride, args, workers,
+                                runtime=runtime, cache_dir=cache_dir)
             rec["repetition"] = rep
             if size == args.input_size[0] and rec["returncode"] == 0:
-                walls.setdefault((precision, stride), []).append(rec["seconds_wall"])
+                walls.setdefault((runtime, precision, stride), []).append(rec["seconds_wall"])
             print(json.dumps(rec), flush=True)
         if args.wsinfer and "wsinfer" in parts:
-            rec = run_wsinfer(args.wsinfer, args.wsinfer_args, slide, pkg, args.data)
-            rec["repetition"] = rep
-            if rec["returncode"] == 0:
-                wsinfer_walls.append(rec["seconds_wall"])
-            print(json.dumps(rec), flush=True)
-    if wsinfer_walls:
-        for (precision, stride), w in walls.items():
-            if stride == 96:
-                print(json.dumps({"bench": "ratio_vs_wsinfer", "precision": precision, "stride_px": 96,
-                                  "wsi_infer_seconds": w, "wsinfer_seconds": wsinfer_walls,
-                                  "speedup_median": round(statistics.median(wsinfer_walls) / statistics.median(w), 2),
-                                  "speedup_range": [round(min(wsinfer_walls) / max(w), 2),
-                                                    round(max(wsinfer_walls) / min(w), 2)]}), flush=True)
+            for stride in args.wsinfer_strides:
+                if rep and stride != 96:
+                    continue
+                overlap = 1 - stride / 96
+                extra = [*args.wsinfer_args, *(["--patch-overlap-ratio", f"{overlap:.6f}"] if overlap else [])]
+                rec = run_wsinfer(args.wsinfer, extra, slide, pkg, args.data)
+                rec.update({"repetition": rep, "stride_px": stride})
+                if rec["returncode"] == 0:
+                    wsinfer_walls.setdefault(stride, []).append(rec["seconds_wall"])
+                print(json.dumps(rec), flush=True)
+    for (runtime, precision, stride), w in walls.items():
+        ws = wsinfer_walls.get(stride)
+        if ws:
+            print(json.dumps({"bench": "ratio_vs_wsinfer", "runtime": runtime, "precision": precision,
+                              "stride_px": stride, "wsi_infer_seconds": w, "wsinfer_seconds": ws,
+                              "speedup_median": round(statistics.median(ws) / statistics.median(w), 2),
+                              "speedup_range": [round(min(ws) / max(w), 2), round(max(ws) / min(w), 2)]}),
+                  flush=True)
     return 0
 
 
+def _ov() -> bool:
+    from wsi_toolkit.runtime import openvino_available
+
+    return openvino_available()
+
+
+def _cpu_flags() -> dict:
+    """The CPU's model name and the flags that decide bf16 / INT8 speed."""
+    model, flags = "", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in flags]}
+
+
+def prepare_runtime(slide: Path, pkg_dir: Path, runtime: str, precision: str, device: str,
+                    cache_dir: Path) -> dict | None:
+    """Convert (and for int8 calibrate and quantize, from the slide as wsi-infer does) into the cache
+    before the timed runs, so they measure a warm start; None when torch runs."""
+    import torch
+
+    from wsi_toolkit.inference import resolve_device
+    from wsi_toolkit.model_package import load_model_package
+    from wsi_toolkit.runtime import calibration_from_slides, select_runtime
+
+    dev = resolve_device(device)
+    if runtime == "torch" or dev.type != "cpu" or not _ov():
+        return None
+    pkg = load_model_package(pkg_dir)
+    t0 = time.perf_counter()
+    choice = select_runtime(pkg, runtime=runtime, precision=precision, device=dev, cache_dir=cache_dir,
+                            calibration=lambda: calibration_from_slides([slide], pkg))
+    return {"bench": "runtime_prepare", "runtime": runtime, "precision": precision,
+            "runtime_ran": choice.info.get("runtime"), "seconds": round(time.perf_counter() - t0, 2),
+            "torch_threads": torch.get_num_threads(), **{f"ov_{k}": v for k, v in choice.stats.items()}}
+
+
 def run_wsi_infer(exe: str | None, slide: Path, pkg: Path, data: Path, size: int, precision: str, stride: int, args,
-                  workers: int, design: str | None = None) -> dict:
+                  workers: int, design: str | None = None, runtime: str | None = None,
+                  cache_dir: Path | None = None) -> dict:
     """``wsi-infer`` as a new process; its run.json timings, wall time and memory. With ``design``,
     wsi-infer with that reader design in place of the package's (this script's ``--as-wsi-infer``)."""
-    out = data / f"out_s{stride}_{precision}_{size}{'_' + design if design else ''}"
+    out = data / f"out_s{stride}_{precision}_{size}{'_' + design if design else ''}{'_' + runtime if runtime else ''}"
     launch = [sys.executable, __file__, "--as-wsi-infer", design] if design else [exe]
     cmd = [*launch, str(slide), "--model", str(pkg), "--out", str(out), "--stride-px", str(stride),
            "--precision", precision, "--device", args.device, "--batch-size", str(args.batch_size),
-           "--overwrite", "--no-progress", *(["--workers", str(args.workers)] if args.workers is not None else [])]
+           "--overwrite", "--no-progress", *(["--workers", str(args.workers)] if args.workers is not None else []),
+           *(["--runtime", runtime] if runtime else []), *(["--cache-dir", str(cache_dir)] if cache_dir else [])]
     m = run_measured(cmd, gpu=args.device.startswith("cuda"))
     run_json = out / slide.stem / "run.json"
-    timings = json.loads(run_json.read_text())["timings"] if run_json.exists() and not m["returncode"] else {}
+    record = json.loads(run_json.read_text()) if run_json.exists() and not m["returncode"] else {}
+    timings, ran = record.get("timings", {}), record.get("runtime") or {}
     rec = {"bench": "wsi_infer", **({"design": design, "loadavg": _loadavg()} if design else {}), "input_px": size,
-           "stride_px": stride, "precision": precision,
+           "stride_px": stride, "precision": precision, "runtime": runtime or "auto", "loadavg": _loadavg(),
+           "runtime_ran": ran.get("runtime"), "precision_ran": ran.get("precision"),
+           **({"fallback": ran["fallback"]} if ran.get("fallback") else {}),
            "device": args.device, "batch_size": args.batch_size,
            "returncode": m["returncode"], "seconds_wall": round(m["seconds"], 2),
            "peak_rss_mb": m["peak_rss_mb"], "peak_pss_mb": m["peak_pss_mb"], **{k: timings.get(k) for k in (
