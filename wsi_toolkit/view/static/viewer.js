@@ -330,7 +330,12 @@
     drawLegend();
     buildRegionList();
     buildOutlines();
-    if (!info.slide.width) { state.viewer.close(); state.loading = false; return; }
+    if (!info.slide.width) {
+      state.viewer.close();
+      state.slideItem = state.heatItem = null;
+      state.loading = false;
+      return;
+    }
     state.levels = levelDims(info.slide.width, info.slide.height);
     if (info.heatmap) {
       try { state.heat = await decodeHeatmap(info.heatmap); } catch (err) { addMessage('heatmap: ' + err.message); }
@@ -451,6 +456,7 @@
   function isIdle() {
     const v = state.viewer;
     if (state.loading || state.pending > 0 || waiting.size > 0) return false;
+    if (state.info && !state.info.slide.width) return true;  // nothing to draw: a failed slide's message
     if (!v || !v.isOpen() || v.world.getItemCount() === 0) return false;
     const vp = v.viewport, a = vp.getCenter(true), b = vp.getCenter(false);
     if (vp.getZoom(true) !== vp.getZoom(false) || a.x !== b.x || a.y !== b.y) return false;
