@@ -80,7 +80,8 @@ def _train_command(data, out, arch, size, pretrained, weights, epochs_frozen, ep
     validation ROC AUC. Fast check on a CPU:
 
     \b
-        pcam-train --data D --out O --arch resnet18 --size 96 --epochs-frozen 1 --epochs 1 --no-pretrained --batch-size 64
+        pcam-train --data D --out O --arch resnet18 --size 96 --epochs-frozen 1 --epochs 1 --no-pretrained \
+            --batch-size 64
     """
     from patch_model.train import TrainConfig, train_model
 

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.model_package import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, pcam_config, save_model_package

@@ -47,7 +47,8 @@ def main() -> int:
         found = (heat >= 128)[: truth.shape[0], : truth.shape[1]]
         iou = (found & truth).sum() / (found | truth).sum()
         err = np.hypot(*(np.argwhere(found).mean(axis=0) - np.argwhere(truth).mean(axis=0)))
-        print(json.dumps({"bench": "alignment", "synthetic": True, "slide_mpp": mpp, "heatmap_um_px": run["heatmap"]["mpp"],
+        print(json.dumps({"bench": "alignment", "synthetic": True, "slide_mpp": mpp,
+                          "heatmap_um_px": run["heatmap"]["mpp"],
                           "backend": run["slide"]["backend"], "iou": round(float(iou), 3),
                           "centroid_error_cells": round(float(err), 3),
                           "tumor_mm2_found": round(run["tumor_area_mm2"], 4),

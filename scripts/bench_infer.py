@@ -213,7 +213,7 @@ def read_only(slide_path: Path, stride_px: int, workers: int, passes: int = 3, d
     c0, t0 = cpu(), time.perf_counter()
     n, read_s, t_first = 0, 0.0, None
     for _ in range(passes):
-        for patches, index, seconds in cls(slide_path, blocks, patch_px=96, spacing_um_px=0.972).read(workers):
+        for patches, _index, seconds in cls(slide_path, blocks, patch_px=96, spacing_um_px=0.972).read(workers):
             if t_first is None:
                 t_first = time.perf_counter() - t0
             n += len(patches)

@@ -54,7 +54,8 @@ def main() -> int:
         "level0_size": report["level0_size"], "tissue_mm2": report["tissue_mm2"], "n_patches": report["n_patches"],
         "cli_seconds_min": round(min(cli_times), 3), "cli_seconds_all": [round(x, 3) for x in cli_times],
         "library_seconds_min": round(min(lib_times), 3),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus", "python": platform.python_version(),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus",
+        "python": platform.python_version(),
     }
     assert r.ok, r.error
     print(json.dumps(summary))

@@ -519,7 +519,7 @@ def test_reader_errors_name_the_file(tmp_path, filename, content, reader, match)
 
 def _feature(coords) -> str:
     return ('{"type": "Feature", "properties": {"classification": {"name": "Tumor"}}, '
-            '"geometry": {"type": "Polygon", "coordinates": [%s]}}' % coords)
+            '"geometry": {"type": "Polygon", "coordinates": [' + coords + ']}}')
 
 
 @pytest.mark.parametrize("text,match", [

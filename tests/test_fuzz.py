@@ -18,7 +18,6 @@ import json
 import math
 import struct
 import tracemalloc
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from unittest import mock
@@ -28,8 +27,8 @@ import pytest
 import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from test_limits import write_raw_tiff
+
 from wsi_toolkit import limits
 from wsi_toolkit.errors import (
     AnnotationError,
@@ -205,7 +204,8 @@ def geometries(draw):
     if kind == "MultiPolygon":
         return {"type": kind, "coordinates": draw(st.lists(st.lists(ring, max_size=2), max_size=2))}
     if kind == "GeometryCollection":
-        return {"type": kind, "geometries": draw(st.lists(st.just({"type": "Point", "coordinates": [1, 2]}), max_size=2))}
+        point = {"type": "Point", "coordinates": [1, 2]}
+        return {"type": kind, "geometries": draw(st.lists(st.just(point), max_size=2))}
     return {"type": kind, "coordinates": draw(st.one_of(json_any, ring))}
 
 

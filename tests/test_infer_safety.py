@@ -19,15 +19,19 @@ import time
 import uuid
 from pathlib import Path
 
-import filelock
 import numpy as np
 import pytest
 import tifffile
 import torch
 
 from wsi_toolkit.cli.infer import main
-from wsi_toolkit.export import clean_stale_partials, csv_text, region_feature_id, write_regions_geojson, \
-    write_summary_csv
+from wsi_toolkit.export import (
+    clean_stale_partials,
+    csv_text,
+    region_feature_id,
+    write_regions_geojson,
+    write_summary_csv,
+)
 from wsi_toolkit.export.regions import TumorRegion
 from wsi_toolkit.model_package import pcam_config, save_model_package
 from wsi_toolkit.pipeline import RESERVED_NAMES, safe_dir_name

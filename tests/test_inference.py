@@ -40,7 +40,8 @@ def test_blocks_cover_every_patch_once_and_contain_it(synthetic_slides, block_ce
     scale = grid.l0_per_px
     for b in blocks:
         w, h = b.region_px
-        assert (b.offsets_px >= 0).all() and (b.offsets_px[:, 0] + 96 <= w).all() and (b.offsets_px[:, 1] + 96 <= h).all()
+        assert (b.offsets_px >= 0).all()
+        assert (b.offsets_px[:, 0] + 96 <= w).all() and (b.offsets_px[:, 1] + 96 <= h).all()
         # Offset (model px) * l0_per_px + region origin == the patch's own level-0 corner.
         l0 = np.asarray(b.region_l0_xy) + b.offsets_px * scale
         assert np.allclose(l0, grid.patch_l0_xy()[b.index])
@@ -249,7 +250,7 @@ def test_reader_errors_reach_the_caller_as_they_are(synthetic_slides, monkeypatc
     for threads in (0, 1, 3):
         got = []
         with pytest.raises(SlideReadError) as err:
-            for patches, index, _ in reader.read(threads, prefetch=2):
+            for _patches, index, _ in reader.read(threads, prefetch=2):
                 got.append(index)
         messages.append(str(err.value))
         assert len(got) == 6  # the blocks before the failing one, in order

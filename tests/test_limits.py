@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import resource
 import struct
 import subprocess
 import sys
@@ -276,7 +275,7 @@ def test_no_patch_on_a_slide_with_tissue_is_a_failure(small_slide, tmp_path):
 
 def test_no_patch_error_from_make_grid():
     from wsi_toolkit.errors import NoPatchesError
-    from wsi_toolkit.tiling import GridConfig, make_grid
+    from wsi_toolkit.tiling import make_grid
 
     mask = np.zeros((10, 10), bool)
     mask[4, 4] = True  # one mask pixel of tissue: 1/16 of a cell

@@ -15,6 +15,8 @@ import pytest
 import torch
 from torchvision.transforms import v2
 
+from wsi_toolkit import limits
+from wsi_toolkit.errors import WsiToolkitError
 from wsi_toolkit.model_package import (
     CONFIG_NAME,
     EXPORT_NAME,
@@ -29,8 +31,6 @@ from wsi_toolkit.model_package import (
     pcam_config,
     save_model_package,
 )
-from wsi_toolkit import limits
-from wsi_toolkit.errors import WsiToolkitError
 
 # A config as the WSInfer model zoo publishes them (breast tumour ResNet34 layout), written by hand.
 WSINFER_ZOO_CONFIG = {

@@ -211,7 +211,7 @@ def test_real_patch_geometry_matches_an_independent_resample(slide_path):
             got = s.read_at_mpp((x, y), (96, 96), 0.972).astype(float)
             assert got.std() > 10  # tissue, not glass
 
-            def d(xx, yy, side, f=Image.Resampling.LANCZOS):
+            def d(xx, yy, side, f=Image.Resampling.LANCZOS, got=got):
                 return float(np.abs(got - independent(xx, yy, side, f)).mean())
 
             bilinear.append(d(x, y, side_l0, Image.Resampling.BILINEAR))

@@ -64,7 +64,7 @@ class Canvas:
         self.img = np.empty((*shape, 3), np.float64)
         self.img[:] = GLASS
 
-    def paint(self, region: np.ndarray, rgb, texture: float = 6.0) -> "Canvas":
+    def paint(self, region: np.ndarray, rgb, texture: float = 6.0) -> Canvas:
         self.img[region] = rgb
         self.img[region] += self.rng.normal(0.0, texture, (int(region.sum()), 3))
         return self
@@ -192,7 +192,7 @@ def test_dense_purple_tissue_next_to_blue_pen_is_kept():
 @pytest.mark.parametrize(
     "rgb",
     [PURPLE, (100, 60, 150), (150, 110, 190), (90, 50, 140), (170, 120, 200), (130, 70, 160)],
-    ids=lambda c: "rgb%d-%d-%d" % c,
+    ids=lambda c: "rgb{}-{}-{}".format(*c),
 )
 def test_haematoxylin_purples_are_not_ink(rgb):
     tissue = ellipse((100, 130), (70, 90))
@@ -205,7 +205,7 @@ def test_haematoxylin_purples_are_not_ink(rgb):
 
 
 @pytest.mark.parametrize(
-    "rgb", [BLUE_PEN, (30, 60, 160), (60, 110, 210), (20, 90, 180)], ids=lambda c: "rgb%d-%d-%d" % c
+    "rgb", [BLUE_PEN, (30, 60, 160), (60, 110, 210), (20, 90, 180)], ids=lambda c: "rgb{}-{}-{}".format(*c)
 )
 def test_blue_pen_shades_are_ink(rgb):
     thumb = Canvas().paint(STROKE, rgb, texture=4.0).thumb()

@@ -24,9 +24,9 @@ from patch_model.archs import MissingWeightsError, build_learner, check_pretrain
 from patch_model.augment import DihedralBatch  # noqa: E402
 from patch_model.cli import eval_main, patches_main, train_main  # noqa: E402
 from patch_model.data import CLASS_NAMES, open_splits, pcam_paths, write_pcam_h5  # noqa: E402
-from patch_model.patch_eval import binary_metrics, dihedral_views  # noqa: E402
 from patch_model.export import export_learner, learner_config  # noqa: E402
 from patch_model.loaders import build_dataloaders  # noqa: E402
+from patch_model.patch_eval import binary_metrics, dihedral_views  # noqa: E402
 from patch_model.train import TrainConfig  # noqa: E402
 from wsi_toolkit.errors import ConfigError, WsiToolkitError  # noqa: E402
 from wsi_toolkit.inference import InferenceConfig, run_inference  # noqa: E402
@@ -266,7 +266,8 @@ def test_run_inference_on_a_synthetic_slide_uses_the_package(trained, synthetic_
     slide = synthetic_slides()
     minx, miny, maxx, maxy = slide.tissue_l0.bounds
     patch_l0 = 96 * 0.972 / slide.mpp
-    xy = np.array([(x, y) for y in np.linspace(miny, maxy - patch_l0, 3) for x in np.linspace(minx, maxx - patch_l0, 4)])
+    xy = np.array([(x, y) for y in np.linspace(miny, maxy - patch_l0, 3)
+                   for x in np.linspace(minx, maxx - patch_l0, 4)])
     res = run_inference(slide.path, xy, pkg, config=InferenceConfig(batch_size=5, workers=0, device="cpu",
                                                                     progress=False))
     assert res.probs.shape == (12, 2) and np.allclose(res.probs.sum(1), 1, atol=1e-5)
@@ -686,7 +687,8 @@ def test_model_trained_on_wsi_patches_reaches_95_percent_on_other_slides(tmp_pat
 
     out = tmp_path / "run"
     rc = train_main(["--data", str(data), "--out", str(out), "--arch", "resnet18", "--size", "96", "--no-pretrained",
-                     "--epochs-frozen", "1", "--epochs", "4", "--batch-size", "64", "--monitor", "valid_loss", "--workers", "0",
+                     "--epochs-frozen", "1", "--epochs", "4", "--batch-size", "64", "--monitor", "valid_loss",
+                     "--workers", "0",
                      "--no-progress"])
     assert rc == 0
     m = json.loads((out / "metrics.json").read_text())

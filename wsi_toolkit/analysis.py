@@ -168,7 +168,8 @@ def analyse_slide(slide: str | Path | SlideReader, package: ModelPackage | str |
         slide_info = SlideInfo(
             path=str(slide_path), backend=reader.backend, vendor=reader.vendor, mpp=reader.mpp,
             mpp_source=reader.mpp_source,
-            mpp_metadata=None if reader.mpp_metadata is None else [float(v) for v in reader.mpp_metadata], level0_size=list(reader.dimensions),
+            mpp_metadata=None if reader.mpp_metadata is None else [float(v) for v in reader.mpp_metadata],
+            level0_size=list(reader.dimensions),
             level_count=reader.level_count, synthetic=reader.is_synthetic)
         thumb = reader.thumbnail(mpp=tissue_cfg.thumb_mpp)
         tissue = detect_tissue(thumb, l0_mpp=reader.mpp, config=tissue_cfg)

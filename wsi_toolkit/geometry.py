@@ -8,7 +8,6 @@ mask outline to level-0 pixels.
 from __future__ import annotations
 
 from collections.abc import Sequence
-
 from typing import TypeAlias
 
 import numpy as np

@@ -160,7 +160,8 @@ class RunRecord:
         except OSError as exc:
             raise RunRecordError(f"{path}: cannot be read ({exc.strerror or exc})") from None
         except ValueError as exc:
-            raise RunRecordError(f"{path}: not valid JSON ({exc}); rerun the slide with wsi-infer --overwrite") from None
+            raise RunRecordError(f"{path}: not valid JSON ({exc}); rerun the slide with wsi-infer --overwrite") \
+                from None
         return cls.from_dict(doc, source=path)
 
 

@@ -21,9 +21,9 @@ plus, with ``xml=True``, the ASAP XML of the tumour regions next to the slide.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import numpy as np

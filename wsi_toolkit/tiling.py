@@ -58,7 +58,8 @@ class GridConfig:
     def __post_init__(self) -> None:
         # Ranges and their reasons: wsi_toolkit.limits (patch 8..4096 px, spacing 0.05..20 um/px).
         if not in_range(self.patch_px, PATCH_PX_RANGE, integer=True):
-            raise ConfigError(f"patch_px must be an integer number of model pixels in {range_text(PATCH_PX_RANGE, 'px')} "
+            raise ConfigError("patch_px must be an integer number of model pixels in "
+                              f"{range_text(PATCH_PX_RANGE, 'px')} "
                               f"(PCam: 96); got {self.patch_px!r}")
         if not in_range(self.stride_px, STRIDE_PX_RANGE, integer=True):
             raise ConfigError(f"stride_px must be an integer number of model pixels in "
@@ -217,7 +218,8 @@ def make_grid(
     if shape_rc[0] * shape_rc[1] > MAX_GRID_CELLS:
         raise ConfigError(
             f"the grid over a {w0:,} x {h0:,} px slide at {l0_mpp:g} um/px with stride {config.stride_px} px at "
-            f"{config.spacing_um_px:g} um/px has {shape_rc[0]:,} x {shape_rc[1]:,} cells, more than {MAX_GRID_CELLS:,}; "
+            f"{config.spacing_um_px:g} um/px has {shape_rc[0]:,} x {shape_rc[1]:,} cells, "
+            f"more than {MAX_GRID_CELLS:,}; "
             "use a larger stride")
     if tissue_mask is None:
         grid_rc = np.empty((shape_rc[0] * shape_rc[1], 2), np.int64)  # row-major, no temporaries
@@ -237,7 +239,8 @@ def make_grid(
             raise NoPatchesError(
                 f"the slide has tissue ({tissue_um2 / 1e6:.3g} mm^2) but no grid cell is kept: cells are "
                 f"{cell_l0 * l0_mpp:,.1f} um ({config.stride_px} px at {config.spacing_um_px:g} um/px) and the best "
-                f"is {best * 100:.3g}% tissue, below min_tissue_fraction {config.min_tissue_fraction:g}; lower --min-tissue, "
+                f"is {best * 100:.3g}% tissue, below min_tissue_fraction {config.min_tissue_fraction:g}; "
+                "lower --min-tissue, "
                 "or check the model's patch_size_pixels/spacing_um_px and the stride")
     return PatchGrid(config=config, l0_mpp=float(l0_mpp), l0_size=(w0, h0), shape_rc=shape_rc,
                      grid_rc=grid_rc, tissue_fraction=frac)

@@ -31,11 +31,13 @@ from wsi_toolkit.annotations.model import (
     EXCLUDE_GROUPS,
     TUMOR_GROUPS,
     Annotation,
-    Polygonal,
     is_exclusion_group,
     is_tumor_group,
     rasterize,
     tumor_region,
+)
+from wsi_toolkit.annotations.model import (
+    Polygonal as Polygonal,
 )
 
 __all__ = [

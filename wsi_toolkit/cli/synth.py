@@ -16,7 +16,8 @@ from wsi_toolkit.cli._common import run_click, setup_logging
               help="um per level-0 pixel (Camelyon16: 0.243 Radboudumc, 0.226 Utrecht).")
 @click.option("--flavour", type=click.Choice(["tiff", "svs", "svs-j2k", "svs-nompp", "tiff-nores"]), default="tiff",
               show_default=True,
-              help="tiff: pyramidal JPEG TIFF with resolution tags; svs: Aperio-style; svs-j2k: Aperio SVS with JPEG 2000 "
+              help="tiff: pyramidal JPEG TIFF with resolution tags; svs: Aperio-style; "
+                   "svs-j2k: Aperio SVS with JPEG 2000 "
                    "(YCbCr, compression 33003) tiles; svs-nompp and tiff-nores: no mpp metadata.")
 @click.option("--tissue-mm2", type=float, default=4.0, show_default=True)
 @click.option("--tumors", type=int, default=2, show_default=True)

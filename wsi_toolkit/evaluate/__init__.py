@@ -21,21 +21,34 @@ Example
 from __future__ import annotations
 
 from wsi_toolkit.errors import DetectionFileError
-# MAX_DETECTION_CSV_BYTES and SLIDE_COLUMNS are not in __all__ but stay importable from here.
+
+# MAX_DETECTION_CSV_BYTES and SLIDE_COLUMNS are not in __all__ but stay importable from here (redundant aliases).
 from wsi_toolkit.evaluate.detections import (
-    MAX_DETECTION_CSV_BYTES,
+    MAX_DETECTION_CSV_BYTES as MAX_DETECTION_CSV_BYTES,
+)
+from wsi_toolkit.evaluate.detections import (
     detections_from_heatmap,
     read_detections_csv,
     write_detections_csv,
 )
 from wsi_toolkit.evaluate.figures import plot_froc, plot_roc
 from wsi_toolkit.evaluate.folder import (
-    SLIDE_COLUMNS,
+    SLIDE_COLUMNS as SLIDE_COLUMNS,
+)
+from wsi_toolkit.evaluate.folder import (
     EvalConfig,
     EvalReport,
     SlideEval,
     evaluate_results,
     format_summary,
+)
+from wsi_toolkit.evaluate.mask import (
+    DILATION_UM,
+    EVAL_LEVEL,
+    ITC_MAJOR_AXIS_UM,
+    EvaluationMask,
+    evaluation_mask,
+    evaluation_mask_from_tumor,
 )
 from wsi_toolkit.evaluate.scoring import (
     SLIDE_SCORES,
@@ -47,14 +60,6 @@ from wsi_toolkit.evaluate.scoring import (
     match_detections,
     sensitivities_at,
     slide_auc,
-)
-from wsi_toolkit.evaluate.mask import (
-    DILATION_UM,
-    EVAL_LEVEL,
-    ITC_MAJOR_AXIS_UM,
-    EvaluationMask,
-    evaluation_mask,
-    evaluation_mask_from_tumor,
 )
 from wsi_toolkit.evaluate.truth import CAMELYON16_L0_MPP, read_mask_tiff
 

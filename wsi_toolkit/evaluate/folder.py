@@ -21,10 +21,10 @@ from typing import Any, Literal
 import numpy as np
 
 from wsi_toolkit.atomic import write_json_atomic, write_text_atomic
-from wsi_toolkit.records import RunRecord
 from wsi_toolkit.errors import ConfigError, one_line
 from wsi_toolkit.evaluate.detections import detections_from_heatmap, read_detections_csv, write_detections_csv
 from wsi_toolkit.evaluate.figures import plot_froc, plot_roc
+from wsi_toolkit.evaluate.mask import DILATION_UM, EVAL_LEVEL, ITC_MAJOR_AXIS_UM
 from wsi_toolkit.evaluate.scoring import (
     SLIDE_SCORES,
     TARGET_FPS,
@@ -34,9 +34,9 @@ from wsi_toolkit.evaluate.scoring import (
     match_detections,
     slide_auc,
 )
-from wsi_toolkit.evaluate.mask import DILATION_UM, EVAL_LEVEL, ITC_MAJOR_AXIS_UM
 from wsi_toolkit.evaluate.truth import ANNOTATION_PATTERNS, find_annotation, slide_truth
 from wsi_toolkit.limits import MPP_RANGE_UM, check_int, check_number, in_range, range_text
+from wsi_toolkit.records import RunRecord
 
 __all__ = ["EvalConfig", "SlideEval", "SLIDE_COLUMNS", "EvalReport", "evaluate_results", "format_summary"]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.atomic import to_jsonable, write_json_atomic, write_text_atomic
+from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.tiling import PatchGrid
 
 __all__ = ["SUMMARY_COLUMNS", "csv_text", "write_tiles_csv", "write_summary_csv", "write_json_atomic", "to_jsonable"]

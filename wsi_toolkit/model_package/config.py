@@ -32,10 +32,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 from wsi_toolkit.errors import ModelPackageError
 from wsi_toolkit.limits import PATCH_PX_RANGE, check_int

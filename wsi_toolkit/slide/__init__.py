@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import math
 import os
 import stat
 from pathlib import Path
@@ -196,7 +195,8 @@ def _resolve_mpp(reader: SlideReader, override: float | None) -> None:
     reader.mpp_metadata = found[0] if found else None
     if override is not None:
         if found is not None and abs(found[0][0] - override) / override > 0.01:
-            log.warning("%s: --mpp %.4f overrides metadata %.4f um/px (%s)", reader.path, override, found[0][0], found[1])
+            log.warning("%s: --mpp %.4f overrides metadata %.4f um/px (%s)", reader.path, override, found[0][0],
+                        found[1])
         override = float(override)
         reader.mpp_xy = (override, override)
         reader.mpp_source = "override"

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -332,7 +332,7 @@ class SlideReader(ABC):
                 self._read_level(level, (x, y), (min(tw, lw - x), min(th, lh - y)))
 
     # -- context manager -------------------------------------------------------------------
-    def __enter__(self) -> "SlideReader":
+    def __enter__(self) -> SlideReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

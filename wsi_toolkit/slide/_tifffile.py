@@ -121,14 +121,16 @@ class TiffFileReader(SlideReader):
             if page.is_tiled:
                 seg_w, seg_h, kind = page.tilewidth, page.tilelength, "tiles"
             else:
-                seg_w, seg_h, kind = page.imagewidth, min(page.rowsperstrip or page.imagelength, page.imagelength), "strips"
+                rows = min(page.rowsperstrip or page.imagelength, page.imagelength)
+                seg_w, seg_h, kind = page.imagewidth, rows, "strips"
             if seg_w < 1 or seg_h < 1:
                 raise SlideFormatError(f"{self.path}: level {level} has {kind} of {seg_w} x {seg_h} px; the TIFF "
                                        "header is damaged")
             n_segs = math.ceil(page.imagewidth / seg_w) * math.ceil(page.imagelength / seg_h)
             if len(page.dataoffsets) < n_segs or len(page.databytecounts) < n_segs:
                 raise SlideFormatError(
-                    f"{self.path}: level {level} needs {n_segs:,} {kind} but lists {len(page.dataoffsets):,} offsets and "
+                    f"{self.path}: level {level} needs {n_segs:,} {kind} but lists {len(page.dataoffsets):,} "
+                    "offsets and "
                     f"{len(page.databytecounts):,} byte counts; the TIFF header is damaged")
             nbytes = int(seg_w) * int(seg_h) * max(int(page.samplesperpixel), 3)
             if nbytes > MAX_SEGMENT_BYTES:
