@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 #: Environment variable naming the cache root (``--cache-dir`` wins over it).
 CACHE_ENV = "WSI_TOOLKIT_CACHE"
 #: Version of the entry layout; a new layout never reads an old one (it is rebuilt).
-CACHE_LAYOUT = 1
+CACHE_LAYOUT = 2
 ENTRY_JSON = "entry.json"
 MODEL_XML = "model.xml"
 MODEL_BIN = "model.bin"
@@ -53,12 +53,13 @@ def default_cache_dir() -> Path:
 class CacheKey:
     """Everything a converted graph depends on. ``graph`` is ``"fp32"`` (also compiled for bf16,
     which is a compile-time hint) or ``"int8"``; ``calibration`` is the calibration set's
-    fingerprint and ``quantization`` NNCF's settings (int8 only)."""
+    fingerprint and ``quantization`` NNCF's settings (int8 only). Whether the graph came from the
+    package's ``model.pt2`` or its TorchScript is not part of the key: both are the model that
+    ``package_sha256`` names (``model.pt2`` is bound to it), and ``entry.json`` records which."""
 
     package_sha256: str
     graph: str
     input_size: int
-    source: str  # "torchscript" or "torch.export"
     openvino: str
     nncf: str | None = None
     calibration: str | None = None

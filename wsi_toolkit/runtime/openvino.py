@@ -308,16 +308,17 @@ def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     versions = openvino_versions()
     t0 = time.perf_counter()
-    src, source = _source(package)
     size = package.config.input_size
-    fp32_key = CacheKey(package_sha256=package.sha256, graph="fp32", input_size=size, source=source,
+    fp32_key = CacheKey(package_sha256=package.sha256, graph="fp32", input_size=size,
                         openvino=str(versions["openvino"]))
     try:
-        folder, entry, built = get_or_build(root, fp32_key, lambda d: _build_fp32(package, src, source, threads, d))
+        # The source is loaded only to build: reading model.pt2 alone takes seconds.
+        folder, entry, built = get_or_build(root, fp32_key,
+                                            lambda d: _build_fp32(package, *_source(package), threads, d))
         info: dict[str, Any] = {**entry["info"]}
         if prec == "int8":
             assert calibration is not None
-            key = CacheKey(package_sha256=package.sha256, graph="int8", input_size=size, source=source,
+            key = CacheKey(package_sha256=package.sha256, graph="int8", input_size=size,
                            openvino=str(versions["openvino"]), nncf=versions["nncf"],
                            calibration=calibration.fingerprint, quantization=QUANTIZATION)
             fp32_xml = folder / MODEL_XML
@@ -341,5 +342,6 @@ def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache
     })
     if prec == "bf16" and force_bf16:
         info["forced"] = True
-    log.info("OpenVINO %s model ready (%s, cache %s, %.1f s)", prec, source, stats["cache"], stats["seconds_load"])
+    log.info("OpenVINO %s model ready (from %s, cache %s, %.1f s)", prec, info.get("source"), stats["cache"],
+             stats["seconds_load"])
     return OpenVinoModel(compiled, package, prec, info, stats)
