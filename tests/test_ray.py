@@ -23,7 +23,7 @@ import pytest
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'wsi-toolkit[ray]')")
 
 from wsi_toolkit.cli.infer import main  # noqa: E402
-from wsi_toolkit.errors import ConfigError  # noqa: E402
+from wsi_toolkit.errors import ConfigError, WsiToolkitError  # noqa: E402
 from wsi_toolkit.inference import InferenceConfig  # noqa: E402
 from wsi_toolkit.pipeline import RunConfig, run_batch  # noqa: E402
 from wsi_toolkit.scale import OutNotSharedError, RaySettings, run_batch_ray  # noqa: E402
@@ -179,6 +179,16 @@ def test_a_node_that_cannot_see_out_stops_the_batch_at_start(cluster, tmp_path, 
                       settings=RaySettings(cpus_per_worker=2), progress=False)
     assert not (tmp_path / "o" / "a").exists()  # no slide started
     assert not list((tmp_path / "o").glob(".ray-probe-*"))
+
+
+def test_a_model_the_workers_cannot_load_stops_the_batch_at_start(cluster, tmp_path):
+    broken = tmp_path / "model"
+    broken.mkdir()
+    (broken / "config.json").write_text("{ not json")
+    with pytest.raises(WsiToolkitError, match="Ray worker 0 could not start: .*config.json"):
+        run_batch_ray([cluster["slides"]["a"]], broken, tmp_path / "o", CONFIG,
+                      settings=RaySettings(cpus_per_worker=2), progress=False)
+    assert not (tmp_path / "o" / "a").exists()
 
 
 def test_worker_probe_and_settings_without_a_cluster(cluster, tmp_path):
