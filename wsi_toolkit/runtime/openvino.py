@@ -332,7 +332,7 @@ def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache
     except Exception as exc:  # noqa: BLE001 - OpenVINO/NNCF raise many types; all mean "use torch"
         raise ConversionError(f"OpenVINO could not prepare the model of {package.path} at {prec}: "
                               f"{type(exc).__name__}: {one_line(exc)}") from exc
-    stats = {k: info.pop(k) for k in ("seconds_convert", "seconds_quantize") if k in info}
+    stats: dict[str, Any] = {k: info.pop(k) for k in ("seconds_convert", "seconds_quantize") if k in info}
     stats.update({"cache": "built" if built else "hit", "cache_entry": str(folder),
                   "seconds_load": round(time.perf_counter() - t0, 3)})
     info.update({
