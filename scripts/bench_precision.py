@@ -9,8 +9,8 @@ AUC and accuracy and their change from torch fp32, max and mean |dp| of P(tumour
 flips at 0.5 (count and share of patches). Then the model alone (preprocessed batches of 64, the
 reader excluded) in patches/s, the runtimes interleaved over ``--repeats`` rounds (median).
 
-    python scripts/bench_precision.py --model /path/to/OUT/model \\
-        [--data ${WSI_TOOLKIT_REALDATA:-../shared/realdata}/pcam_kaggle] [--split test] \\
+    python scripts/bench_precision.py --model OUT/model \\
+        [--data DIR (default: $WSI_TOOLKIT_REALDATA/pcam_kaggle)] [--split test] \\
         [--precisions fp32 bf16 int8] [--calibration DIR] [--cache-dir DIR] [--repeats 5] [--json OUT.json]
 
 Prints a Markdown table (as in BENCHMARKS.md) and writes the numbers as JSON with ``--json``.
@@ -113,9 +113,10 @@ def model_speed(args, precisions: list[str], repeats: int, n: int = 256, batch: 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    real = Path(os.environ.get("WSI_TOOLKIT_REALDATA", "../shared/realdata"))
+    real = os.environ.get("WSI_TOOLKIT_REALDATA")
     ap.add_argument("--model", type=Path, required=True, help="model package trained on the real patches")
-    ap.add_argument("--data", type=Path, default=real / "pcam_kaggle")
+    ap.add_argument("--data", type=Path, default=Path(real) / "pcam_kaggle" if real else None,
+                    help="the real PCam patches the model was trained on [default: $WSI_TOOLKIT_REALDATA/pcam_kaggle]")
     ap.add_argument("--split", default="test", choices=["train", "valid", "test"])
     ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
     ap.add_argument("--calibration", type=Path, default=None, help="PCam folder for INT8 [default: train split]")
@@ -124,7 +125,7 @@ def main() -> int:
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    if not args.data.is_dir():
+    if args.data is None or not args.data.is_dir():
         print(f"bench_precision: no patch folder at {args.data}; pass --data or set WSI_TOOLKIT_REALDATA",
               file=sys.stderr)
         return 2
