@@ -2,9 +2,24 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from wsi_toolkit.synthetic import make_spec, write_synthetic_slide
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_model_cache(tmp_path_factory):
+    """Converted models (OpenVINO) go to a folder of this session, not the user's ~/.cache; subprocesses
+    inherit it. A test that wants its own cache passes --cache-dir or sets $WSI_TOOLKIT_CACHE itself."""
+    old = os.environ.get("WSI_TOOLKIT_CACHE")
+    os.environ["WSI_TOOLKIT_CACHE"] = str(tmp_path_factory.mktemp("model_cache"))
+    yield
+    if old is None:
+        os.environ.pop("WSI_TOOLKIT_CACHE", None)
+    else:
+        os.environ["WSI_TOOLKIT_CACHE"] = old
 
 
 @pytest.fixture(scope="session")

@@ -44,9 +44,6 @@ GAIN = 60.0
 
 
 class ColourRuleNet(torch.nn.Module):
-    mean: torch.Tensor
-    std: torch.Tensor
-
     """``(N, 3, S, S)`` ImageNet-normalised float32 -> ``(N, 2)`` logits for ("notumor", "tumor").
 
     ``P(tumor) = sigmoid(gain * (threshold - g))`` with ``g`` the mean green value in [0, 1] over

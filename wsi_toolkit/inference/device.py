@@ -100,7 +100,7 @@ class CpuGraph:
     def __init__(self, model: torch.jit.ScriptModule, *, fuse: bool):
         self._plain = model
         self.path = "plain"
-        self._fused = None
+        self._fused: torch.jit.ScriptModule | None = None
         self._model: torch.nn.Module = model
         self._fuse = fuse
         self._batch = 0  # largest batch seen: the shape the fused graph was compiled for

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +56,8 @@ def plan_blocks(grid: PatchGrid, *, block_cells: int = 8) -> list[Block]:
         sub = rc[idx]
         r0, c0 = sub.min(axis=0)
         r1, c1 = sub.max(axis=0)
-        region_l0_xy = tuple(float(v) for v in grid.patch_l0_xy(np.array([[r0, c0]]))[0])
+        x_l0, y_l0 = (float(v) for v in grid.patch_l0_xy(np.array([[r0, c0]]))[0])
+        region_l0_xy = (x_l0, y_l0)
         region_px = (int((c1 - c0) * cfg.stride_px + cfg.patch_px), int((r1 - r0) * cfg.stride_px + cfg.patch_px))
         offsets = np.column_stack([(sub[:, 1] - c0) * cfg.stride_px, (sub[:, 0] - r0) * cfg.stride_px]).astype(np.int64)
         blocks.append(Block(idx.astype(np.int64), region_l0_xy, region_px, offsets))
@@ -109,11 +110,11 @@ class PatchBlocks:
     def __len__(self) -> int:
         return len(self.blocks)
 
-    def read(self, threads: int = 0, *, prefetch: int = 4) -> Iterator[tuple[np.ndarray, np.ndarray, float]]:
+    def read(self, threads: int = 0, *, prefetch: int = 4) -> Generator[tuple[np.ndarray, np.ndarray, float]]:
         """The blocks' patches in order; see the class docstring."""
         if not self.blocks:
             return
-        with open_slide(self.slide_path, mpp=self.mpp, backend=self.backend) as slide:
+        with open_slide(self.slide_path, mpp=self.mpp, backend=self.backend) as slide:  # type: ignore[arg-type]
             slide.reserve_tile_cache(self.spacing_um_px)
             if threads <= 0:
                 for b in self.blocks:
