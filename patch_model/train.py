@@ -534,8 +534,7 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
 
 
 def state_digest(model: torch.nn.Module, *, parameters_only: bool = False) -> str:
-    """sha256 of a model's weights (``parameters_only``) or whole ``state_dict``, in key order: the
-    same number on every rank means the ranks hold the same model."""
+    """sha256 of a model's weights (``parameters_only``) or whole ``state_dict``, in key order."""
     h = hashlib.sha256()
     items = model.named_parameters() if parameters_only else model.state_dict().items()
     for name, t in items:
@@ -545,9 +544,8 @@ def state_digest(model: torch.nn.Module, *, parameters_only: bool = False) -> st
 
 
 class _RankDigest(Callback):
-    """Under DDP, logs each rank's weight digest after every epoch (they must agree: the gradients
-    are averaged over the ranks before each step). BatchNorm running statistics are left out: on
-    the CPU they are per rank, as SyncBatchNorm needs a GPU."""
+    """Under DDP, logs each rank's weight digest after every epoch: they must agree (averaged
+    gradients). BatchNorm statistics are left out (per rank on the CPU: no SyncBatchNorm)."""
 
     order = 90
 

@@ -194,9 +194,10 @@ def analyse_slide(slide: str | Path | SlideReader, package: ModelPackage | str |
         runtime=result.runtime)
 
 
-def write_outputs(analysis: SlideAnalysis, out_dir: str | Path) -> RunRecord:
+def write_outputs(analysis: SlideAnalysis, out_dir: str | Path, *, worker: dict[str, Any] | None = None) -> RunRecord:
     """Write :data:`OUTPUT_FILES` for ``analysis`` into ``out_dir`` (created), each atomically,
-    ``run.json`` last (it marks the slide finished); returns the record written as ``run.json``."""
+    ``run.json`` last (it marks the slide finished); returns the record written as ``run.json``.
+    ``worker``: which node and device ran it (``wsi-infer --ray``), recorded in ``run.json``."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -236,6 +237,7 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | Path) -> RunRecord:
         versions=_versions(),
         outputs=list(OUTPUT_FILES),
         runtime=a.runtime or None,
+        worker=dict(worker) if worker else None,
     )
     record.write(out_dir / "run.json")  # last: marks the slide finished
     return record

@@ -86,10 +86,8 @@ def run_slide(slide_path: str | Path, package: ModelPackage, out_dir: str | Path
               worker: Mapping[str, Any] | None = None) -> SlideResult:
     """Analyse one slide and write its outputs into ``out_dir`` (its own folder). Raises on failure
     (see :func:`run_batch`). ``worker``: which node and device ran it (recorded in ``run.json``)."""
-    import inspect  # TRANSITIONAL until write_outputs takes worker=
-
-    extra = {"worker": dict(worker)} if worker and "worker" in inspect.signature(write_outputs).parameters else {}
-    record = write_outputs(analyse_slide(slide_path, package, config), out_dir, **extra)
+    record = write_outputs(analyse_slide(slide_path, package, config), out_dir,
+                           worker=dict(worker) if worker else None)
     return SlideResult.from_record(record, out_dir=str(out_dir), seconds=round(record.timings["seconds_slide"], 3))
 
 

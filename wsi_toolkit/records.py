@@ -91,7 +91,9 @@ class RunRecord:
     are documented where they are made: :func:`wsi_toolkit.pipeline.output_key`,
     :class:`wsi_toolkit.analysis.RunConfig`). ``runtime`` (optional; absent from records written
     before it) says which runtime ran the model at which precision, what that changes, and why torch
-    ran where OpenVINO was asked for (:func:`wsi_toolkit.runtime.select_runtime`)."""
+    ran where OpenVINO was asked for (:func:`wsi_toolkit.runtime.select_runtime`). ``worker``
+    (optional; written only by ``wsi-infer --ray``) says which node, device and process ran the slide
+    (:class:`wsi_toolkit.scale.worker.SlideWorker`)."""
 
     status: str
     synthetic: bool
@@ -108,12 +110,15 @@ class RunRecord:
     versions: dict[str, str] = field(default_factory=dict)
     outputs: list[str] = field(default_factory=list)
     runtime: dict[str, Any] | None = None
+    worker: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     # -- JSON ----------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if d["worker"] is None:  # single-process runs: run.json as before
+            del d["worker"]
         return {"schema_version": d.pop("schema_version"), **d}
 
     def write(self, path: str | os.PathLike[str]) -> None:
@@ -165,7 +170,7 @@ class RunRecord:
         return cls.from_dict(doc, source=path)
 
 
-_OPTIONAL = frozenset({"timings", "versions", "outputs", "runtime", "schema_version", "output_key"})
+_OPTIONAL = frozenset({"timings", "versions", "outputs", "runtime", "worker", "schema_version", "output_key"})
 
 
 def _typed(kind: type, value: Any, key: str, source: str | os.PathLike[str]) -> Any:

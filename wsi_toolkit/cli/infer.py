@@ -67,6 +67,12 @@ class _BatchSize(click.ParamType):
 @click.option("--check-precision", is_flag=True,
               help="Do not write outputs: run each slide as set and with torch fp32, and report max/mean |dp|, "
                    "label flips at --threshold and the tumour-area change (OUT/precision_check.json).")
+@click.option("--ray", "ray_address", default=None, is_flag=False, flag_value="local", metavar="[ADDRESS|auto|local]",
+              help="Run the slides on Ray workers (wsi-toolkit[ray]), one per GPU or per --cpus-per-worker CPUs: "
+                   "local starts Ray here, auto joins this machine's cluster (ray start), or HOST:PORT. Slides, "
+                   "model and OUT must be on a filesystem every node sees at the same path.")
+@click.option("--cpus-per-worker", type=click.IntRange(min=1), default=None,
+              help="With --ray: CPUs per worker [default: 1 beside a GPU, else 4 (at most the cluster's)].")
 @click.option("--backend", type=click.Choice(["auto", "openslide", "tifffile"]), default="auto", show_default=True)
 @click.option("--overwrite", is_flag=True,
               help="Redo slides that already finished [default: redo only those whose slide, model or output "
@@ -74,17 +80,21 @@ class _BatchSize(click.ParamType):
 @click.option("--no-progress", is_flag=True)
 @click.option("-v", "--verbose", count=True)
 def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_tissue, batch_size, workers, device,
-             runtime, precision, calibration, cache_dir, check_precision, backend, overwrite, no_progress,
-             verbose) -> int:
+             runtime, precision, calibration, cache_dir, check_precision, ray_address, cpus_per_worker, backend,
+             overwrite, no_progress, verbose) -> int:
     """Tumour-probability heatmaps for SLIDES (files and folders mixed).
 
     Per slide, in OUT/<slide-stem>/ (the stem made a safe, unique folder name): heatmap.tif,
     overlay.png, tumor.geojson (QuPath), tumor.xml (ASAP), tiles.csv, run.json; and OUT/summary.csv.
     A failed (or missing, or unreadable) slide is recorded and the others go on; the exit status
     is 1 if any slide failed. A finished slide is skipped only if its model and settings are
-    unchanged; runs sharing OUT share the slides.
+    unchanged; runs sharing OUT share the slides. With --ray the same happens on a Ray cluster.
     """
     setup_logging(verbose)
+    if ray_address is not None and check_precision:
+        raise click.UsageError("--check-precision runs in one process; drop --ray")
+    if cpus_per_worker is not None and ray_address is None:
+        raise click.UsageError("--cpus-per-worker needs --ray")
     # Each argument on its own: one unreadable folder is a failed entry, not the end of the batch
     # (a missing or unreadable slide file is recorded by run_batch like any failed slide).
     paths, failures = [], []
@@ -109,7 +119,13 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
         config = replace(config, inference=replace(inference, calibration=cal_path))
     if check_precision:
         return _check_precision(paths, model_dir, out_dir, config)
-    results = run_batch(paths, model_dir, out_dir, config, failures=failures)
+    if ray_address is not None:
+        from wsi_toolkit.scale import RaySettings, run_batch_ray
+
+        settings = RaySettings(address=ray_address, cpus_per_worker=cpus_per_worker)
+        results = run_batch_ray(paths, model_dir, out_dir, config, settings=settings, failures=failures)
+    else:
+        results = run_batch(paths, model_dir, out_dir, config, failures=failures)
     for r in results:
         if r.status == "failed":
             click.echo(f"FAILED   {r.slide}\n  {r.error}", err=True)
