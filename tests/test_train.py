@@ -515,8 +515,8 @@ def test_train_config_rejects_bad_settings(tmp_path, kwargs, needle):
 
 
 def test_multi_gpu_launch_needs_explicit_rates(tiny_pcam, tmp_path, monkeypatch, capsys):
-    """Under torchrun (WORLD_SIZE > 1) lr_find is not run, so the rates must be given; the
-    distributed fit itself needs GPUs and is not tested here (docs/training.md)."""
+    """Under torchrun (WORLD_SIZE > 1) lr_find is not run, so the rates must be given (the
+    distributed fit itself: tests/test_ddp.py)."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
     assert train_main(["--data", str(tiny_pcam), "--out", str(tmp_path / "o"), *FAST, *QUICK]) == 2

@@ -11,6 +11,7 @@ removes those of processes that no longer run.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -22,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["atomic_path", "write_text_atomic", "write_bytes_atomic", "write_json_atomic", "to_jsonable", "partial_path",
-           "clean_stale_partials"]
+__all__ = ["file_sha256", "atomic_path", "write_text_atomic", "write_bytes_atomic", "write_json_atomic", "to_jsonable",
+           "partial_path", "clean_stale_partials"]
 
 
 def partial_path(final: str | os.PathLike[str]) -> Path:
@@ -122,6 +123,15 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
             fh.write(text)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 hex digest of a file, read in 1 MiB blocks (what a finished write is checked by)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> None:

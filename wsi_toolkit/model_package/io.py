@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
 import logging
 import os
 import shutil
@@ -44,6 +43,7 @@ from typing import Any
 
 import torch
 
+from wsi_toolkit.atomic import file_sha256
 from wsi_toolkit.errors import ModelPackageError
 from wsi_toolkit.inference import probabilities
 from wsi_toolkit.limits import PATCH_PX_RANGE, check_int
@@ -70,14 +70,6 @@ def quiet_torchscript_deprecation():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit\..*deprecated", category=FutureWarning)
         yield
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _first_line(e: BaseException) -> str:
@@ -149,7 +141,7 @@ class ModelPackage:
         if isinstance(self.model, torch.jit.ScriptModule):
             return self.model
         pt_path = self.path / TORCHSCRIPT_NAME
-        if _sha256(pt_path) != self.sha256:
+        if file_sha256(pt_path) != self.sha256:
             raise ModelPackageError(f"changed since the package was loaded (sha256 is not {self.sha256})",
                                     source=pt_path)
         return _load_torchscript(pt_path, self.device)
@@ -210,7 +202,7 @@ def _read_program(root: Path, config: ModelConfig, sha: str) -> Any:
         logger.info("%s: not recorded with this %s in %s (%s.pt2_sha256 / sha256); using the TorchScript", pt2,
                     TORCHSCRIPT_NAME, CONFIG_NAME, NAMESPACE)
         return None
-    pt2_sha = _sha256(pt2)
+    pt2_sha = file_sha256(pt2)
     if pt2_sha != recorded:
         logger.warning("%s: sha256 %s does not match %s recorded in %s; falling back to %s", pt2, pt2_sha[:12],
                        str(recorded)[:12], CONFIG_NAME, TORCHSCRIPT_NAME)
@@ -271,7 +263,7 @@ def load_model_package(path: str | os.PathLike, *, device: str | torch.device = 
     if not pt_path.is_file():
         raise ModelPackageError(f"missing; a model package holds {CONFIG_NAME} and {TORCHSCRIPT_NAME}",
                                 source=pt_path)
-    sha = _sha256(pt_path)
+    sha = file_sha256(pt_path)
     recorded = config.extra.get("sha256")
     if verify_sha256 and recorded is not None and recorded != sha:
         raise ModelPackageError(
@@ -402,10 +394,10 @@ def save_model_package(
         pt = tmp / TORCHSCRIPT_NAME
         with quiet_torchscript_deprecation():
             scripted.save(str(pt))
-        hashes = {"sha256": _sha256(pt)}
+        hashes = {"sha256": file_sha256(pt)}
         if program is not None:
             torch.export.save(program, str(tmp / EXPORT_NAME))
-            hashes["pt2_sha256"] = _sha256(tmp / EXPORT_NAME)
+            hashes["pt2_sha256"] = file_sha256(tmp / EXPORT_NAME)
         info = {"torchscript": method, "example_size": size, "torch_version": torch.__version__,
                 "torch_export": EXPORT_NAME if program is not None else None}
         final_config = config.without_extra("sha256", "pt2_sha256").with_extra(**hashes, export=info)

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wsi_toolkit.atomic import partial_path, write_json_atomic
+from wsi_toolkit.atomic import file_sha256, partial_path, write_json_atomic
 
 __all__ = ["CACHE_ENV", "CACHE_LAYOUT", "CacheKey", "default_cache_dir", "entry_dir", "lookup", "get_or_build"]
 
@@ -83,14 +83,6 @@ def entry_dir(root: str | os.PathLike, key: CacheKey) -> Path:
     return Path(root) / "openvino" / key.name()
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _problem(folder: Path, key: CacheKey) -> str | None:
     """Why ``folder`` is not a usable entry for ``key`` (None: it is)."""
     try:
@@ -109,7 +101,7 @@ def _problem(folder: Path, key: CacheKey) -> str | None:
         path = folder / name
         if not isinstance(want, dict) or not path.is_file():
             return f"{name} missing"
-        if path.stat().st_size != want.get("bytes") or _sha256(path) != want.get("sha256"):
+        if path.stat().st_size != want.get("bytes") or file_sha256(path) != want.get("sha256"):
             return f"{name} does not match its recorded sha256"
     return None
 
@@ -169,7 +161,7 @@ def get_or_build(root: str | os.PathLike, key: CacheKey, build: Callable[[Path],
                 path = tmp / name
                 if not path.is_file():
                     raise FileNotFoundError(f"the converter did not write {name}")
-                files[name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+                files[name] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
             entry = {"key": key.to_dict(), "files": files, "info": info}
             write_json_atomic(tmp / ENTRY_JSON, entry)
             if final.exists():
