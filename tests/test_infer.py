@@ -199,6 +199,21 @@ def test_overwrite_redoes_finished_slides(align_slides, model_dir, tmp_path):
     assert (tmp_path / a.stem / "run.json").stat().st_mtime_ns != before
 
 
+def test_overwrite_into_a_fresh_folder_redoes_nothing(align_slides, model_dir, tmp_path, caplog):
+    """--overwrite on a folder with no finished slide runs it without a 'redoing' warning (the demo's case)."""
+    from wsi_toolkit.inference import InferenceConfig
+    from wsi_toolkit.pipeline import RunConfig, run_batch
+
+    config = RunConfig(overwrite=True, inference=InferenceConfig(progress=False, runtime="torch"))
+    with caplog.at_level("INFO", logger="wsi_toolkit.pipeline"):
+        (result,) = run_batch([align_slides[0.243].path], model_dir, tmp_path, config)
+    assert result.status == "ok"
+    assert not [r for r in caplog.records if "redoing" in r.getMessage()]
+    with caplog.at_level("INFO", logger="wsi_toolkit.pipeline"):
+        run_batch([align_slides[0.243].path], model_dir, tmp_path, config)
+    assert [r for r in caplog.records if "redoing" in r.getMessage() and "--overwrite" in r.getMessage()]
+
+
 def test_folder_input_and_same_stem_slides(align_slides, model_dir, tmp_path):
     folder = tmp_path / "slides"
     folder.mkdir()

@@ -139,9 +139,9 @@ def _finished(out_dir: Path) -> RunRecord | None:
 
 def _decide(out_dir: Path, key: dict, overwrite: bool) -> tuple[str, RunRecord | None, str]:
     """("skip", run, "") for a finished slide with the same output key; ("run", None, why) otherwise."""
-    if overwrite:
-        return "run", None, "--overwrite"
     run = _finished(out_dir)
+    if overwrite:  # say "redoing" only where there was something to redo
+        return "run", None, "--overwrite" if run is not None else ""
     if run is None:
         return "run", None, ""
     old = upgrade_output_key(run.output_key)
