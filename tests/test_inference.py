@@ -349,9 +349,9 @@ def test_fused_cpu_graph_pads_a_short_last_batch(synthetic_slides, tmp_path, mon
 def test_auto_precision_is_fp32_on_every_cpu(synthetic_slides, tmp_path, monkeypatch, native_bf16):
     """The default gives the same heatmap on an AVX2-only CPU and on one with AVX512-BF16/AMX:
     ``auto`` means fp32 on a CPU whatever the CPU computes natively."""
-    from wsi_toolkit.inference import device
+    from wsi_toolkit.runtime import cpu
 
-    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: native_bf16)
+    monkeypatch.setattr(cpu, "cpu_has_fast_bf16", lambda: native_bf16)
     assert autocast_dtype(torch.device("cpu"), "auto") is None
     s = synthetic_slides(0.243, "tiff")
     pkg = _small_cnn_package(tmp_path)

@@ -230,9 +230,9 @@ def test_int8_needs_calibration(colour_package, tmp_path):
 
 
 def test_bf16_refused_without_native_support(colour_package, tmp_path, monkeypatch):
-    import wsi_toolkit.inference.device as device
+    import wsi_toolkit.runtime.cpu as cpu
 
-    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(cpu, "cpu_has_fast_bf16", lambda: False)
     with pytest.raises(ConfigError, match="native bfloat16"):
         load_openvino_model(colour_package, precision="bf16", cache_dir=tmp_path)
     forced = load_openvino_model(colour_package, precision="bf16", cache_dir=tmp_path, force_bf16=True)

@@ -5,11 +5,12 @@
   slide handle.
 - :mod:`.device`: device and precision (autocast bf16/fp16 on CUDA, fp32 on a CPU), the CPU graph
   path (frozen + oneDNN fusion), the CUDA batch size.
-- :mod:`.loop`: :func:`run_inference`, its config and result, and :func:`probabilities` (the one
-  logits -> probabilities rule).
+- :mod:`.loop`: :func:`run_inference`, its config and result.
 
-This package imports :mod:`wsi_toolkit.model_package` only inside functions, so that module can
-import :func:`probabilities` from here.
+Imports flow one way: this package imports :mod:`wsi_toolkit.runtime` and
+:mod:`wsi_toolkit.model_package`, neither imports it. So what they share is defined below and
+re-exported here: :func:`probabilities` (the one logits -> probabilities rule) from
+:mod:`wsi_toolkit.model_package.logits`, :func:`cpu_has_fast_bf16` from :mod:`wsi_toolkit.runtime.cpu`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 On CUDA the model runs under autocast (bf16 where supported, else fp16) in channels_last, with a
 batch size that fills half the free GPU memory (:func:`cuda_batch_size`); on the CPU a TorchScript
 model is frozen and fused (:class:`CpuGraph`) and fp32 is the default on every CPU.
+:func:`cpu_has_fast_bf16` is defined in :mod:`wsi_toolkit.runtime.cpu` and re-exported here.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from typing import Literal
 import torch
 
 from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.model_package.torchscript import quiet_torchscript_deprecation
+from wsi_toolkit.runtime.cpu import cpu_has_fast_bf16
 
 __all__ = ["CPU_BATCH_SIZE", "CpuGraph", "Precision", "autocast_dtype", "batch_for_memory", "cpu_has_fast_bf16",
            "cuda_batch_size", "prepare_model", "resolve_device"]
@@ -24,13 +27,6 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 #: ``batch_size="auto"`` off CUDA: ResNet50 at 96 px on a 2-core AVX2 CPU runs 64 p/s at 32,
 #: 80 at 64 and 61 at 128 (larger batches leave the caches), see BENCHMARKS.md.
 CPU_BATCH_SIZE = 64
-
-
-def _quiet_torchscript_deprecation():
-    # Imported when used: wsi_toolkit.model_package imports this package (probabilities).
-    from wsi_toolkit.model_package import quiet_torchscript_deprecation
-
-    return quiet_torchscript_deprecation()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -56,17 +52,6 @@ def resolve_device(device: str) -> torch.device:
     elif dev.type != "cpu":
         raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps; got {device!r}")
     return dev
-
-
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU computes bfloat16 natively (AVX512-BF16 or AMX), where bf16 autocast
-    speeds up convolutions; elsewhere bf16 is emulated and slower than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
 
 
 def autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | None:
@@ -107,7 +92,7 @@ class CpuGraph:
         self._was_enabled = torch.jit.onednn_fusion_enabled()
 
     def __enter__(self) -> CpuGraph:
-        with _quiet_torchscript_deprecation():
+        with quiet_torchscript_deprecation():
             if self._fuse:
                 try:
                     torch.jit.enable_onednn_fusion(True)
@@ -122,7 +107,7 @@ class CpuGraph:
 
     def _use_optimized(self) -> None:
         try:
-            with _quiet_torchscript_deprecation():
+            with quiet_torchscript_deprecation():
                 self._model = torch.jit.optimize_for_inference(torch.jit.freeze(self._plain))
             self.path = "frozen+optimize_for_inference"
         except Exception as exc:  # some graphs cannot be frozen; the plain model still works

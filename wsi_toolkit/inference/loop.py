@@ -3,6 +3,7 @@
 Batches go to the device as uint8 (4x less than float), pinned on CUDA; resizing and
 normalisation run on the device (:class:`wsi_toolkit.model_package.Preprocess`). The model is the
 package's torch model or, on a CPU, OpenVINO's compilation of it (:mod:`wsi_toolkit.runtime`).
+Logits become probabilities by :func:`wsi_toolkit.model_package.logits.probabilities`, re-exported here.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from wsi_toolkit.inference.device import (
 )
 from wsi_toolkit.inference.reading import PatchBlocks, plan_blocks, single_patch_blocks
 from wsi_toolkit.limits import check_int
+from wsi_toolkit.model_package.logits import probabilities
+from wsi_toolkit.model_package.preprocess import Preprocess
 from wsi_toolkit.runtime import PRECISIONS, RUNTIMES, select_runtime
 from wsi_toolkit.tiling import PatchGrid
 
@@ -163,17 +166,6 @@ class InferenceResult:
         }
 
 
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities (float32, ``(N, C)``) from a model's logits: softmax over classes, or
-    sigmoid for a one-output model (``(N, 1)`` or ``(N,)`` logits, returned as ``(N, 1)``)."""
-    logits = logits.float()
-    if logits.ndim == 1:
-        logits = logits[:, None]
-    if logits.shape[1] == 1:
-        return torch.sigmoid(logits)
-    return torch.softmax(logits, dim=1)
-
-
 def _check_logits(logits, n: int, num_classes: int, package_path) -> None:
     """The model's output for a batch of ``n`` must be ``(n, num_classes)`` logits (``(n,)`` for a
     one-output model); otherwise a :class:`ModelPackageError` naming the package."""
@@ -213,8 +205,6 @@ def run_inference(
     (a grid must have been made with that patch size and spacing). Returns class probabilities
     (:func:`probabilities`) in the patches' order; the reader thread count does not change them.
     """
-    from wsi_toolkit.model_package import Preprocess  # see device._quiet_torchscript_deprecation
-
     t_start = time.perf_counter()
     device = resolve_device(config.device)
     cfg = package.config

@@ -16,10 +16,14 @@ here. Modules:
 - :mod:`.schema`: the validation, a JSON Schema (``model_config.schema.json``) plus cross-field rules;
 - :mod:`.preprocess`: :class:`Preprocess`, the one interpretation of the ``transform`` list, on uint8
   patches already on the device;
-- :mod:`.io`: :class:`ModelPackage`, :func:`load_model_package`, :func:`save_model_package`.
+- :mod:`.io`: :class:`ModelPackage`, :func:`load_model_package`, :func:`save_model_package`;
+- :mod:`.logits`: :func:`probabilities`, the one logits -> probabilities rule;
+- :mod:`.torchscript`: :func:`quiet_torchscript_deprecation`, the one TorchScript-warning guard.
 
-``import wsi_toolkit.model_package`` does not import torch: the names of :mod:`.preprocess` and
-:mod:`.io` are imported on first use.
+``import wsi_toolkit.model_package`` does not import torch: the names of :mod:`.preprocess`,
+:mod:`.io` and :mod:`.logits` are imported on first use. This package is the contract between
+training and inference and imports neither: :mod:`wsi_toolkit.runtime` and
+:mod:`wsi_toolkit.inference` import it, never the reverse (``[tool.importlinter]`` in pyproject.toml).
 
 Example::
 
@@ -53,19 +57,21 @@ if TYPE_CHECKING:
         ExportedModel,
         ModelPackage,
         load_model_package,
-        quiet_torchscript_deprecation,
         save_model_package,
     )
+    from wsi_toolkit.model_package.logits import probabilities  # noqa: F401
     from wsi_toolkit.model_package.preprocess import Preprocess  # noqa: F401
+    from wsi_toolkit.model_package.torchscript import quiet_torchscript_deprecation  # noqa: F401
 
-#: Names that need torch -> the module defining them (imported when first used).
+#: Names imported when first used -> the module defining them (all but quiet_torchscript_deprecation need torch).
 _LAZY = {
     "Preprocess": "wsi_toolkit.model_package.preprocess",
     "ModelPackage": "wsi_toolkit.model_package.io",
     "ExportedModel": "wsi_toolkit.model_package.io",
     "load_model_package": "wsi_toolkit.model_package.io",
     "save_model_package": "wsi_toolkit.model_package.io",
-    "quiet_torchscript_deprecation": "wsi_toolkit.model_package.io",
+    "probabilities": "wsi_toolkit.model_package.logits",
+    "quiet_torchscript_deprecation": "wsi_toolkit.model_package.torchscript",
 }
 
 __all__ = [

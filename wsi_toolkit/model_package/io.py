@@ -29,7 +29,6 @@ archive. Load packages only from sources you trust, as you would run their scrip
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -45,7 +44,6 @@ import torch
 
 from wsi_toolkit.atomic import file_sha256
 from wsi_toolkit.errors import ModelPackageError
-from wsi_toolkit.inference import probabilities
 from wsi_toolkit.limits import PATCH_PX_RANGE, check_int
 from wsi_toolkit.model_package.config import (
     CONFIG_NAME,
@@ -54,22 +52,16 @@ from wsi_toolkit.model_package.config import (
     ModelConfig,
     read_config_json,
 )
+from wsi_toolkit.model_package.logits import probabilities
 from wsi_toolkit.model_package.preprocess import Preprocess
+from wsi_toolkit.model_package.torchscript import quiet_torchscript_deprecation
 
+# quiet_torchscript_deprecation is defined in .torchscript; listed here too, as before.
 __all__ = ["ModelPackage", "load_model_package", "save_model_package", "quiet_torchscript_deprecation"]
 
 logger = logging.getLogger(__name__)
 
 NAMESPACE = "wsi_toolkit"
-
-
-@contextlib.contextmanager
-def quiet_torchscript_deprecation():
-    """TorchScript is WSInfer's format, so its FutureWarnings ("torch.jit.* is deprecated") are
-    expected here; silence only those, only around our own jit calls."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\..*deprecated", category=FutureWarning)
-        yield
 
 
 def _first_line(e: BaseException) -> str:

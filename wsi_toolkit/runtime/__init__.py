@@ -7,7 +7,11 @@
 - :mod:`.calibration`: INT8 calibration patches from slide tissue or a PCam folder.
 - :mod:`.select`: :func:`select_runtime`, the one place settings become a model to call (with
   the fallback to torch).
+- :mod:`.cpu`: :func:`cpu_has_fast_bf16`, what the CPU computes natively.
 - :func:`compare_probabilities`: how far a reduced-precision run moved the probabilities.
+
+Imports flow one way: this package may import :mod:`wsi_toolkit.model_package` (the logits rule,
+preprocessing, the TorchScript guard), never :mod:`wsi_toolkit.inference`, which imports it.
 
 Nothing here imports OpenVINO or NNCF until a model is converted; ``pip install
 'wsi-toolkit[openvino]'`` installs both.
@@ -29,6 +33,7 @@ from wsi_toolkit.runtime.calibration import (
     load_calibration,
     save_calibration,
 )
+from wsi_toolkit.runtime.cpu import cpu_has_fast_bf16
 from wsi_toolkit.runtime.openvino import (
     FP32_TOLERANCE,
     OV_PRECISIONS,
@@ -45,7 +50,7 @@ from wsi_toolkit.runtime.select import PRECISIONS, RUNTIMES, RuntimeChoice, reso
 __all__ = ["CACHE_ENV", "CALIBRATION_PATCHES", "FP32_TOLERANCE", "OV_PRECISIONS", "PRECISIONS", "RUNTIMES", "CacheKey",
            "CalibrationSet", "ConversionError", "OpenVinoModel", "OvPrecision", "Runtime", "RuntimeChoice",
            "calibration_from_dataset", "calibration_from_pcam", "calibration_from_slides", "check_precision_supported",
-           "compare_probabilities", "default_cache_dir", "load_calibration", "load_openvino_model",
+           "compare_probabilities", "cpu_has_fast_bf16", "default_cache_dir", "load_calibration", "load_openvino_model",
            "openvino_available", "openvino_versions", "resolve_runtime", "save_calibration", "select_runtime"]
 
 Runtime = Literal["auto", "torch", "openvino"]

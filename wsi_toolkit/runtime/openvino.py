@@ -30,6 +30,10 @@ import numpy as np
 import torch
 
 from wsi_toolkit.errors import ConfigError, WsiToolkitError, one_line
+from wsi_toolkit.model_package.logits import probabilities
+from wsi_toolkit.model_package.preprocess import Preprocess
+from wsi_toolkit.model_package.torchscript import quiet_torchscript_deprecation
+from wsi_toolkit.runtime import cpu  # cpu.cpu_has_fast_bf16 looked up when called (tests patch it there)
 from wsi_toolkit.runtime.cache import MODEL_XML, CacheKey, default_cache_dir, get_or_build
 from wsi_toolkit.runtime.calibration import CalibrationSet
 
@@ -83,8 +87,6 @@ def openvino_versions() -> dict[str, str | None]:
 def _quiet() -> Iterator[None]:
     """Silence the expected noise of conversion: TorchScript's deprecation, tracer warnings, and
     torch's "No CUDA runtime" line that importing NNCF logs on a CPU-only machine."""
-    from wsi_toolkit.model_package import quiet_torchscript_deprecation
-
     cpp_log = logging.getLogger("torch.utils.cpp_extension")
     level = cpp_log.level
     cpp_log.setLevel(logging.ERROR)
@@ -99,8 +101,6 @@ def _quiet() -> Iterator[None]:
 
 
 def _probabilities(logits: np.ndarray | torch.Tensor) -> np.ndarray:
-    from wsi_toolkit.inference import probabilities
-
     return probabilities(torch.as_tensor(logits)).numpy()
 
 
@@ -122,8 +122,6 @@ def probe_patches(patch_px: int, n: int = 16, seed: int = 0) -> np.ndarray:
 
 
 def _preprocessed(package: ModelPackage, patches_u8: np.ndarray) -> np.ndarray:
-    from wsi_toolkit.model_package import Preprocess
-
     with torch.inference_mode():
         return Preprocess(package.config)(torch.from_numpy(np.ascontiguousarray(patches_u8))).numpy()
 
@@ -273,11 +271,9 @@ class OpenVinoModel:
 def check_precision_supported(precision: str, *, force_bf16: bool = False) -> OvPrecision:
     """``precision`` if OpenVINO can run it here; :class:`ConfigError` otherwise (bf16 on a CPU
     without native bfloat16, where it would be emulated, unless ``force_bf16``)."""
-    from wsi_toolkit.inference.device import cpu_has_fast_bf16
-
     if precision not in OV_PRECISIONS:
         raise ConfigError(f"OpenVINO precision must be one of {', '.join(OV_PRECISIONS)}; got {precision!r}")
-    if precision == "bf16" and not force_bf16 and not cpu_has_fast_bf16():
+    if precision == "bf16" and not force_bf16 and not cpu.cpu_has_fast_bf16():
         raise ConfigError("precision bf16 needs a CPU with native bfloat16 (avx512_bf16 or amx_bf16 in /proc/cpuinfo); "
                           "this one has neither, so it would be emulated: use fp32 or int8, or force bf16")
     return precision  # type: ignore[return-value]

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from wsi_toolkit.errors import ConfigError
+from wsi_toolkit.runtime import cpu  # cpu.cpu_has_fast_bf16 looked up when called (tests patch it there)
 from wsi_toolkit.runtime.calibration import CalibrationSet
 from wsi_toolkit.runtime.openvino import ConversionError, OpenVinoModel, load_openvino_model, openvino_available
 
@@ -83,9 +84,7 @@ def select_runtime(package: ModelPackage, *, runtime: str = "auto", precision: s
             raise ConfigError("precision fp16 is not an OpenVINO CPU precision here; use fp32, bf16 or int8")
         which = "torch"
     if which == "openvino" and runtime == "auto" and precision == "bf16" and not force_bf16:
-        from wsi_toolkit.inference.device import cpu_has_fast_bf16
-
-        if not cpu_has_fast_bf16():  # emulated either way: torch, as before OpenVINO was a runtime
+        if not cpu.cpu_has_fast_bf16():  # emulated either way: torch, as before OpenVINO was a runtime
             which = "torch"
     if precision == "int8" and which != "openvino":
         why = "OpenVINO is not installed (pip install 'wsi-toolkit[openvino]')" if device.type == "cpu" \
