@@ -161,7 +161,7 @@ def _check_precision(paths: list[Path], model_dir: Path, out_dir: Path, config: 
     from wsi_toolkit.atomic import write_json_atomic
     from wsi_toolkit.errors import WsiToolkitError
     from wsi_toolkit.model_package import load_model_package
-    from wsi_toolkit.runtime.check import check_precision
+    from wsi_toolkit.precision_check import check_precision
 
     package = load_model_package(model_dir)
     reports, n_bad = [], 0

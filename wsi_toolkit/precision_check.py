@@ -4,6 +4,9 @@ Both runs are made in memory (:func:`wsi_toolkit.analysis.analyse_slide`, nothin
 as configured and the reference, the package's torch model in fp32 with the same grid and
 settings. The report gives max and mean |dp| of P(tumour) over the patches, the label flips at the
 run's threshold, and the change of the tumour area, the slide score and the region count.
+
+It sits above :mod:`wsi_toolkit.analysis` (it runs analyses), not in :mod:`wsi_toolkit.runtime`
+(which the analysis imports); it was ``wsi_toolkit.runtime.check``.
 """
 
 from __future__ import annotations
@@ -13,8 +16,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wsi_toolkit.analysis import RunConfig, SlideAnalysis, analyse_slide
+from wsi_toolkit.runtime import compare_probabilities
+
 if TYPE_CHECKING:
-    from wsi_toolkit.analysis import RunConfig, SlideAnalysis
     from wsi_toolkit.model_package import ModelPackage
 
 __all__ = ["check_precision", "compare_analyses"]
@@ -22,8 +27,6 @@ __all__ = ["check_precision", "compare_analyses"]
 
 def compare_analyses(reference: SlideAnalysis, other: SlideAnalysis) -> dict[str, Any]:
     """``other`` against ``reference`` (the same slide and grid): probabilities, flips, area."""
-    from wsi_toolkit.runtime import compare_probabilities
-
     def ran(a: SlideAnalysis) -> dict[str, Any]:
         return {k: a.runtime.get(k) for k in ("runtime", "precision", "fallback") if a.runtime.get(k) is not None}
 
@@ -44,8 +47,6 @@ def compare_analyses(reference: SlideAnalysis, other: SlideAnalysis) -> dict[str
 
 def check_precision(slide: str | Path, package: ModelPackage, settings: RunConfig) -> dict[str, Any]:
     """Analyse ``slide`` with ``settings`` and with torch fp32; :func:`compare_analyses` of the two."""
-    from wsi_toolkit.analysis import analyse_slide
-
     t0 = time.perf_counter()
     run = analyse_slide(slide, package, settings)
     ref_settings = replace(settings, inference=replace(settings.inference, runtime="torch", precision="fp32",
