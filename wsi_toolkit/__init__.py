@@ -13,7 +13,6 @@ Names are imported on first use (``import wsi_toolkit`` does not import torch).
 from __future__ import annotations
 
 import importlib
-from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from wsi_toolkit.errors import (
@@ -28,11 +27,7 @@ from wsi_toolkit.errors import (
     WsiToolkitError,
 )
 from wsi_toolkit.slide import SlideReader, open_slide
-
-try:
-    __version__ = version("wsi-toolkit")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
-    __version__ = "0+unknown"
+from wsi_toolkit.version import __version__
 
 #: Public name -> module that defines it (imported when the name is first used).
 _LAZY = {

@@ -297,9 +297,9 @@ def _versions() -> dict[str, Any]:
     import tifffile
     import torch
 
-    import wsi_toolkit
+    from wsi_toolkit.version import __version__
 
-    v = {"wsi_toolkit": wsi_toolkit.__version__, "python": platform.python_version(), "torch": torch.__version__,
+    v = {"wsi_toolkit": __version__, "python": platform.python_version(), "torch": torch.__version__,
          "numpy": np.__version__, "tifffile": tifffile.__version__}
     try:
         import openslide
