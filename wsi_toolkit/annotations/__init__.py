@@ -3,10 +3,11 @@
 Every coordinate here is ``(x, y)`` in level-0 pixels of the slide, the frame both ASAP and
 QuPath use for their files. Masks are indexed ``[row, col]``.
 
-- :mod:`.model`: :class:`Annotation`, group names, :func:`tumor_region`, :func:`rasterize`
+- :mod:`.model`: :class:`Annotation`, group names, :func:`tumor_region` (imports no other module here)
+- :mod:`.checks`: :func:`check_on_slide` and the checks every reader applies (on :mod:`.model`'s records)
+- :mod:`.raster`: :func:`rasterize`
 - :mod:`.asap`: :func:`read_asap_xml`, :func:`write_asap_xml`
 - :mod:`.geojson`: :func:`read_geojson`, :func:`write_geojson`
-- :mod:`.checks`: :func:`check_on_slide` and the checks every reader applies
 
 Camelyon16 convention
 ---------------------
@@ -33,12 +34,12 @@ from wsi_toolkit.annotations.model import (
     Annotation,
     is_exclusion_group,
     is_tumor_group,
-    rasterize,
     tumor_region,
 )
 from wsi_toolkit.annotations.model import (
     Polygonal as Polygonal,
 )
+from wsi_toolkit.annotations.raster import rasterize
 
 __all__ = [
     "TUMOR_GROUPS",
