@@ -17,8 +17,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("importlinter") is None,
-                                reason="import-linter is not installed (it is in the dev extra: pip install -e '.[dev]')")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("importlinter") is None,
+    reason="import-linter is not installed (it is in the dev extra: pip install -e '.[dev]')")
 
 
 def test_import_contracts_are_kept():
