@@ -19,7 +19,8 @@ What it measures (one JSON line each):
 - with ``--wsinfer BIN``: WSInfer 0.6.x on the same slide and package (its default settings unless
   ``--wsinfer-args``) at ``--wsinfer-strides``, and the ratio.
 
-The package is a ResNet50 with RANDOM weights (timing only; its probabilities mean nothing),
+The package is a ResNet50 with RANDOM weights (timing only; its probabilities mean nothing; or
+``--model PACKAGE``, e.g. a trained one),
 96 px input at 0.972 um/px, its config carrying WSInfer's ``Resize`` step. Run from the
 repository root:
 
@@ -447,6 +448,9 @@ def main() -> int:
     ap.add_argument("--reader-rounds", type=int, default=5, help="part readers: rounds of the interleaved comparison")
     ap.add_argument("--repeat", type=int, default=1,
                     help="repetitions of the stride-96 wsi-infer / WSInfer pair (alternating; medians reported)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="time this model package (e.g. a trained one) instead of the RANDOM ResNet50 packages; "
+                         "--input-size is then the package's")
     ap.add_argument("--wsinfer", default=None, help="path to a WSInfer 0.6.x `wsinfer` executable")
     ap.add_argument("--wsinfer-strides", type=int, nargs="+", default=[96],
                     help="strides WSInfer runs at (its --patch-overlap-ratio = 1 - stride / patch px)")
@@ -468,7 +472,14 @@ def main() -> int:
         write_synthetic_slide(slide, make_spec(tissue_mm2=args.tissue_mm2, seed=7), mpp=0.243)
         print(json.dumps({"made_slide": str(slide), "seconds": round(time.perf_counter() - t, 1)}), flush=True)
     pkgs = {}
-    for size in args.input_size:
+    if args.model is not None:
+        size = json.loads((args.model / "config.json").read_text())["patch_size_pixels"]
+        for step in json.loads((args.model / "config.json").read_text())["transform"]:
+            if step["name"] == "Resize":
+                size = int(step["arguments"]["size"])
+        args.input_size = [size]
+        pkgs[size] = args.model
+    for size in args.input_size if args.model is None else []:
         pkg = pkgs[size] = args.data / f"resnet50_random_{size}"
         cfg = pcam_config(architecture="resnet50", input_size=size,
                           extra={"synthetic": True, "description": "RANDOM weights, for timing only"})

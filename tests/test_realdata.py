@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# The short training run takes ~3 minutes on an idle 2-core CPU; a loaded machine can take 3x.
+# The two short training runs take ~3 minutes each on an idle 2-core CPU; a loaded machine can take 3x.
 pytestmark = [pytest.mark.realdata, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,20 +77,45 @@ def test_kaggle_layout_loads_the_real_patches(kaggle):
     assert set(open_splits(kaggle, valid_fraction=0.1, seed=42)["valid"].ids) == ids["valid"]
 
 
-@pytest.fixture(scope="module")
-def real_model(kaggle, tmp_path_factory):
-    """A short real training run: ResNet18 from scratch at 96 px on the real patches (CPU, a few
-    minutes); its package is reused by the slide tests below."""
+def _short_run(kaggle: Path, out: Path, *pretraining: str) -> Path:
+    """A short real training run of EfficientNet-Lite0 at 96 px on the real patches (CPU, a few
+    minutes): 3 epochs, the same split (seed 42) and augmentation whatever ``pretraining`` says."""
     from patch_model.cli import train_main
 
-    out = tmp_path_factory.mktemp("real_train") / "run"
-    rc = train_main(["--data", str(kaggle), "--out", str(out), "--arch", "resnet18", "--size", "96",
-                     "--no-pretrained", "--epochs-frozen", "0", "--epochs", "3", "--batch-size", "64",
-                     "--lr-find-iters", "0", "--lr", "3e-3", "--lr-unfrozen", "3e-3",
+    rc = train_main(["--data", str(kaggle), "--out", str(out), "--arch", "efficientnet_lite0", "--size", "96",
+                     *pretraining, "--batch-size", "64", "--lr-find-iters", "0",
                      "--valid-fraction", "0.1", "--test-fraction", "0.1", "--augment", "dihedral",
                      "--workers", "1", "--top-losses", "4", "--no-progress"])
     assert rc == 0
     return out
+
+
+def _need_lite0() -> None:
+    pytest.importorskip("timm", reason="timm is not installed: pip install 'wsi-toolkit[pretrained]'")
+    from patch_model.pretrained import MissingWeightsError, find_lite_weights
+
+    try:
+        find_lite_weights("efficientnet_lite0")
+    except MissingWeightsError as e:
+        pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def real_model(kaggle, tmp_path_factory):
+    """The article's transfer learning, short: ImageNet EfficientNet-Lite0 (the pretrained extra's
+    wheel), 1 epoch body frozen, then 2 unfrozen with discriminative rates. Its package is reused
+    by the slide tests below."""
+    _need_lite0()
+    return _short_run(kaggle, tmp_path_factory.mktemp("real_train") / "run",
+                      "--epochs-frozen", "1", "--epochs", "2", "--lr", "2e-3", "--lr-unfrozen", "1e-3")
+
+
+@pytest.fixture(scope="module")
+def scratch_model(kaggle, tmp_path_factory):
+    """The same network, split, augmentation and number of epochs (3), from random weights."""
+    _need_lite0()
+    return _short_run(kaggle, tmp_path_factory.mktemp("real_scratch") / "run",
+                      "--no-pretrained", "--epochs-frozen", "0", "--epochs", "3", "--lr-unfrozen", "2e-3")
 
 
 def test_short_real_training_beats_chance(real_model):
@@ -102,14 +127,25 @@ def test_short_real_training_beats_chance(real_model):
     majority = max(test["confusion_matrix"][0][0] + test["confusion_matrix"][0][1],
                    test["confusion_matrix"][1][0] + test["confusion_matrix"][1][1]) / test["n"]
     assert majority < 0.65  # chance (always the larger class) is ~0.6 here
-    # A clear margin over chance (0.62). Measured on the dev VM (AVX-512): test accuracy 0.822, ROC
-    # AUC 0.874 (valid 0.789 / 0.850); the bars leave room for run-to-run spread across CPUs (fp32
-    # sums in another order change a from-scratch run's path; 399 patches: +-2% standard error).
-    assert test["accuracy"] >= 0.75, test
-    assert test["roc_auc"] >= 0.80, test
+    # Measured on the dev VM (AVX-512, loaded machine): test accuracy 0.842, ROC AUC 0.891 (valid 0.769 / 0.853).
+    assert test["accuracy"] >= 0.80, test
+    assert test["roc_auc"] >= 0.85, test
     cfg = json.loads((real_model / "model" / "config.json").read_text())
     assert cfg["wsi_toolkit"]["training"]["leaky"] is True
     assert cfg["wsi_toolkit"]["synthetic"] is False
+    assert cfg["wsi_toolkit"]["training"]["recipe"]["body_init"] == "imagenet"
+
+
+def test_imagenet_weights_beat_random_weights_at_equal_length(real_model, scratch_model):
+    """Transfer learning pays on real patches: the same 3 epochs from the ImageNet weights score
+    higher on the held-back test part than from random weights (same split, same network)."""
+    pre = json.loads((real_model / "metrics.json").read_text())["test"]
+    scratch = json.loads((scratch_model / "metrics.json").read_text())["test"]
+    assert json.loads((scratch_model / "settings.json").read_text())["resolved"]["body_init"] == "random"
+    # Measured: the 8-epoch versions of the two runs gave 0.855 / 0.919 (ImageNet) vs 0.757 / 0.828 (random)
+    # on this test part (docs/validation.md); at 3 epochs the random-weights run's valid was 0.717 / 0.766.
+    assert pre["accuracy"] > scratch["accuracy"], (pre, scratch)
+    assert pre["roc_auc"] > scratch["roc_auc"], (pre, scratch)
 
 
 # --------------------------------------------------------------------------------------------
