@@ -451,6 +451,9 @@ def main() -> int:
     ap.add_argument("--model", type=Path, default=None,
                     help="time this model package (e.g. a trained one) instead of the RANDOM ResNet50 packages; "
                          "--input-size is then the package's")
+    ap.add_argument("--variants", nargs="+", default=[""], metavar="ARGS",
+                    help="extra wsi-infer arguments, one quoted string per variant, each run for every runtime, "
+                         "precision and stride (e.g. '' '--ov-requests auto'); --profile is always added")
     ap.add_argument("--wsinfer", default=None, help="path to a WSInfer 0.6.x `wsinfer` executable")
     ap.add_argument("--wsinfer-strides", type=int, nargs="+", default=[96],
                     help="strides WSInfer runs at (its --patch-overlap-ratio = 1 - stride / patch px)")
@@ -518,10 +521,10 @@ def main() -> int:
                 print(json.dumps(read_only(slide, stride, w, passes=args.read_passes)), flush=True)
     exe = shutil.which("wsi-infer", path=str(Path(sys.executable).parent)) or "wsi-infer"
     cache_dir = args.cache_dir or args.data / "ov_cache"
-    runs = [(size, runtime, precision, stride) for size in args.input_size for runtime in args.runtime
-            for precision in args.precision for stride in args.strides
+    runs = [(size, runtime, precision, stride, variant) for size in args.input_size for runtime in args.runtime
+            for precision in args.precision for stride in args.strides for variant in args.variants
             if precision != "int8" or runtime != "torch"] if "infer" in parts else []
-    walls: dict = {}  # (runtime, precision, stride) -> wall seconds of each repetition, first input size
+    walls: dict = {}  # (runtime, precision, stride, variant) -> wall seconds of each repetition, first input size
     wsinfer_walls: dict[int, list[float]] = {}  # stride -> WSInfer wall seconds
     if "precision" in parts and args.precision_diff:
         with_ov = _ov() and any(r != "torch" for r in args.runtime)
@@ -534,14 +537,14 @@ def main() -> int:
             print(json.dumps(rec), flush=True)
     # Repetitions alternate wsi-infer and WSInfer, so both see the same machine conditions.
     for rep in range(args.repeat):
-        for size, runtime, precision, stride in runs:
+        for size, runtime, precision, stride, variant in runs:
             if rep and stride != 96:
                 continue  # repetitions only for the comparison at stride 96
             rec = run_wsi_infer(exe, slide, pkgs[size], args.data, size, precision, stride, args, workers,
-                                runtime=runtime, cache_dir=cache_dir)
+                                runtime=runtime, cache_dir=cache_dir, variant=variant)
             rec["repetition"] = rep
             if size == args.input_size[0] and rec["returncode"] == 0:
-                walls.setdefault((runtime, precision, stride), []).append(rec["seconds_wall"])
+                walls.setdefault((runtime, precision, stride, variant), []).append(rec["seconds_wall"])
             print(json.dumps(rec), flush=True)
         if args.wsinfer and "wsinfer" in parts:
             for stride in args.wsinfer_strides:
@@ -554,11 +557,11 @@ def main() -> int:
                 if rec["returncode"] == 0:
                     wsinfer_walls.setdefault(stride, []).append(rec["seconds_wall"])
                 print(json.dumps(rec), flush=True)
-    for (runtime, precision, stride), w in walls.items():
+    for (runtime, precision, stride, variant), w in walls.items():
         ws = wsinfer_walls.get(stride)
         if ws:
             print(json.dumps({"bench": "ratio_vs_wsinfer", "runtime": runtime, "precision": precision,
-                              "stride_px": stride, "wsi_infer_seconds": w, "wsinfer_seconds": ws,
+                              "variant": variant, "stride_px": stride, "wsi_infer_seconds": w, "wsinfer_seconds": ws,
                               "speedup_median": round(statistics.median(ws) / statistics.median(w), 2),
                               "speedup_range": [round(min(ws) / max(w), 2), round(max(ws) / min(w), 2)]}),
                   flush=True)
@@ -611,15 +614,21 @@ def prepare_runtime(slide: Path, pkg_dir: Path, runtime: str, precision: str, de
 
 def run_wsi_infer(exe: str | None, slide: Path, pkg: Path, data: Path, size: int, precision: str, stride: int, args,
                   workers: int, design: str | None = None, runtime: str | None = None,
-                  cache_dir: Path | None = None) -> dict:
-    """``wsi-infer`` as a new process; its run.json timings, wall time and memory. With ``design``,
-    wsi-infer with that reader design in place of the package's (this script's ``--as-wsi-infer``)."""
-    out = data / f"out_s{stride}_{precision}_{size}{'_' + design if design else ''}{'_' + runtime if runtime else ''}"
+                  cache_dir: Path | None = None, variant: str = "") -> dict:
+    """``wsi-infer`` as a new process; its run.json timings, wall time, memory and ``--profile`` rows.
+    With ``design``, wsi-infer with that reader design in place of the package's (this script's
+    ``--as-wsi-infer``); ``variant``: extra wsi-infer arguments (one string, split on spaces)."""
+    import hashlib
+
+    tag = "_v" + hashlib.sha256(variant.encode()).hexdigest()[:8] if variant else ""
+    out = data / (f"out_s{stride}_{precision}_{size}{'_' + design if design else ''}"
+                  f"{'_' + runtime if runtime else ''}{tag}")
     launch = [sys.executable, __file__, "--as-wsi-infer", design] if design else [exe]
     cmd = [*launch, str(slide), "--model", str(pkg), "--out", str(out), "--stride-px", str(stride),
            "--precision", precision, "--device", args.device, "--batch-size", str(args.batch_size),
            "--overwrite", "--no-progress", *(["--workers", str(args.workers)] if args.workers is not None else []),
-           *(["--runtime", runtime] if runtime else []), *(["--cache-dir", str(cache_dir)] if cache_dir else [])]
+           *(["--runtime", runtime] if runtime else []), *(["--cache-dir", str(cache_dir)] if cache_dir else []),
+           *([] if design else ["--profile"]), *variant.split()]
     m = run_measured(cmd, gpu=args.device.startswith("cuda"))
     run_json = out / slide.stem / "run.json"
     record = json.loads(run_json.read_text()) if run_json.exists() and not m["returncode"] else {}
@@ -637,6 +646,13 @@ def run_wsi_infer(exe: str | None, slide: Path, pkg: Path, data: Path, size: int
         rec["read_ms_per_patch"] = round(1000 * timings["seconds_read_cpu"] / timings["n_patches"], 4)
         rec["end_to_end_patches_per_s"] = round(timings["n_patches"] / m["seconds"], 1)
     rec.update({k: v for k, v in m.items() if k.startswith("gpu_")})
+    if variant:
+        rec["variant"] = variant
+    if ran.get("runtime") == "openvino":
+        rec.update({k: timings.get(k) for k in ("runtime_cache", "runtime_calibration", "runtime_requests")})
+    profile = out / "profile.json"
+    if profile.exists() and not m["returncode"]:
+        rec["profile"] = {r["stage"]: r["seconds"] for r in json.loads(profile.read_text())["rows"]}
     if m["returncode"]:
         rec["output_tail"] = m["output_tail"]
     return rec

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import subprocess
@@ -224,6 +225,46 @@ def test_calibration_fingerprint_keys_the_int8_graph(r18_package, r18_cache, syn
     assert (again.stats["cache"], again.stats["cache_entry"]) == ("hit", ma.stats["cache_entry"])
 
 
+def test_automatic_calibration_is_drawn_once_per_package(colour_package, synthetic_slides, tmp_path, monkeypatch):
+    """No --calibration: the first int8 load draws patches of its slide and quantizes; a later load on
+    another slide finds that graph in the cache and neither draws, converts nor quantizes."""
+    calls: list[str] = []
+
+    def draw(slide):
+        def f():
+            calls.append(slide.name)
+            return calibration_from_slides([slide], colour_package, n=32, seed=0)
+        return f
+
+    first_slide, other_slide = synthetic_slides().path, synthetic_slides(mpp=0.5).path
+    first = load_openvino_model(colour_package, precision="int8", cache_dir=tmp_path, calibration=draw(first_slide))
+    assert calls == [first_slide.name]
+    assert first.stats["calibration"] == "drawn" and first.stats["cache"] == "built"
+    assert first.stats["seconds_calibration"] >= 0 and first.stats["seconds_quantize"] > 0
+    entry = Path(first.stats["cache_entry"])
+    kept = np.load(entry / ov_runtime.CALIBRATION_NPY)  # the patches it was calibrated on, with the graph
+    assert kept.shape == (32, 96, 96, 3)
+    assert CalibrationSet(kept, source="kept").fingerprint == first.info["calibration"]["fingerprint"]
+
+    def nothing(*a, **k):
+        raise AssertionError("converted or quantized again although the cache holds the int8 graph")
+
+    monkeypatch.setattr(ov_runtime, "_convert", nothing)
+    monkeypatch.setattr(ov_runtime, "_build_int8", nothing)
+    second = load_openvino_model(colour_package, precision="int8", cache_dir=tmp_path, calibration=draw(other_slide))
+    assert calls == [first_slide.name]  # nothing drawn for the second slide
+    assert second.stats["calibration"] == "cached" and second.stats["cache"] == "hit"
+    assert "seconds_quantize" not in second.stats and "seconds_calibration" not in second.stats
+    assert Path(second.stats["cache_entry"]) == entry and second.info["calibration"] == first.info["calibration"]
+    x = _patches(8)
+    np.testing.assert_array_equal(first.predict_class_proba(x), second.predict_class_proba(x))
+    # A given set is keyed by its fingerprint: another graph, not the automatic one.
+    monkeypatch.undo()
+    given = load_openvino_model(colour_package, precision="int8", cache_dir=tmp_path,
+                                calibration=calibration_from_slides([other_slide], colour_package, n=16, seed=0))
+    assert given.stats["calibration"] == "given" and Path(given.stats["cache_entry"]) != entry
+
+
 def test_int8_needs_calibration(colour_package, tmp_path):
     with pytest.raises(ConfigError, match="calibration"):
         load_openvino_model(colour_package, precision="int8", cache_dir=tmp_path)
@@ -350,6 +391,46 @@ def test_run_inference_with_openvino_agrees_with_torch(r18_package, r18_cache, s
     assert few.runtime["runtime"] == "torch"  # auto: a few patches are not worth compiling for
 
 
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_asynchronous_requests_give_the_plain_probabilities(precision, r18_package, r18_cache, synthetic_slides):
+    """Batches run on several infer requests at once (THROUGHPUT hint, AsyncInferQueue), finishing in
+    any order: every patch gets the probability of the one-request run (1e-5 fp32)."""
+    from wsi_toolkit.inference import InferenceConfig, run_inference
+
+    slide = synthetic_slides().path
+    grid = _grid(slide, r18_package)
+    base = InferenceConfig(workers=0, progress=False, device="cpu", batch_size=8, cache_dir=str(r18_cache),
+                           runtime="openvino", precision=precision)
+    runs = {}  # int8: the first run calibrates automatically, the others run that same cached graph
+    for requests in (1, 3, None):
+        runs[requests] = run_inference(slide, grid, r18_package,
+                                       config=dataclasses.replace(base, ov_requests=requests))
+    assert len(grid) >= 4 * 8  # several batches in flight at once
+    assert runs[1].extra["runtime_requests"] == 1 and runs[3].extra["runtime_requests"] == 3
+    assert runs[None].extra["runtime_requests"] >= 1
+    for requests in (3, None):
+        assert runs[requests].runtime["precision"] == precision
+        assert np.abs(runs[requests].probs - runs[1].probs).max() <= (1e-5 if precision == "fp32" else 1e-4)
+        assert (runs[requests].probs.sum(axis=1) > 0.99).all()  # every patch was written
+
+
+def test_a_failing_asynchronous_batch_raises_in_the_caller(r18_package, r18_cache):
+    model = load_openvino_model(r18_package, cache_dir=r18_cache, requests=2)
+    seen = []
+
+    def on_logits(logits, userdata):
+        seen.append(userdata)
+        if userdata == 1:
+            raise ValueError("bad batch 1")
+
+    x = torch.zeros(4, 3, 96, 96)
+    with pytest.raises(ValueError, match="bad batch 1"):
+        with model.pipelined(on_logits) as submit:
+            for i in range(3):
+                submit(x, i)
+    assert 1 in seen
+
+
 def test_unconvertible_model_falls_back_to_torch_with_a_log_line(tmp_path, synthetic_slides, caplog):
     from wsi_toolkit.inference import InferenceConfig, run_inference
 
@@ -379,12 +460,41 @@ def test_wsi_infer_int8_records_the_runtime_and_redoes_on_a_runtime_change(model
     assert rt["runtime"] == "openvino" and rt["precision"] == "int8" and "quantized to int8" in rt["changes"]
     assert "tissue of 1 slide(s)" in rt["calibration"]["source"] and rt["int8_vs_fp32"]["n_patches"] > 0
     assert run["output_key"]["runtime"] == "auto" and run["output_key"]["precision"] == "int8"
-    assert run["output_key"]["calibration"].endswith(f"{rt['calibration']['fingerprint']}.npy")
+    assert run["output_key"]["calibration"] == "auto"
+    assert run["timings"]["runtime_calibration"] == "cached"  # the batch step calibrated; the slide found it
     assert "seconds" not in json.dumps(rt)  # run.json's runtime is the same on every run; times go to timings
-    assert main([*base, "--precision", "int8"]) == 0  # same calibration (seeded): the slide is skipped
+    assert main([*base, "--precision", "int8"]) == 0  # same graph: the slide is skipped
     assert json.loads(next(out.glob("*/run.json")).read_text())["runtime"] == rt
     assert main([*base, "--runtime", "torch"]) == 0  # another runtime: redone
     assert json.loads(next(out.glob("*/run.json")).read_text())["runtime"]["runtime"] == "torch"
+
+
+def test_wsi_infer_int8_second_batch_calibrates_nothing(model_dir, synthetic_slides, tmp_path, monkeypatch, capsys):
+    """The second int8 batch, on another slide, runs the package's cached graph: no patches are drawn,
+    nothing is converted or quantized, and the log says so."""
+    import wsi_toolkit.runtime.calibration as calibration_module
+    from wsi_toolkit.cli.infer import main
+
+    cache = tmp_path / "cache"
+    common = ["--model", str(model_dir), "--no-progress", "--workers", "0", "--stride-px", "96",
+              "--cache-dir", str(cache), "--precision", "int8"]
+    assert main([str(synthetic_slides().path), "--out", str(tmp_path / "a"), *common]) == 0
+    assert "calibrated now on" in capsys.readouterr().err
+    first = json.loads(next((tmp_path / "a").glob("*/run.json")).read_text())
+
+    def nothing(*a, **k):
+        raise AssertionError("calibrated, converted or quantized again")
+
+    monkeypatch.setattr(calibration_module, "calibration_from_slides", nothing)
+    monkeypatch.setattr("wsi_toolkit.runtime.calibration_from_slides", nothing)
+    monkeypatch.setattr(ov_runtime, "_convert", nothing)
+    monkeypatch.setattr(ov_runtime, "_build_int8", nothing)
+    assert main([str(synthetic_slides(mpp=0.5).path), "--out", str(tmp_path / "b"), *common]) == 0
+    assert "nothing calibrated now" in capsys.readouterr().err
+    second = json.loads(next((tmp_path / "b").glob("*/run.json")).read_text())
+    assert second["runtime"]["precision"] == "int8"
+    assert second["runtime"]["calibration"] == first["runtime"]["calibration"]
+    assert second["timings"]["runtime_cache"] == "hit" and second["timings"]["runtime_calibration"] == "cached"
 
 
 def test_wsi_infer_check_precision(model_dir, synthetic_slides, tmp_path):

@@ -172,24 +172,30 @@ def analyse_slide(slide: str | Path | SlideReader, package: ModelPackage | str |
             level0_size=list(reader.dimensions),
             level_count=reader.level_count, synthetic=reader.is_synthetic)
         thumb = reader.thumbnail(mpp=tissue_cfg.thumb_mpp)
+        t_thumb = time.perf_counter()
         tissue = detect_tissue(thumb, l0_mpp=reader.mpp, config=tissue_cfg)
+        t_tissue = time.perf_counter()
         grid = make_grid(l0_size=reader.dimensions, l0_mpp=reader.mpp, config=grid_cfg, tissue_mask=tissue.mask,
                          mask_l0_per_px=tissue.l0_per_px)
         reader_backend = reader.backend
-    seconds_tissue = time.perf_counter() - t0
+    t_grid = time.perf_counter()
     result = run_inference(slide_path, grid, package, config=settings.inference, mpp=settings.mpp_override,
                            backend=reader_backend if isinstance(slide, SlideReader) else backend, desc=slide_path.name)
+    t_stitch = time.perf_counter()
     tumor_idx = package.config.tumor_index()
     p_tumor = result.probs[:, tumor_idx] if result.probs.shape[1] > 1 else result.probs[:, 0]
     heatmap = stitch(grid, p_tumor, merge=merge)
     regions = tumor_regions(heatmap, threshold=settings.threshold)
+    stages = {"seconds_open_thumbnail": t_thumb - t0, "seconds_tissue_detect": t_tissue - t_thumb,
+              "seconds_grid": t_grid - t_tissue, "seconds_tissue": t_grid - t0,
+              "seconds_stitch_regions": time.perf_counter() - t_stitch}
     return SlideAnalysis(
         slide_path=slide_path, package=package, settings=settings, slide_info=slide_info, thumbnail=thumb,
         tissue=tissue, grid_config=grid_cfg, tissue_config=tissue_cfg, merge=merge, grid=grid, probs=result.probs,
         p_tumor=p_tumor, heatmap=heatmap, regions=regions,
         slide_score=float(p_tumor.max()) if len(p_tumor) else 0.0,
         tumor_area_mm2=float(sum(r.area_mm2 for r in regions)),
-        timings={**result.timings(), "seconds_tissue": round(seconds_tissue, 4),
+        timings={**result.timings(), **{k: round(v, 4) for k, v in stages.items()},
                  "seconds_analysis": round(time.perf_counter() - t0, 4)},
         runtime=result.runtime)
 
@@ -268,7 +274,8 @@ def output_key(slide_path: str | Path, package: ModelPackage, config: RunConfig)
     A finished slide is skipped only when this matches exactly: the slide file (name and size),
     the model's weights (sha256) and ``config.json`` (sha256 of its content), the resolved grid
     (patch size, spacing, stride, tissue fraction), merge, tissue settings, threshold, the mpp
-    override, reader backend, device, runtime, precision (and an int8 run's calibration) and graph
+    override, reader backend, device, runtime, precision (and an int8 run's calibration: its
+    ``--calibration`` path, or ``"auto"``, the package's cached graph) and graph
     optimisation. Batch size, reader workers, the conversion cache and progress bars do not change
     outputs and are not in it.
     """
@@ -288,7 +295,7 @@ def output_key(slide_path: str | Path, package: ModelPackage, config: RunConfig)
         "device": inf.device,
         "runtime": inf.runtime,
         "precision": inf.precision,
-        "calibration": inf.calibration if inf.precision == "int8" else None,
+        "calibration": (inf.calibration or "auto") if inf.precision == "int8" else None,
         "optimize": inf.optimize,
     }
 

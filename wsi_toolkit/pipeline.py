@@ -401,19 +401,23 @@ def prepare_out(out: Path) -> None:
 
 
 def run_batch(slide_paths: list[Path], model_dir: str | Path, out: str | Path, config: RunConfig = RunConfig(),
-              *, failures: Sequence[tuple[str | Path, str]] = ()) -> list[SlideResult]:
+              *, failures: Sequence[tuple[str | Path, str]] = (), timings: dict | None = None) -> list[SlideResult]:
     """Run every slide; a failure is recorded and the batch goes on. Writes ``OUT/summary.csv``.
 
     A finished slide is skipped when its output key (:func:`output_key`) is unchanged, and redone
     (with a log line saying what differed) when it changed, or always with ``config.overwrite``.
     A slide another process holds the lock of is left to it (status ``busy``). ``failures``:
     (argument, error) pairs found before the batch (e.g. an unreadable folder), recorded as failed
-    slides. The model is loaded once; an unloadable model raises before any slide runs. The same
+    slides. ``timings``, when given, receives ``seconds_package_load``. The model is loaded once; an
+    unloadable model raises before any slide runs. The same
     batch on a Ray cluster: :func:`wsi_toolkit.scale.run_batch_ray`.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
     package = load_model_package(model_dir)
+    if timings is not None:
+        timings["seconds_package_load"] = time.perf_counter() - t0
     prepare_out(out)
     results: list[SlideResult] = [
         SlideResult(slide=str(arg), status="failed", error=error) for arg, error in failures]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import time
 from pathlib import Path
 
 import click
@@ -57,11 +57,21 @@ class _BatchSize(click.ParamType):
               show_default=True,
               help="auto: mixed precision (bf16, else fp16) on CUDA; fp32 on CPU and MPS, so every CPU gives the "
                    "same heatmap. bf16 on a CPU is opt-in (fast with AVX512-BF16/AMX; probabilities move ~1e-2). "
-                   "int8 (OpenVINO): the model quantized with NNCF, calibrated on tissue of the slides "
-                   "(or --calibration).")
+                   "int8 (OpenVINO): the model quantized with NNCF, calibrated once per package on tissue of the "
+                   "slides of the first int8 run and cached (or --calibration).")
 @click.option("--calibration", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="int8: calibrate on this PCam folder (HDF5 or Kaggle layout) [default: a few hundred "
-                   "patches of tissue of the slides being run].")
+                   "patches of tissue of the slides of the package's first int8 run, drawn once and cached with "
+                   "the quantized graph].")
+@click.option("--ov-requests", type=_BatchSize(), default="1", show_default=True,
+              help="OpenVINO infer requests in flight: 1 runs one batch at a time on every thread (LATENCY "
+                   "hint); auto compiles with the THROUGHPUT hint and keeps its optimal number of requests "
+                   "running while the next batches are read; N: N requests in flight on those streams. Same "
+                   "probabilities either way.")
+@click.option("--profile", is_flag=True,
+              help="Print where the time went, stage by stage (process start and imports, package load, "
+                   "INT8 graph, tissue, grid, model set-up, model, reads, stitching, exports) and write it "
+                   "to OUT/profile.json.")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Converted models [default: $WSI_TOOLKIT_CACHE, else ~/.cache/wsi-toolkit].")
 @click.option("--check-precision", is_flag=True,
@@ -80,8 +90,8 @@ class _BatchSize(click.ParamType):
 @click.option("--no-progress", is_flag=True)
 @click.option("-v", "--verbose", count=True)
 def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_tissue, batch_size, workers, device,
-             runtime, precision, calibration, cache_dir, check_precision, ray_address, cpus_per_worker, backend,
-             overwrite, no_progress, verbose) -> int:
+             runtime, precision, calibration, ov_requests, profile, cache_dir, check_precision, ray_address,
+             cpus_per_worker, backend, overwrite, no_progress, verbose) -> int:
     """Tumour-probability heatmaps for SLIDES (files and folders mixed).
 
     Per slide, in OUT/<slide-stem>/ (the stem made a safe, unique folder name): heatmap.tif,
@@ -90,6 +100,10 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
     is 1 if any slide failed. A finished slide is skipped only if its model and settings are
     unchanged; runs sharing OUT share the slides. With --ray the same happens on a Ray cluster.
     """
+    from wsi_toolkit.profiling import process_age_s
+
+    batch_timings: dict = {"seconds_imports": process_age_s()}
+    t_command = time.perf_counter()
     setup_logging(verbose)
     if ray_address is not None and check_precision:
         raise click.UsageError("--check-precision runs in one process; drop --ray")
@@ -109,14 +123,16 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
     inference = InferenceConfig(batch_size=batch_size, workers=workers, device=device, precision=precision,
                                 progress=not no_progress, runtime=runtime,
                                 cache_dir=None if cache_dir is None else str(cache_dir),
-                                calibration=None if calibration is None else str(calibration))
+                                calibration=None if calibration is None else str(calibration),
+                                ov_requests=None if ov_requests == "auto" else ov_requests)
     config = RunConfig(
         mpp_override=mpp, stride_px=stride_px, merge=merge, threshold=threshold, min_tissue_fraction=min_tissue,
         overwrite=overwrite, backend=backend, inference=inference,
     )
     if precision == "int8" and calibration is None and paths:
-        cal_path = _slides_calibration(paths, model_dir, config)
-        config = replace(config, inference=replace(inference, calibration=cal_path))
+        t = time.perf_counter()
+        _prepare_int8(paths, model_dir, config)
+        batch_timings["seconds_int8_prepare"] = time.perf_counter() - t
     if check_precision:
         return _check_precision(paths, model_dir, out_dir, config)
     if ray_address is not None:
@@ -125,7 +141,7 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
         settings = RaySettings(address=ray_address, cpus_per_worker=cpus_per_worker)
         results = run_batch_ray(paths, model_dir, out_dir, config, settings=settings, failures=failures)
     else:
-        results = run_batch(paths, model_dir, out_dir, config, failures=failures)
+        results = run_batch(paths, model_dir, out_dir, config, failures=failures, timings=batch_timings)
     for r in results:
         if r.status == "failed":
             click.echo(f"FAILED   {r.slide}\n  {r.error}", err=True)
@@ -137,24 +153,67 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
     n_bad = sum(r.status == "failed" for r in results)
     failed = f"; {n_bad} of {len(results)} slides failed" if n_bad else ""
     click.echo(f"summary: {Path(out_dir) / 'summary.csv'}{failed}", err=bool(n_bad))
+    if profile:
+        age = process_age_s()
+        wall = time.perf_counter() - t_command
+        batch_timings["seconds_wall"] = wall + (batch_timings["seconds_imports"] or 0.0) if age is None else age
+        _write_profile(Path(out_dir), results, batch_timings)
     return 1 if n_bad else 0
 
 
-def _slides_calibration(paths: list[Path], model_dir: Path, config: RunConfig) -> str:
-    """INT8 calibration patches from tissue of the batch's slides (up to 8 of them), saved once in the
-    cache as ``calibration/<fingerprint>.npy``: every slide of the batch runs the same quantized model."""
+def _write_profile(out_dir: Path, results: list, batch_timings: dict) -> None:
+    """The stage table of this run's analysed slides (not the skipped ones): printed, and saved as
+    ``OUT/profile.json`` (the rows and every slide's timings)."""
+    import json
+
+    from wsi_toolkit.atomic import write_json_atomic
+    from wsi_toolkit.profiling import profile_rows, profile_table
+
+    slides = []
+    for r in results:
+        if r.status != "ok" or not r.out_dir:
+            continue
+        try:
+            slides.append(json.loads((Path(r.out_dir) / "run.json").read_text(encoding="utf-8"))["timings"])
+        except (OSError, ValueError, KeyError):
+            continue
+    click.echo(f"profile (seconds; {len(slides)} slide(s) analysed by this run):\n"
+               + profile_table(slides, batch_timings), err=True)
+    write_json_atomic(out_dir / "profile.json", {
+        "batch": batch_timings, "rows": [{"stage": k, "seconds": round(v, 4)} for k, v in
+                                         profile_rows(slides, batch_timings)], "slides": slides})
+
+
+def _prepare_int8(paths: list[Path], model_dir: Path, config: RunConfig) -> None:
+    """The package's automatically calibrated INT8 graph, made before the batch runs when the cache has
+    none: calibrated on tissue of the batch's slides (up to 8 of them), once per package. Every slide of
+    this batch, and of later batches on any slides, then runs that same cached graph."""
     from wsi_toolkit.model_package import load_model_package
-    from wsi_toolkit.runtime import calibration_from_slides, default_cache_dir, openvino_available, save_calibration
+    from wsi_toolkit.runtime import ConversionError, calibration_from_slides, openvino_available
+    from wsi_toolkit.runtime.openvino import prepare_openvino_graph
 
     if not openvino_available():
         raise click.UsageError("--precision int8 needs OpenVINO: pip install 'wsi-toolkit[openvino]'")
     package = load_model_package(model_dir)
-    cal = calibration_from_slides(paths, package, mpp=config.mpp_override, backend=config.backend,
-                                  min_tissue_fraction=config.min_tissue_fraction, thumb_mpp=config.thumb_mpp)
-    root = Path(config.inference.cache_dir) if config.inference.cache_dir else default_cache_dir()
-    path = save_calibration(cal, root / "calibration")
-    click.echo(f"int8 calibration: {cal.source} -> {path}", err=True)
-    return str(path)
+
+    def draw():
+        return calibration_from_slides(paths, package, mpp=config.mpp_override, backend=config.backend,
+                                       min_tissue_fraction=config.min_tissue_fraction, thumb_mpp=config.thumb_mpp)
+
+    try:
+        _, info, stats = prepare_openvino_graph(package, precision="int8", cache_dir=config.inference.cache_dir,
+                                                calibration=draw)
+    except ConversionError as exc:  # each slide falls back to torch fp32 and says so
+        click.echo(f"int8: {exc}", err=True)
+        return
+    source = info.get("calibration", {}).get("source")
+    if stats["calibration"] == "drawn":
+        click.echo(f"int8: calibrated now on {source} ({stats.get('seconds_calibration', 0):.1f} s to draw, "
+                   f"{stats.get('seconds_quantize', 0):.1f} s to quantize); cached for later runs: "
+                   f"{stats['cache_entry']}", err=True)
+    else:
+        click.echo(f"int8: quantized graph from the cache, calibrated once on {source}; nothing calibrated now "
+                   f"(--calibration DIR calibrates on other patches): {stats['cache_entry']}", err=True)
 
 
 def _check_precision(paths: list[Path], model_dir: Path, out_dir: Path, config: RunConfig) -> int:

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -75,7 +76,11 @@ class InferenceConfig:
     ``precision="int8"`` (OpenVINO only) quantizes the model, calibrated on ``calibration`` (a PCam
     folder or an ``.npy`` of patches, :func:`~wsi_toolkit.runtime.load_calibration`), by default on
     tissue of the slide being analysed. ``cache_dir``: converted models (default
-    :func:`~wsi_toolkit.runtime.default_cache_dir`).
+    :func:`~wsi_toolkit.runtime.default_cache_dir`). ``ov_requests``: OpenVINO infer requests in
+    flight: 1 runs one batch at a time with every thread on it (LATENCY hint); ``None`` compiles with
+    the THROUGHPUT hint and keeps its optimal number of requests running asynchronously while the
+    next batches are read and preprocessed; a number N > 1 keeps N requests in flight on those streams. Probabilities
+    are the same either way (each batch is computed alone).
     """
 
     batch_size: int | Literal["auto"] = "auto"
@@ -90,6 +95,7 @@ class InferenceConfig:
     runtime: str = "auto"
     cache_dir: str | None = None
     calibration: str | None = None
+    ov_requests: int | None = 1
 
     def __post_init__(self) -> None:
         if self.batch_size != "auto":
@@ -98,6 +104,8 @@ class InferenceConfig:
             check_int(self.workers, "workers", minimum=0)
         if self.block_cells is not None:
             check_int(self.block_cells, "block_cells")
+        if self.ov_requests is not None:
+            check_int(self.ov_requests, "ov_requests")
         check_int(self.block_px, "block_px")
         check_int(self.block_patches, "block_patches")
         if self.precision not in PRECISIONS:
@@ -222,15 +230,20 @@ def run_inference(
     large = n >= 2 * config.nominal_batch_size()
     runtime = "torch" if config.runtime == "auto" and not large and config.precision != "int8" else config.runtime
 
-    def calibration():
-        from wsi_toolkit.runtime import calibration_from_slides, load_calibration
+    def calibration():  # automatic: drawn only when the cache has no calibrated graph of this package
+        from wsi_toolkit.runtime import calibration_from_slides
 
-        if config.calibration is not None:
-            return load_calibration(config.calibration)
         return calibration_from_slides([slide_path], package, mpp=mpp, backend=backend)
 
+    t_setup = time.perf_counter()
+    given = None
+    if config.calibration is not None and config.precision == "int8":
+        from wsi_toolkit.runtime import load_calibration
+
+        given = load_calibration(config.calibration)
     choice = select_runtime(package, runtime=runtime, precision=config.precision, device=device,
-                            cache_dir=config.cache_dir, calibration=calibration)
+                            cache_dir=config.cache_dir, calibration=calibration if given is None else given,
+                            requests=config.ov_requests)
     model: Any
     if choice.model is not None:
         model, amp_dtype, precision = choice.model, None, choice.precision
@@ -239,6 +252,7 @@ def run_inference(
         precision = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[amp_dtype]
         model = prepare_model(package.model, device, amp_dtype=amp_dtype, optimize=config.optimize and large)
     preprocess = Preprocess(cfg).to(device)
+    seconds_setup = time.perf_counter() - t_setup
     batch_size = config.nominal_batch_size()
     if config.batch_size == "auto" and device.type == "cuda" and n > batch_size:
         batch_size = cuda_batch_size(model, preprocess, device, amp_dtype, cfg.patch_size_pixels)
@@ -279,11 +293,31 @@ def run_inference(
         bar.update(len(index))
         return time.perf_counter() - t0
 
+    pipelined = contextlib.nullcontext(None)
+    if getattr(model, "n_requests", 1) > 1:
+        lock = threading.Lock()
+
+        def on_logits(logits: torch.Tensor, index: torch.Tensor) -> None:  # OpenVINO's threads
+            _check_logits(logits, len(index), cfg.num_classes, package.path)
+            p = probabilities(logits).numpy()
+            with lock:
+                probs[index.numpy()] = p
+                bar.update(len(index))
+
+        pipelined = model.pipelined(on_logits)
+
+    def predict_async(batch: torch.Tensor, index: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        submit(preprocess(batch), index)  # waits only while every request is busy
+        return time.perf_counter() - t0
+
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []
     n_pending = 0
     # closing(): on an error the reader threads stop and the slide closes now, not when the
     # traceback (which holds this frame) is freed.
-    with torch.inference_mode(), model, contextlib.closing(reader.read(workers)) as items:
+    with torch.inference_mode(), model, contextlib.closing(reader.read(workers)) as items, pipelined as submit:
+        if submit is not None:
+            predict = predict_async  # noqa: F811 - the asynchronous path replaces the plain one
         t_wait = time.perf_counter()
         for patches_u8, index, seconds in items:
             wait_s += time.perf_counter() - t_wait
@@ -299,12 +333,14 @@ def run_inference(
             t_wait = time.perf_counter()
         if n_pending:
             model_s += predict(torch.cat([b for b, _ in pending]), torch.cat([i for _, i in pending]))
+        t_drain = time.perf_counter()
+    model_s += time.perf_counter() - t_drain  # the asynchronous path: the last batches finishing
     bar.close()
     return InferenceResult(
         probs=probs, device=str(device), precision=precision, n_patches=n,
         seconds_total=time.perf_counter() - t_start, seconds_read=read_s, seconds_wait=wait_s,
         seconds_model=model_s, workers=workers, batch_size=batch_size,
-        extra={"n_regions": len(blocks), "model_path": model.path,
+        extra={"n_regions": len(blocks), "model_path": model.path, "seconds_model_setup": round(seconds_setup, 4),
                **{f"runtime_{k}": v for k, v in choice.stats.items()}},
         runtime={**choice.info, "precision": precision},
     )

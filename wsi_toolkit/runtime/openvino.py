@@ -22,7 +22,7 @@ import logging
 import sys
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,13 +35,13 @@ from wsi_toolkit.model_package.preprocess import Preprocess
 from wsi_toolkit.model_package.torchscript import quiet_torchscript_deprecation
 from wsi_toolkit.runtime import cpu  # cpu.cpu_has_fast_bf16 looked up when called (tests patch it there)
 from wsi_toolkit.runtime.cache import MODEL_XML, CacheKey, default_cache_dir, get_or_build
-from wsi_toolkit.runtime.calibration import CalibrationSet
+from wsi_toolkit.runtime.calibration import CALIBRATION_PATCHES, CalibrationSet
 
 if TYPE_CHECKING:
     from wsi_toolkit.model_package import ModelPackage
 
-__all__ = ["FP32_TOLERANCE", "OV_PRECISIONS", "ConversionError", "OpenVinoModel", "OvPrecision", "load_openvino_model",
-           "openvino_available", "openvino_versions"]
+__all__ = ["AUTO_CALIBRATION", "FP32_TOLERANCE", "OV_PRECISIONS", "ConversionError", "OpenVinoModel", "OvPrecision",
+           "load_openvino_model", "openvino_available", "openvino_versions", "prepare_openvino_graph"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ OvPrecision = Literal["fp32", "bf16", "int8"]
 OV_PRECISIONS = ("fp32", "bf16", "int8")
 #: Largest |probability difference| from torch fp32 accepted for an OpenVINO fp32 graph.
 FP32_TOLERANCE = 1e-4
+#: The cache key's ``calibration`` of an INT8 graph calibrated automatically (no ``--calibration``):
+#: on the tissue of the slides of the run that built it. Later runs on any slides reuse that graph.
+AUTO_CALIBRATION = f"auto: {CALIBRATION_PATCHES} patches of slide tissue, drawn once per package"
+#: The patches an automatically calibrated INT8 graph was calibrated on, kept in its cache entry.
+CALIBRATION_NPY = "calibration.npy"
 #: NNCF settings of the INT8 graph (part of its cache key).
 QUANTIZATION = {"method": "nncf.quantize", "preset": "performance", "fast_bias_correction": True}
 
@@ -161,10 +166,10 @@ def _convert(package: ModelPackage, src: Any, source: str):
     return model
 
 
-def _compile(model: Any, precision: OvPrecision, threads: int | None):
+def _compile(model: Any, precision: OvPrecision, threads: int | None, hint: str = "LATENCY"):
     import openvino as ov
 
-    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": "LATENCY"}
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": hint}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
     return ov.Core().compile_model(model, "CPU", config)
@@ -238,7 +243,7 @@ class OpenVinoModel:
     ``"built"``, the entry's folder, seconds), which goes with the timings."""
 
     def __init__(self, compiled: Any, package: ModelPackage, precision: OvPrecision, info: Mapping[str, Any],
-                 stats: Mapping[str, Any] | None = None):
+                 stats: Mapping[str, Any] | None = None, n_requests: int = 1):
         self._compiled = compiled
         self._request = compiled.create_infer_request()
         self.package = package
@@ -246,6 +251,46 @@ class OpenVinoModel:
         self.path = f"openvino-{precision}"
         self.info = dict(info)
         self.stats = dict(stats or {})
+        #: Infer requests :meth:`pipelined` keeps in flight (1: one request at a time, as ``__call__``).
+        self.n_requests = int(n_requests)
+
+    @contextlib.contextmanager
+    def pipelined(self, on_logits: Callable[[torch.Tensor, Any], None]
+                  ) -> Iterator[Callable[[torch.Tensor, Any], None]]:
+        """``submit(x, userdata)`` starting batches asynchronously on :attr:`n_requests` infer requests
+        (OpenVINO's ``AsyncInferQueue``), so the caller reads and preprocesses the next batch while
+        the model runs. ``on_logits(logits, userdata)`` is called once per batch (from OpenVINO's
+        threads, in completion order, not submission order) with the logits of that batch. Leaving
+        the block waits for every batch; an error in ``on_logits`` is raised there (or by the next
+        ``submit``)."""
+        import openvino as ov
+
+        queue = ov.AsyncInferQueue(self._compiled, max(1, self.n_requests))
+        errors: list[BaseException] = []
+
+        def done(request: Any, userdata: Any) -> None:
+            if errors:
+                return
+            try:
+                on_logits(torch.from_numpy(np.array(request.get_output_tensor(0).data, np.float32, copy=True)),
+                          userdata)
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                errors.append(exc)
+
+        queue.set_callback(done)
+
+        def submit(x: torch.Tensor, userdata: Any) -> None:
+            if errors:
+                raise errors[0]
+            arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
+            queue.start_async({0: arr}, userdata, share_inputs=False)  # copied: the caller may reuse x
+
+        try:
+            yield submit
+        finally:
+            queue.wait_all()
+        if errors:
+            raise errors[0]
 
     def __enter__(self) -> OpenVinoModel:
         return self
@@ -279,19 +324,7 @@ def check_precision_supported(precision: str, *, force_bf16: bool = False) -> Ov
     return precision  # type: ignore[return-value]
 
 
-def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache_dir: str | Path | None = None,
-                        calibration: CalibrationSet | None = None, force_bf16: bool = False,
-                        threads: int | None = None) -> OpenVinoModel:
-    """The package's model compiled by OpenVINO for the CPU at ``precision`` (converted and cached on
-    first use; the cache under ``cache_dir`` or :func:`~.cache.default_cache_dir`).
-
-    ``int8`` needs ``calibration``; ``threads`` defaults to torch's intra-op thread count.
-    Raises :class:`ConfigError` for settings that cannot work here (OpenVINO or NNCF not installed,
-    bf16 without native support, int8 without calibration, a package on a GPU) and
-    :class:`ConversionError` when conversion, quantization or compilation fails or the fp32 graph
-    disagrees with torch: run torch instead.
-    """
-    prec = check_precision_supported(precision, force_bf16=force_bf16)
+def _check_loadable(package: ModelPackage, prec: OvPrecision, calibration: Any) -> None:
     if not openvino_available():
         raise ConfigError("runtime openvino needs OpenVINO: pip install 'wsi-toolkit[openvino]'")
     if package.device.type != "cpu":
@@ -300,6 +333,23 @@ def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache
         raise ConfigError("precision int8 needs calibration patches (from the slides' tissue or a PCam folder)")
     if prec == "int8":
         _import_nncf()
+
+
+def prepare_openvino_graph(package: ModelPackage, *, precision: str = "fp32", cache_dir: str | Path | None = None,
+                           calibration: CalibrationSet | Callable[[], CalibrationSet] | None = None,
+                           force_bf16: bool = False, threads: int | None = None) -> tuple[Path, dict, dict]:
+    """The cache entry holding the package's graph for ``precision``, converted (and for ``int8``
+    quantized) now if the cache has none: ``(folder, info, stats)``. Nothing is compiled.
+
+    ``calibration`` (int8 only) is either a :class:`CalibrationSet` (its fingerprint keys the
+    quantized graph) or a function drawing one. A function is the automatic calibration on the
+    slides being run: it is called only when the cache has no automatically calibrated graph of
+    this package, and the graph it gives is reused by every later run on any slides (the key holds
+    :data:`AUTO_CALIBRATION`, the entry the patches it was calibrated on). ``stats["calibration"]``
+    says which happened: ``"given"``, ``"drawn"`` (calibrated now) or ``"cached"``.
+    """
+    prec = check_precision_supported(precision, force_bf16=force_bf16)
+    _check_loadable(package, prec, calibration)
     threads = threads or torch.get_num_threads()
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     versions = openvino_versions()
@@ -307,6 +357,7 @@ def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache
     size = package.config.input_size
     fp32_key = CacheKey(package_sha256=package.sha256, graph="fp32", input_size=size,
                         openvino=str(versions["openvino"]))
+    stats: dict[str, Any] = {}
     try:
         # The source is loaded only to build: reading model.pt2 alone takes seconds.
         folder, entry, built = get_or_build(root, fp32_key,
@@ -314,30 +365,88 @@ def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache
         info: dict[str, Any] = {**entry["info"]}
         if prec == "int8":
             assert calibration is not None
+            given = isinstance(calibration, CalibrationSet)
             key = CacheKey(package_sha256=package.sha256, graph="int8", input_size=size,
                            openvino=str(versions["openvino"]), nncf=versions["nncf"],
-                           calibration=calibration.fingerprint, quantization=QUANTIZATION)
+                           calibration=calibration.fingerprint if given else AUTO_CALIBRATION,
+                           quantization=QUANTIZATION)
             fp32_xml = folder / MODEL_XML
-            folder, entry, built8 = get_or_build(
-                root, key, lambda d: _build_int8(package, fp32_xml, calibration, threads, d))
+            drawn: list[float] = []
+
+            def build_int8(d: Path) -> dict:
+                if isinstance(calibration, CalibrationSet):
+                    cal = calibration
+                else:
+                    t = time.perf_counter()
+                    cal = calibration()  # type: ignore[misc]
+                    drawn.append(time.perf_counter() - t)
+                    np.save(d / CALIBRATION_NPY, cal.patches, allow_pickle=False)
+                return _build_int8(package, fp32_xml, cal, threads, d)
+
+            folder, entry, built8 = get_or_build(root, key, build_int8)
             built = built or built8
             info.update(entry["info"])
-        compiled = _compile(str(folder / MODEL_XML), prec, threads)
+            stats["calibration"] = "given" if given else ("drawn" if built8 else "cached")
+            if drawn:
+                stats["seconds_calibration"] = round(drawn[0], 3)
     except (ConfigError, ConversionError):
         raise
     except Exception as exc:  # noqa: BLE001 - OpenVINO/NNCF raise many types; all mean "use torch"
         raise ConversionError(f"OpenVINO could not prepare the model of {package.path} at {prec}: "
                               f"{type(exc).__name__}: {one_line(exc)}") from exc
-    stats: dict[str, Any] = {k: info.pop(k) for k in ("seconds_convert", "seconds_quantize") if k in info}
+    stats.update({k: info.pop(k) for k in ("seconds_convert", "seconds_quantize") if k in info and built})
+    for k in ("seconds_convert", "seconds_quantize"):
+        info.pop(k, None)
     stats.update({"cache": "built" if built else "hit", "cache_entry": str(folder),
+                  "seconds_prepare": round(time.perf_counter() - t0, 3)})
+    if stats.get("calibration") == "cached":
+        log.info("INT8: the quantized graph of this package is cached (calibrated once on %s); nothing calibrated "
+                 "now (--calibration DIR calibrates on other patches)", info.get("calibration", {}).get("source"))
+    return folder, info, stats
+
+
+def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache_dir: str | Path | None = None,
+                        calibration: CalibrationSet | Callable[[], CalibrationSet] | None = None,
+                        force_bf16: bool = False, threads: int | None = None,
+                        requests: int | None = 1) -> OpenVinoModel:
+    """The package's model compiled by OpenVINO for the CPU at ``precision`` (converted and cached on
+    first use; the cache under ``cache_dir`` or :func:`~.cache.default_cache_dir`).
+
+    ``int8`` needs ``calibration``: a set, or a function drawing one only when the cache has no
+    automatically calibrated graph yet (:func:`prepare_openvino_graph`); ``threads`` defaults to
+    torch's intra-op thread count. ``requests``: 1 compiles for latency (one request at a time, all
+    threads on it); ``None`` compiles with OpenVINO's THROUGHPUT hint (several CPU streams) and
+    keeps its optimal number of requests in flight (:meth:`OpenVinoModel.pipelined`); a number
+    N > 1 keeps N requests in flight on the THROUGHPUT hint's streams.
+    Raises :class:`ConfigError` for settings that cannot work here (OpenVINO or NNCF not installed,
+    bf16 without native support, int8 without calibration, a package on a GPU) and
+    :class:`ConversionError` when conversion, quantization or compilation fails or the fp32 graph
+    disagrees with torch: run torch instead.
+    """
+    prec = check_precision_supported(precision, force_bf16=force_bf16)
+    threads = threads or torch.get_num_threads()
+    t0 = time.perf_counter()
+    folder, info, stats = prepare_openvino_graph(package, precision=prec, cache_dir=cache_dir, calibration=calibration,
+                                                 force_bf16=force_bf16, threads=threads)
+    t1 = time.perf_counter()
+    try:
+        if requests == 1:
+            compiled, n_requests = _compile(str(folder / MODEL_XML), prec, threads), 1
+        else:
+            compiled = _compile(str(folder / MODEL_XML), prec, threads, hint="THROUGHPUT")
+            n_requests = requests or int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
+    except Exception as exc:  # noqa: BLE001 - OpenVINO raises many types; all mean "use torch"
+        raise ConversionError(f"OpenVINO could not compile the model of {package.path} at {prec}: "
+                              f"{type(exc).__name__}: {one_line(exc)}") from exc
+    stats.update({"seconds_compile": round(time.perf_counter() - t1, 3), "requests": n_requests,
                   "seconds_load": round(time.perf_counter() - t0, 3)})
     info.update({
         "runtime": "openvino", "precision": prec, "inference_precision_hint": _HINT[prec], "threads": threads,
-        "changes": _CHANGES[prec], "openvino": versions["openvino"],
-        "nncf": versions["nncf"] if prec == "int8" else None,
+        "changes": _CHANGES[prec], "openvino": openvino_versions()["openvino"],
+        "nncf": openvino_versions()["nncf"] if prec == "int8" else None,
     })
     if prec == "bf16" and force_bf16:
         info["forced"] = True
     log.info("OpenVINO %s model ready (from %s, cache %s, %.1f s)", prec, info.get("source"), stats["cache"],
              stats["seconds_load"])
-    return OpenVinoModel(compiled, package, prec, info, stats)
+    return OpenVinoModel(compiled, package, prec, info, stats, n_requests=n_requests)

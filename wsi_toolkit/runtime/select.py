@@ -49,6 +49,11 @@ def resolve_runtime(runtime: str, device: torch.device) -> str:
     return "openvino" if openvino_available() else "torch"
 
 
+#: The OpenVINO model compiled last, by its settings: the next slide of a batch runs it again
+#: instead of compiling it anew (which costs seconds per slide).
+_LOADED: dict[tuple, OpenVinoModel] = {}
+
+
 @dataclass
 class RuntimeChoice:
     """``model``: the OpenVINO model to call, or None to run the package's torch model.
@@ -65,12 +70,15 @@ class RuntimeChoice:
 def select_runtime(package: ModelPackage, *, runtime: str = "auto", precision: str = "auto",
                    device: torch.device | None = None, cache_dir: str | Path | None = None,
                    calibration: CalibrationSet | Callable[[], CalibrationSet] | None = None,
-                   force_bf16: bool = False) -> RuntimeChoice:
+                   force_bf16: bool = False, requests: int | None = 1) -> RuntimeChoice:
     """The model a run calls, from its ``runtime`` and ``precision`` settings.
 
     On a CPU, ``auto`` is OpenVINO where installed (fp32 there agrees with torch within 1e-4: each
     conversion is checked before it is used), except fp16, and bf16 on a CPU without native bf16.
-    ``int8`` needs OpenVINO and ``calibration`` (a set, or a function making one, called only then).
+    ``int8`` needs OpenVINO and ``calibration``: a set (its fingerprint keys the quantized graph), or
+    a function making one, called only when the cache has no automatically calibrated graph of the
+    package yet (:func:`~.openvino.prepare_openvino_graph`). ``requests``: OpenVINO infer requests
+    in flight (:func:`~.openvino.load_openvino_model`; 1 = one at a time, None = THROUGHPUT hint).
     Settings that cannot work raise :class:`ConfigError`; a model OpenVINO cannot convert runs on
     torch (fp32 where int8 was asked for), with a warning in the log and the reason in
     ``info["fallback"]``.
@@ -94,14 +102,25 @@ def select_runtime(package: ModelPackage, *, runtime: str = "auto", precision: s
     if which == "torch":
         return RuntimeChoice(None, precision, {"runtime": "torch", "requested": requested})
     ov_precision = "fp32" if precision == "auto" else precision
+    cal_key = None if ov_precision != "int8" else (
+        calibration.fingerprint if isinstance(calibration, CalibrationSet) else "auto")
+    memo_key = (id(package), package.sha256, ov_precision, None if cache_dir is None else str(cache_dir),
+                cal_key, force_bf16, torch.get_num_threads(), requests)
+    loaded = _LOADED.get(memo_key)
+    if loaded is not None and loaded.package is package:
+        # The next slide of a batch: the model compiled for the last one (no cache lookup, no compile).
+        return RuntimeChoice(loaded, ov_precision, {**loaded.info, "requested": requested},
+                             {"cache": "memory", "cache_entry": loaded.stats.get("cache_entry"), "seconds_load": 0.0,
+                              "requests": loaded.n_requests})
     try:
-        cal = calibration() if callable(calibration) and ov_precision == "int8" else calibration
         model = load_openvino_model(package, precision=ov_precision, cache_dir=cache_dir,
-                                    calibration=cal if isinstance(cal, CalibrationSet) else None,
-                                    force_bf16=force_bf16)
+                                    calibration=calibration if ov_precision == "int8" else None,
+                                    force_bf16=force_bf16, requests=requests)
     except ConversionError as exc:
         torch_precision = "fp32" if ov_precision == "int8" else precision
         log.warning("OpenVINO: %s; running the model with torch at %s instead", exc,
                     "fp32" if torch_precision == "auto" else torch_precision)
         return RuntimeChoice(None, torch_precision, {"runtime": "torch", "requested": requested, "fallback": str(exc)})
+    _LOADED.clear()  # one compiled model kept: the one the batch's slides run
+    _LOADED[memo_key] = model
     return RuntimeChoice(model, ov_precision, {**model.info, "requested": requested}, dict(model.stats))
