@@ -139,8 +139,8 @@ def calibration_from_dataset(ds, *, n: int = CALIBRATION_PATCHES, seed: int = 0,
 def calibration_from_pcam(root: str | os.PathLike, *, n: int = CALIBRATION_PATCHES, seed: int = 0,
                           split: str = "train") -> CalibrationSet:
     """``n`` seeded random patches of a PCam folder: PCam HDF5 (``split``) or the Kaggle layout
-    (``train/``, all of it), as :func:`patch_model.data.detect_layout` finds it. Labels are not used."""
-    from patch_model.data import KaggleFolder, PCamH5, detect_layout
+    (``train/``, all of it), as :func:`wsi_toolkit.pcam.detect_layout` finds it. Labels are not used."""
+    from wsi_toolkit.pcam import KaggleFolder, PCamH5, detect_layout
 
     root = Path(root)
     layout = detect_layout(root)
