@@ -231,8 +231,10 @@ def evaluate_package(
             return calibration_from_pcam(calibration)
         return calibration_from_dataset(splits["train"], source=f"{Path(data).name} train split")
 
+    # A set, not a function: its fingerprint keys the graph (a function would be wsi-infer's automatic
+    # calibration on slide tissue, one graph per package).
     choice = select_runtime(pkg, runtime=runtime, precision=precision, device=dev, cache_dir=cache_dir,
-                            calibration=make_calibration)
+                            calibration=make_calibration() if precision == "int8" else None)
     if choice.model is None and choice.precision not in ("auto", "fp32"):
         raise ConfigError(f"pcam-eval runs torch in fp32; precision {choice.precision} needs --runtime openvino")
     predict = choice.model.predict_class_proba if choice.model is not None else pkg.predict_class_proba

@@ -353,6 +353,9 @@ def test_pcam_eval_with_openvino(model_dir, tmp_path):
     ev = json.loads((tmp_path / "int8" / "eval.json").read_text())
     assert ev["runtime"]["precision"] == "int8" and "train split" in ev["runtime"]["calibration"]["source"]
     assert ev["runtime"]["int8_vs_fp32"]["n_patches"] == 20
+    # Keyed by its patches' fingerprint, not wsi-infer's automatic per-package calibration.
+    keys = [json.loads(e.read_text())["key"] for e in (tmp_path / "cache" / "openvino").glob(f"*-int8-*/{ENTRY_JSON}")]
+    assert [k["calibration"] for k in keys] == [ev["runtime"]["calibration"]["fingerprint"]]
     assert abs(ev["roc_auc"] - ref.metrics["roc_auc"]) <= 0.05
     with pytest.raises(ConfigError, match="int8"):
         evaluate_package(model_dir, data, out=tmp_path / "x", runtime="torch", precision="int8", **common)

@@ -400,7 +400,8 @@ def prepare_out(out: Path) -> None:
     clean_stale_partials(out)
 
 
-def run_batch(slide_paths: list[Path], model_dir: str | Path, out: str | Path, config: RunConfig = RunConfig(),
+def run_batch(slide_paths: list[Path], model_dir: str | Path | ModelPackage, out: str | Path,
+              config: RunConfig = RunConfig(),
               *, failures: Sequence[tuple[str | Path, str]] = (), timings: dict | None = None) -> list[SlideResult]:
     """Run every slide; a failure is recorded and the batch goes on. Writes ``OUT/summary.csv``.
 
@@ -408,16 +409,20 @@ def run_batch(slide_paths: list[Path], model_dir: str | Path, out: str | Path, c
     (with a log line saying what differed) when it changed, or always with ``config.overwrite``.
     A slide another process holds the lock of is left to it (status ``busy``). ``failures``:
     (argument, error) pairs found before the batch (e.g. an unreadable folder), recorded as failed
-    slides. ``timings``, when given, receives ``seconds_package_load``. The model is loaded once; an
+    slides. ``model_dir``: the package's folder, or the package already loaded. ``timings``, when
+    given, receives ``seconds_package_load``. The model is loaded once; an
     unloadable model raises before any slide runs. The same
     batch on a Ray cluster: :func:`wsi_toolkit.scale.run_batch_ray`.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    package = load_model_package(model_dir)
-    if timings is not None:
-        timings["seconds_package_load"] = time.perf_counter() - t0
+    if isinstance(model_dir, ModelPackage):
+        package = model_dir
+    else:
+        t0 = time.perf_counter()
+        package = load_model_package(model_dir)
+        if timings is not None:
+            timings["seconds_package_load"] = time.perf_counter() - t0
     prepare_out(out)
     results: list[SlideResult] = [
         SlideResult(slide=str(arg), status="failed", error=error) for arg, error in failures]

@@ -293,7 +293,7 @@ def run_inference(
         bar.update(len(index))
         return time.perf_counter() - t0
 
-    pipelined = contextlib.nullcontext(None)
+    pipelined: Any = contextlib.nullcontext(None)
     if getattr(model, "n_requests", 1) > 1:
         lock = threading.Lock()
 
@@ -308,6 +308,7 @@ def run_inference(
 
     def predict_async(batch: torch.Tensor, index: torch.Tensor) -> float:
         t0 = time.perf_counter()
+        assert submit is not None
         submit(preprocess(batch), index)  # waits only while every request is busy
         return time.perf_counter() - t0
 

@@ -368,7 +368,8 @@ def prepare_openvino_graph(package: ModelPackage, *, precision: str = "fp32", ca
             given = isinstance(calibration, CalibrationSet)
             key = CacheKey(package_sha256=package.sha256, graph="int8", input_size=size,
                            openvino=str(versions["openvino"]), nncf=versions["nncf"],
-                           calibration=calibration.fingerprint if given else AUTO_CALIBRATION,
+                           calibration=calibration.fingerprint if isinstance(calibration, CalibrationSet)
+                           else AUTO_CALIBRATION,
                            quantization=QUANTIZATION)
             fp32_xml = folder / MODEL_XML
             drawn: list[float] = []
@@ -378,7 +379,7 @@ def prepare_openvino_graph(package: ModelPackage, *, precision: str = "fp32", ca
                     cal = calibration
                 else:
                     t = time.perf_counter()
-                    cal = calibration()  # type: ignore[misc]
+                    cal = calibration()
                     drawn.append(time.perf_counter() - t)
                     np.save(d / CALIBRATION_NPY, cal.patches, allow_pickle=False)
                 return _build_int8(package, fp32_xml, cal, threads, d)
