@@ -22,8 +22,8 @@ import math
 import os
 import platform
 import time
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -324,20 +324,121 @@ def train_model(config: TrainConfig) -> TrainResult:
             os.environ["WORLD_SIZE"] = world_env
 
 
+@dataclass
+class _Run:
+    """One run's fixed facts: its settings, architecture, device, precision and place among the ranks."""
+
+    config: TrainConfig
+    spec: ArchSpec
+    device: torch.device
+    precision: str
+    workers: int
+    world: int
+    rank: int
+    t_start: float
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def out(self) -> Path:
+        return self.config.out
+
+
+@dataclass
+class _Data:
+    """The splits, what they hold and the DataLoaders built on them."""
+
+    layout: str
+    splits: dict[str, Any]
+    leaky: bool
+    counts: dict[str, dict]
+    summary: dict
+    loaders: PatchData
+
+    @property
+    def synthetic(self) -> bool:
+        return bool(self.summary.get("synthetic", False))
+
+
+@dataclass
+class _Fit:
+    """What the two one-cycle phases left: the kept epoch, the history, the rates and their plots."""
+
+    keep_best: KeepBest
+    history: History
+    lr_iters: int
+    n_batches: int
+    lr_info: dict[str, Any] = field(default_factory=dict)
+    plots: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+@dataclass
+class _Eval:
+    """The kept epoch's predictions on valid (probabilities, targets, losses) and the metrics."""
+
+    probs: np.ndarray
+    targs: np.ndarray
+    losses: np.ndarray
+    valid: dict[str, Any]
+    test: dict[str, Any] | None
+
+
 def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_start: float) -> TrainResult:
-    is_main = rank == 0
-    out = config.out
-    package_dir = out / "model"
+    run = _start(config, spec, world=world, rank=rank, t_start=t_start)
+    data = _open_data(run)
+    learn = _make_learner(run, data.loaders)
+    dist_ctx = ((lambda: _distributed(learn, run.device)) if world > 1 else contextlib.nullcontext)
+    bar_ctx = (lambda: _quiet(learn)) if not config.progress else contextlib.nullcontext
+    fit = _Fit(KeepBest(config.monitor), History(), lr_iters=_lr_iters(run, data.loaders),
+               n_batches=len(data.loaders.dls.train))
+    t_fit = time.perf_counter()
+    with bar_ctx(), dist_ctx():
+        if config.epochs_frozen > 0:
+            _fit_frozen(run, learn, fit)
+        if config.epochs > 0:
+            _fit_unfrozen(run, learn, fit)
+    fit.seconds = time.perf_counter() - t_fit
+    learn.model.eval()
+    if world > 1:
+        _leave_distributed(run, learn)
+    if not run.is_main:
+        return TrainResult(out=run.out, package=run.out / "model", metrics={}, settings={},
+                           seconds=time.perf_counter() - t_start)
+    ev = _evaluate(learn, data, bar_ctx)
+    rows = _diagnostic_plots(run, learn, data, fit, ev)
+    settings, metrics, extra = _records(run, learn, data, fit, ev, rows)
+    package_dir = run.out / "model"
+    cfg = learner_config(learn, arch=spec.name, size=config.size, mean=spec.mean, std=spec.std, extra=extra)
+    export_learner(learn, package_dir, config=cfg, overwrite=config.overwrite)
+    metrics["export_parity_max_abs_diff"] = _check_export(run, package_dir, data, ev)
+    metrics["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
+    write_json_atomic(run.out / "metrics.json", metrics)
+    write_json_atomic(run.out / "settings.json", settings)
+    logger.info("done in %.1f s: valid accuracy %.4f, ROC AUC %s%s", metrics["seconds"]["total"],
+                ev.valid["accuracy"], ev.valid["roc_auc"], " (LEAKY)" if data.leaky else "")
+    return TrainResult(out=run.out, package=package_dir, metrics=metrics, settings=settings,
+                       seconds=time.perf_counter() - t_start)
+
+
+def _start(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_start: float) -> _Run:
+    """The device (this rank's GPU under DDP), the precision it trains in, the seed set."""
     device = resolve_device(config.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
-    precision = _precision(device, config.precision)
-    workers = config.n_workers()
-    logger.info("pcam-train: %s (%s) on %s, %s, data %s -> %s", spec.name, spec.source, device, precision,
-                config.data, out)
+    run = _Run(config, spec, device, _precision(device, config.precision), config.n_workers(), world, rank, t_start)
+    logger.info("pcam-train: %s (%s) on %s, %s, data %s -> %s", spec.name, spec.source, device, run.precision,
+                config.data, run.out)
     set_seed(config.seed, reproducible=True)
+    return run
 
+
+def _open_data(run: _Run) -> _Data:
+    """The train/valid(/test) splits, checked (valid holds both classes), and their DataLoaders."""
+    config = run.config
     layout = detect_layout(config.data)
     splits = open_splits(config.data, valid_fraction=config.valid_fraction, seed=config.seed,
                          test_fraction=config.test_fraction)
@@ -353,123 +454,148 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
         raise ConfigError(f"the valid split holds only class {only}"
                           f"; ROC AUC and the best-epoch choice need both classes")
     summary = _data_summary(config.data)
-    synthetic = bool(summary.get("synthetic", False))
+    loaders = build_dataloaders(splits, size=config.size, mean=run.spec.mean, std=run.spec.std,
+                                batch_size=config.batch_size, device=run.device, workers=run.workers,
+                                augment=config.augment)
+    return _Data(layout, splits, leaky, counts, summary, loaders)
 
-    data = build_dataloaders(splits, size=config.size, mean=spec.mean, std=spec.std, batch_size=config.batch_size,
-                             device=device, workers=workers, augment=config.augment)
-    learn = build_learner(data, spec, pretrained=config.pretrained, weights=config.weights, wd=config.wd, path=out)
-    if precision != "fp32":
-        learn.add_cb(MixedPrecision(amp_mode=precision))
-    if device.type == "cpu" and spec.weights_wheel:
+
+def _make_learner(run: _Run, loaders: PatchData) -> Learner:
+    """``vision_learner`` on the backbone, with mixed precision, channels-last and DDP callbacks where they apply."""
+    config, spec = run.config, run.spec
+    learn = build_learner(loaders, spec, pretrained=config.pretrained, weights=config.weights, wd=config.wd,
+                          path=run.out)
+    if run.precision != "fp32":
+        learn.add_cb(MixedPrecision(amp_mode=run.precision))
+    if run.device.type == "cpu" and spec.weights_wheel:
         # EfficientNet's depthwise convolutions train ~2x faster on a CPU in channels-last memory
         # (measured: lite0, 96 px, batch 64: 1.35 -> 0.69 s per step; docs/training.md).
         learn.add_cb(ChannelsLast())
-    if world > 1:
+    if run.world > 1:
         try:
             importlib.import_module("fastai.distributed")  # patches Learner.distrib_ctx
         except Exception as e:  # noqa: BLE001
             raise ConfigError(f"multi-GPU training needs accelerate (pip install accelerate): {e}") from None
-        learn.add_cb(_RankDigest(rank, world))
-    dist_ctx = ((lambda: _distributed(learn, device)) if world > 1 else contextlib.nullcontext)
-    bar_ctx = (lambda: _quiet(learn)) if not config.progress else contextlib.nullcontext
+        learn.add_cb(_RankDigest(run.rank, run.world))
+    return learn
 
-    n_batches = len(data.dls.train)
-    lr_iters = config.lr_find_iters if config.lr_find_iters is not None else min(100, max(50, 2 * n_batches))
-    if world > 1:
-        lr_iters = 0  # lr_find is not run under DDP: the rates come from --lr / --lr-unfrozen
-    keep_best, history = KeepBest(config.monitor), History()
-    lr_info: dict[str, Any] = {}
-    plots: dict[str, str] = {}
-    t_fit = time.perf_counter()
-    with bar_ctx(), dist_ctx():
-        if config.epochs_frozen > 0:
-            learn.freeze()
-            lr = config.lr
-            if lr_iters:
-                found, lrs, losses = _lr_find(learn, lr_iters)
-                logger.info("lr_find (frozen): valley %.3g%s", found, "" if lr is None else f" (using --lr {lr:g})")
-                if is_main:
-                    title = f"lr_find, body frozen ({spec.name}, {config.size} px)"
-                    plots["lr_find_frozen"] = plot_lr_find(lrs, losses, found, out / "lr_find_frozen.png",
-                                                           title=title).name
-                lr_info["frozen_lr_find"] = found
-                if lr is None:
-                    lr = found
-            lr_info["frozen"] = float(lr)
-            lr_info["frozen_source"] = "--lr" if config.lr is not None else "lr_find valley"
-            keep_best.phase = history.phase = "frozen"
-            learn.fit_one_cycle(config.epochs_frozen, lr, cbs=[keep_best, history])
-        if config.epochs > 0:
-            learn.unfreeze()
-            lr_max = config.lr_unfrozen
-            if lr_iters:
-                found, lrs, losses = _lr_find(learn, lr_iters)
-                logger.info("lr_find (unfrozen): valley %.3g", found)
-                if is_main:
-                    title = f"lr_find, unfrozen ({spec.name}, {config.size} px)"
-                    plots["lr_find_unfrozen"] = plot_lr_find(lrs, losses, found, out / "lr_find_unfrozen.png",
-                                                             title=title).name
-                lr_info["unfrozen_lr_find"] = found
-                if lr_max is None:
-                    lr_max = found
-            if lr_max is None:  # lr_find off and only --lr given
-                lr_max = float(config.lr) / 10
-            lr_info["unfrozen"] = [float(lr_max) / 10, float(lr_max)]
-            lr_info["unfrozen_source"] = "--lr-unfrozen" if config.lr_unfrozen is not None else (
-                "lr_find valley" if lr_iters else "--lr / 10")
-            keep_best.phase = history.phase = "unfrozen"
-            learn.fit_one_cycle(config.epochs, slice(lr_max / 10, lr_max), cbs=[keep_best, history])
-    fit_s = time.perf_counter() - t_fit
-    learn.model.eval()
-    if world > 1:
-        learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, _RankDigest)))
-        logger.info("rank %d of %d: final model sha256 %s", rank, world, state_digest(learn.model))
-        torch.distributed.barrier()
-        # Rank 0 evaluates and exports alone; fastai gathers predictions over the ranks whenever
-        # WORLD_SIZE > 1, so it is 1 from here (train_model puts it back).
-        os.environ["WORLD_SIZE"] = "1"
 
-    if not is_main:
-        return TrainResult(out=out, package=out / "model", metrics={}, settings={},
-                           seconds=time.perf_counter() - t_start)
+def _lr_iters(run: _Run, loaders: PatchData) -> int:
+    """lr_find's length: --lr-find-iters, else 2 epochs' batches within [50, 100]; 0 under DDP (the
+    rates come from --lr / --lr-unfrozen)."""
+    if run.world > 1:
+        return 0
+    n_batches = len(loaders.dls.train)
+    given = run.config.lr_find_iters
+    return given if given is not None else min(100, max(50, 2 * n_batches))
 
-    # ---- evaluation of the kept (best) epoch: valid, and test when there is one -------------
+
+def _fit_frozen(run: _Run, learn: Learner, fit: _Fit) -> None:
+    """Body frozen: lr_find (its valley unless --lr), then one cycle of ``epochs_frozen`` epochs."""
+    config = run.config
+    learn.freeze()
+    lr = config.lr
+    if fit.lr_iters:
+        found, lrs, losses = _lr_find(learn, fit.lr_iters)
+        logger.info("lr_find (frozen): valley %.3g%s", found, "" if lr is None else f" (using --lr {lr:g})")
+        if run.is_main:
+            title = f"lr_find, body frozen ({run.spec.name}, {config.size} px)"
+            fit.plots["lr_find_frozen"] = plot_lr_find(lrs, losses, found, run.out / "lr_find_frozen.png",
+                                                       title=title).name
+        fit.lr_info["frozen_lr_find"] = found
+        if lr is None:
+            lr = found
+    fit.lr_info["frozen"] = float(lr)
+    fit.lr_info["frozen_source"] = "--lr" if config.lr is not None else "lr_find valley"
+    fit.keep_best.phase = fit.history.phase = "frozen"
+    learn.fit_one_cycle(config.epochs_frozen, lr, cbs=[fit.keep_best, fit.history])
+
+
+def _fit_unfrozen(run: _Run, learn: Learner, fit: _Fit) -> None:
+    """Unfrozen: lr_find again (its valley unless --lr-unfrozen), then one cycle of ``epochs`` with
+    discriminative rates ``slice(lr_max / 10, lr_max)``."""
+    config = run.config
+    learn.unfreeze()
+    lr_max = config.lr_unfrozen
+    if fit.lr_iters:
+        found, lrs, losses = _lr_find(learn, fit.lr_iters)
+        logger.info("lr_find (unfrozen): valley %.3g", found)
+        if run.is_main:
+            title = f"lr_find, unfrozen ({run.spec.name}, {config.size} px)"
+            fit.plots["lr_find_unfrozen"] = plot_lr_find(lrs, losses, found, run.out / "lr_find_unfrozen.png",
+                                                         title=title).name
+        fit.lr_info["unfrozen_lr_find"] = found
+        if lr_max is None:
+            lr_max = found
+    if lr_max is None:  # lr_find off and only --lr given
+        lr_max = float(config.lr) / 10
+    fit.lr_info["unfrozen"] = [float(lr_max) / 10, float(lr_max)]
+    fit.lr_info["unfrozen_source"] = "--lr-unfrozen" if config.lr_unfrozen is not None else (
+        "lr_find valley" if fit.lr_iters else "--lr / 10")
+    fit.keep_best.phase = fit.history.phase = "unfrozen"
+    learn.fit_one_cycle(config.epochs, slice(lr_max / 10, lr_max), cbs=[fit.keep_best, fit.history])
+
+
+def _leave_distributed(run: _Run, learn: Learner) -> None:
+    """After DDP: log this rank's final digest, wait for the others; rank 0 goes on alone."""
+    learn.remove_cbs(learn.cbs.filter(lambda cb: isinstance(cb, _RankDigest)))
+    logger.info("rank %d of %d: final model sha256 %s", run.rank, run.world, state_digest(learn.model))
+    torch.distributed.barrier()
+    # Rank 0 evaluates and exports alone; fastai gathers predictions over the ranks whenever
+    # WORLD_SIZE > 1, so it is 1 from here (train_model puts it back).
+    os.environ["WORLD_SIZE"] = "1"
+
+
+def _evaluate(learn: Learner, data: _Data, bar_ctx: Callable[[], Any]) -> _Eval:
+    """The kept (best) epoch on valid, and on test when there is one."""
+
     def predict(split: str):
         with bar_ctx():
-            probs, targs, losses = learn.get_preds(dl=data.dl(split), with_loss=True)
+            probs, targs, losses = learn.get_preds(dl=data.loaders.dl(split), with_loss=True)
         return probs.float().numpy(), targs.numpy().astype(np.int64), losses.float().numpy()
 
     v_probs, v_targs, v_losses = predict("valid")
     valid_metrics = binary_metrics(v_probs, v_targs, tumor_index=TUMOR_INDEX, class_names=CLASS_NAMES)
-    valid_metrics["leaky"] = leaky
+    valid_metrics["leaky"] = data.leaky
     test_metrics = None
-    if "test" in data.items:
+    if "test" in data.loaders.items:
         t_probs, t_targs, _ = predict("test")
         test_metrics = binary_metrics(t_probs, t_targs, tumor_index=TUMOR_INDEX, class_names=CLASS_NAMES)
-        test_metrics["leaky"] = bool(getattr(splits["test"], "leaky", False))
+        test_metrics["leaky"] = bool(getattr(data.splits["test"], "leaky", False))
+    return _Eval(v_probs, v_targs, v_losses, valid_metrics, test_metrics)
 
-    # ---- plots ------------------------------------------------------------------------------
-    plots["losses"] = plot_losses(history.batches, history.epochs, out / "losses.png").name
-    note = " (LEAKY split)" if leaky else ""
+
+def _diagnostic_plots(run: _Run, learn: Learner, data: _Data, fit: _Fit, ev: _Eval) -> list[dict[str, Any]]:
+    """losses.png, confusion_matrix.png and the Grad-CAM of the top valid losses (into ``fit.plots``);
+    returns the top losses' rows."""
+    out, plots = run.out, fit.plots
+    plots["losses"] = plot_losses(fit.history.batches, fit.history.epochs, out / "losses.png").name
+    note = " (LEAKY split)" if data.leaky else ""
     plots["confusion_matrix"] = plot_confusion_matrix(
-        np.asarray(valid_metrics["confusion_matrix"]), CLASS_NAMES, out / "confusion_matrix.png",
-        title=f"valid{note}: accuracy {valid_metrics['accuracy']:.4f}").name
-    k = min(config.top_losses, len(v_losses))
-    top = np.argsort(-v_losses, kind="stable")[:k]
-    valid_ds = data.datasets["valid"]
+        np.asarray(ev.valid["confusion_matrix"]), CLASS_NAMES, out / "confusion_matrix.png",
+        title=f"valid{note}: accuracy {ev.valid['accuracy']:.4f}").name
+    k = min(run.config.top_losses, len(ev.losses))
+    top = np.argsort(-ev.losses, kind="stable")[:k]
+    valid_ds = data.loaders.datasets["valid"]
     top_patches = (np.stack([np.asarray(valid_ds[int(i)][0]) for i in top]) if k
                    else np.zeros((0, PCAM_PATCH_PX, PCAM_PATCH_PX, 3), np.uint8))
     cams = np.zeros((0, 1, 1), np.float32)
     if k:
-        x = data.valid_inputs(top_patches, device)
-        cams = gradcam(learn.model, x, layer=learn.model[0], class_idx=torch.as_tensor(v_probs[top].argmax(1)))
-    rows = [{"index": int(i), "true": CLASS_NAMES[v_targs[i]], "pred": CLASS_NAMES[int(v_probs[i].argmax())],
-             "loss": float(v_losses[i]), "p_tumor": float(v_probs[i, TUMOR_INDEX])} for i in top]
+        x = data.loaders.valid_inputs(top_patches, run.device)
+        cams = gradcam(learn.model, x, layer=learn.model[0], class_idx=torch.as_tensor(ev.probs[top].argmax(1)))
+    rows = [{"index": int(i), "true": CLASS_NAMES[ev.targs[i]], "pred": CLASS_NAMES[int(ev.probs[i].argmax())],
+             "loss": float(ev.losses[i]), "p_tumor": float(ev.probs[i, TUMOR_INDEX])} for i in top]
     plots["top_losses_gradcam"] = plot_top_losses_gradcam(
         top_patches, cams, rows, out / "top_losses_gradcam.png",
         title=f"top {k} valid losses{note}, Grad-CAM of the predicted class").name
+    return rows
 
-    # ---- metrics, settings, export ------------------------------------------------------------
+
+def _records(run: _Run, learn: Learner, data: _Data, fit: _Fit, ev: _Eval,
+             rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(settings.json, metrics.json, the package config's ``extra``: training provenance and headline metrics)."""
+    config, spec = run.config, run.spec
+    keep_best, history, lr_info = fit.keep_best, fit.history, fit.lr_info
     best_phase, best_epoch = keep_best.best_at or (None, None)
     best_row = next((e for e in history.epochs if (e["phase"], e["epoch"]) == (best_phase, best_epoch)), None)
     settings = {
@@ -479,9 +605,9 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
             "weights_file": None if learn.weights_path is None else str(learn.weights_path),
             "weights_sha256": None if learn.weights_path is None else file_sha256(learn.weights_path),
             "weights_wheel": spec.weights_wheel if learn.body_init == "imagenet" else None,
-            "mean": list(spec.mean), "std": list(spec.std), "device": str(device), "precision": precision,
-            "workers": workers, "world_size": max(world, 1), "layout": layout, "lr": lr_info,
-            "lr_find_iters": lr_iters, "train_batches_per_epoch": n_batches,
+            "mean": list(spec.mean), "std": list(spec.std), "device": str(run.device), "precision": run.precision,
+            "workers": run.workers, "world_size": max(run.world, 1), "layout": data.layout, "lr": lr_info,
+            "lr_find_iters": fit.lr_iters, "train_batches_per_epoch": fit.n_batches,
             "class_names": list(CLASS_NAMES), "tumor_index": TUMOR_INDEX,
             "augmentation": describe_augment(config.augment),
             "resize": f"96 -> {config.size} px, bilinear antialiased (= inference Preprocess)" if config.size != 96
@@ -490,62 +616,59 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
         },
     }
     metrics = {
-        "leaky": leaky,
-        "leaky_note": LEAKY_NOTE if leaky else None,
-        "layout": layout,
+        "leaky": data.leaky,
+        "leaky_note": LEAKY_NOTE if data.leaky else None,
+        "layout": data.layout,
         "monitor": config.monitor,
-        "splits": counts,
+        "splits": data.counts,
         "epochs": history.epochs,
         "best": {"phase": best_phase, "epoch": best_epoch,
                  "global_epoch": None if best_row is None else best_row["global_epoch"],
                  config.monitor: finite_or_none(keep_best.best)},
-        "valid": valid_metrics,
-        "test": test_metrics,
+        "valid": ev.valid,
+        "test": ev.test,
         "lr": lr_info,
         "top_losses": rows,
-        "seconds": {"fit": round(fit_s, 2)},
-        "plots": plots,
-        "synthetic_data": synthetic,
+        "seconds": {"fit": round(fit.seconds, 2)},
+        "plots": fit.plots,
+        "synthetic_data": data.synthetic,
     }
+    summary = data.summary
     extra = {
-        "synthetic": synthetic,
+        "synthetic": data.synthetic,
         "training": {
-            "data": str(config.data.resolve()), "layout": layout, "leaky": leaky, "splits": counts,
+            "data": str(config.data.resolve()), "layout": data.layout, "leaky": data.leaky, "splits": data.counts,
             "data_summary": {k: summary[k] for k in ("format", "label", "split_by", "synthetic") if k in summary},
             "recipe": {"arch": spec.name, "arch_source": spec.source, "body_init": learn.body_init,
                        "input_size": config.size, "epochs_frozen": config.epochs_frozen, "epochs": config.epochs,
                        "batch_size": config.batch_size, "wd": config.wd, "lr": lr_info, "seed": config.seed,
                        "valid_fraction": config.valid_fraction, "test_fraction": config.test_fraction,
-                       "monitor": config.monitor, "augmentation": config.augment, "precision": precision},
+                       "monitor": config.monitor, "augmentation": config.augment, "precision": run.precision},
             "best": metrics["best"],
         },
-        "metrics": {"valid": _headline(valid_metrics),
-                    "test": None if test_metrics is None else _headline(test_metrics),
-                    "leaky": leaky},
+        "metrics": {"valid": _headline(ev.valid),
+                    "test": None if ev.test is None else _headline(ev.test),
+                    "leaky": data.leaky},
     }
-    cfg = learner_config(learn, arch=spec.name, size=config.size, mean=spec.mean, std=spec.std, extra=extra)
-    export_learner(learn, package_dir, config=cfg, overwrite=config.overwrite)
+    return settings, metrics, extra
 
-    # self-check: the package through the inference path vs the learner on valid patches
+
+def _check_export(run: _Run, package_dir: Path, data: _Data, ev: _Eval) -> float:
+    """The exported package through the inference path against the learner on valid patches: max |dp|
+    (a warning above the precision's tolerance)."""
     from wsi_toolkit.model_package import load_model_package
 
     pkg = load_model_package(package_dir)
+    valid_ds = data.loaders.datasets["valid"]
     n_chk = min(64, len(valid_ds))
     chk = np.stack([np.asarray(valid_ds[i][0]) for i in range(n_chk)])
-    diff = float(np.abs(pkg.predict_class_proba(torch.from_numpy(chk)).numpy() - v_probs[:n_chk]).max())
-    metrics["export_parity_max_abs_diff"] = diff
-    tol = 1e-4 if precision == "fp32" else 2e-2
+    diff = float(np.abs(pkg.predict_class_proba(torch.from_numpy(chk)).numpy() - ev.probs[:n_chk]).max())
+    tol = 1e-4 if run.precision == "fp32" else 2e-2
     if diff > tol:
         logger.warning("exported package and learner disagree by %.3g on valid patches (tolerance %g)", diff, tol)
     else:
         logger.info("exported package matches the learner on %d valid patches (max |dp| %.2e)", n_chk, diff)
-    metrics["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
-    write_json_atomic(out / "metrics.json", metrics)
-    write_json_atomic(out / "settings.json", settings)
-    logger.info("done in %.1f s: valid accuracy %.4f, ROC AUC %s%s", metrics["seconds"]["total"],
-                valid_metrics["accuracy"], valid_metrics["roc_auc"], " (LEAKY)" if leaky else "")
-    return TrainResult(out=out, package=package_dir, metrics=metrics, settings=settings,
-                       seconds=time.perf_counter() - t_start)
+    return diff
 
 
 def state_digest(model: torch.nn.Module, *, parameters_only: bool = False) -> str:

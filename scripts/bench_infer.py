@@ -1,16 +1,9 @@
 """Benchmark wsi-infer end to end on a large SYNTHETIC slide with a ResNet50 TorchScript package.
 
 What it measures (one JSON line each):
-- ``decode_floor``: every level-2 JPEG tile of the slide decoded once on one core (imagecodecs,
-  libjpeg-turbo): megapixels/s, the physical floor of reading; also the tiles the reader touches
-  alone (tissue tiles decode slower than blank glass).
-- ``read_only``: the inference reader alone (region reads by reader threads sharing one slide
-  handle, patches cut in memory), no model, with 0 / 1 / 2 threads, the slide read 3 times:
-  patches/s, region megapixels per wall second and per CPU-second of all processes.
-- ``readers`` (``--only readers``): reader designs alone, interleaved over ``--reader-rounds``
-  rounds: the package's threads, WSInfer's plain ``worker_init_fn`` DataLoader, and the slot ring
-  of DataLoader workers with shared-memory slots this project used before; median and spread of
-  patches/s with the load average. ``infer-readers``: one ``wsi-infer`` run per design.
+- ``decode_floor``, ``read_only``, ``readers`` (``--only floor read readers``): reading without the
+  model, on this slide: the functions of ``scripts/bench_read.py`` (its docstring says what each
+  measures). ``infer-readers``: one ``wsi-infer`` run per reader design.
 - ``wsi_infer``: the ``wsi-infer`` command as a new process at stride 96 and stride 32, once per
   ``--runtime`` and ``--precision`` (``runtime_prepare`` first fills the OpenVINO cache, so the
   timed runs start warm): seconds, patches/s, reading vs model split and the runtime that ran (from
@@ -39,319 +32,12 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-
-def _tree(pid: int) -> list[int]:
-    """``pid`` and all its descendants (Linux /proc)."""
-    out, stack = [], [pid]
-    while stack:
-        p = stack.pop()
-        out.append(p)
-        try:
-            for task in os.listdir(f"/proc/{p}/task"):
-                with open(f"/proc/{p}/task/{task}/children") as f:
-                    stack.extend(int(c) for c in f.read().split())
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return out
-
-
-def _mem_tree_kb(pid: int) -> tuple[int, int]:
-    """(RSS, PSS) summed over the process tree, kB. RSS counts pages shared between the main
-    process and its forked readers once per process; PSS splits them, so it is the memory the
-    tree really holds."""
-    rss = pss = 0
-    for p in _tree(pid):
-        try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Rss:"):
-                        rss += int(line.split()[1])
-                    elif line.startswith("Pss:"):
-                        pss += int(line.split()[1])
-        except (FileNotFoundError, ProcessLookupError, PermissionError):
-            continue
-    return rss, pss
-
-
-def _gpu_sample() -> tuple[float, float] | None:
-    """(utilisation %, memory used MiB) of GPU 0 from nvidia-smi, or None."""
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits",
-                              "-i", "0"], capture_output=True, text=True, timeout=5).stdout
-        util, mem = (float(v) for v in out.strip().splitlines()[0].split(","))
-        return util, mem
-    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
-        return None
-
-
-def run_measured(cmd: list[str], env: dict | None = None, *, gpu: bool = False) -> dict:
-    """Run ``cmd``; wall seconds and peak RSS / PSS of its process tree (sampled every 0.1 s);
-    with ``gpu``, GPU utilisation and memory from nvidia-smi (sampled every 0.5 s)."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    peak_rss = peak_pss = 0
-    gpu_samples: list[tuple[float, float]] = []
-    done = threading.Event()
-
-    def sample():
-        nonlocal peak_rss, peak_pss
-        last_gpu = 0.0
-        while not done.is_set():
-            rss, pss = _mem_tree_kb(proc.pid)
-            peak_rss, peak_pss = max(peak_rss, rss), max(peak_pss, pss)
-            if gpu and time.perf_counter() - last_gpu >= 0.5:
-                last_gpu = time.perf_counter()
-                g = _gpu_sample()
-                if g is not None:
-                    gpu_samples.append(g)
-            time.sleep(0.1)
-
-    th = threading.Thread(target=sample, daemon=True)
-    th.start()
-    out, _ = proc.communicate()
-    done.set()
-    th.join()
-    rec = {"returncode": proc.returncode, "seconds": time.perf_counter() - t0,
-           "peak_rss_mb": round(peak_rss / 1024, 1), "peak_pss_mb": round(peak_pss / 1024, 1),
-           "output_tail": out[-2000:]}
-    if gpu_samples:
-        # Utilisation while the model runs: samples after the first busy one (start-up excluded).
-        busy = [u for u, _ in gpu_samples]
-        first = next((i for i, u in enumerate(busy) if u > 0), len(busy))
-        run = busy[first:] or [0.0]
-        rec.update({"gpu_util_mean_pct": round(sum(run) / len(run), 1), "gpu_util_max_pct": max(run),
-                    "gpu_mem_max_mib": max(m for _, m in gpu_samples), "gpu_samples": len(gpu_samples)})
-    return rec
-
-
-def _grid_blocks(slide_path: Path, stride_px: int):
-    from wsi_toolkit.inference import InferenceConfig, plan_blocks
-    from wsi_toolkit.slide import open_slide
-    from wsi_toolkit.tiling import GridConfig, make_grid
-    from wsi_toolkit.tissue import detect_tissue
-
-    with open_slide(slide_path) as slide:
-        tissue = detect_tissue(slide.thumbnail(mpp=8.0), l0_mpp=slide.mpp)
-        grid = make_grid(l0_size=slide.dimensions, l0_mpp=slide.mpp, config=GridConfig(stride_px=stride_px),
-                         tissue_mask=tissue.mask, mask_l0_per_px=tissue.l0_per_px)
-    return grid, plan_blocks(grid, block_cells=InferenceConfig().cells_per_block(patch_px=96, stride_px=stride_px))
-
-
-def decode_floor(slide_path: Path, level: int = 2, blocks=None) -> dict:
-    """Decode every tile of one pyramid level once, single thread (the decode floor; best of 3). With
-    ``blocks`` also the tiles those block regions touch, alone: tissue tiles decode slower than
-    the blank glass tiles that make up much of a level, so this is the floor for what is read."""
-    import tifffile
-
-    from wsi_toolkit.slide._metadata import largest_series
-
-    with tifffile.TiffFile(slide_path) as tif:
-        series = largest_series(tif)
-        page = series.levels[level].keyframe
-        fh = tif.filehandle
-        data = []
-        for off, cnt in zip(page.dataoffsets, page.databytecounts):
-            fh.seek(off)
-            data.append(fh.read(cnt))
-
-        def run(indices, repeats: int = 3):
-            """Pixels decoded and the best of ``repeats`` timings (a floor: the least disturbed)."""
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                px = 0
-                for i in indices:
-                    arr, _, _ = page.decode(data[i], i, jpegtables=page.jpegtables)
-                    px += arr.shape[-3] * arr.shape[-2]
-                best = min(best, time.perf_counter() - t0)
-            return px, best
-
-        px, dt = run(range(len(data)))
-        rec = {"bench": "decode_floor", "level": level, "tiles": len(data), "megapixels": round(px / 1e6, 2),
-               "seconds": round(dt, 3), "mp_per_s_one_core": round(px / 1e6 / dt, 1),
-               "patches96_per_s_one_core": round(px / (96 * 96) / dt, 0)}
-        if blocks:
-            tw, th = page.tilewidth, page.tilelength
-            across = -(-page.imagewidth // tw)
-            ds = round(series.levels[0].keyframe.imagewidth / page.imagewidth)  # integer pyramid
-            touched = set()
-            for b in blocks:
-                x0, y0 = b.region_l0_xy[0] / ds, b.region_l0_xy[1] / ds
-                x1, y1 = x0 + b.region_px[0] - 1, y0 + b.region_px[1] - 1
-                for ty in range(max(0, int(y0 // th)), int(y1 // th) + 1):
-                    for tx in range(max(0, int(x0 // tw)), min(across - 1, int(x1 // tw)) + 1):
-                        if ty * across + tx < len(data):
-                            touched.add(ty * across + tx)
-            tpx, tdt = run(sorted(touched))
-            rec.update({"tissue_tiles": len(touched), "tissue_tiles_mp_per_s_one_core": round(tpx / 1e6 / tdt, 1)})
-    return rec
-
-
-def read_only(slide_path: Path, stride_px: int, workers: int, passes: int = 3, design: str = "threads") -> dict:
-    """The inference reader alone: grid over tissue, blocks read and patches cut, no model. The slide
-    is read ``passes`` times, each time by a new reader (new slide handle and tile cache, new worker
-    processes), as ``passes`` runs of wsi-infer would: start-up and decoding count every time.
-    ``design``: ``threads`` (the package's reader, ``workers`` threads) or an alternative from
-    :data:`READER_DESIGNS`. "Per CPU-second" divides by the CPU seconds of all processes (this one +
-    DataLoader workers, from getrusage), not by wall time x cores."""
-    import resource
-
-    _, blocks = _grid_blocks(slide_path, stride_px)
-    rep = blocks * passes
-    cls = READER_DESIGNS[design]()
-
-    def cpu() -> float:
-        a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
-
-    load = _loadavg()
-    c0, t0 = cpu(), time.perf_counter()
-    n, read_s, t_first = 0, 0.0, None
-    for _ in range(passes):
-        for patches, _index, seconds in cls(slide_path, blocks, patch_px=96, spacing_um_px=0.972).read(workers):
-            if t_first is None:
-                t_first = time.perf_counter() - t0
-            n += len(patches)
-            read_s += float(seconds)
-    dt, used = time.perf_counter() - t0, cpu() - c0
-    region_mp = sum(b.region_px[0] * b.region_px[1] for b in rep) / 1e6
-    return {"bench": "read_only", "design": design, "stride_px": stride_px, "workers": workers, "passes": passes,
-            "patches": n, "blocks": len(rep), "region_megapixels": round(region_mp, 2), "seconds_wall": round(dt, 3),
-            "seconds_to_first_region": round(t_first or 0.0, 3), "cpu_seconds_all_processes": round(used, 3),
-            "patches_per_s": round(n / dt, 1),
-            "region_mp_per_s_wall": round(region_mp / dt, 1),
-            "region_mp_per_cpu_second": round(region_mp / used, 1),
-            "read_ms_per_patch": round(read_s / n * 1000, 4), "loadavg": load}
-
-
-def _loadavg() -> str | None:
-    """The 1, 5 and 15 minute load averages (Linux), or None."""
-    try:
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    except OSError:
-        return None
-
-
-def _dataloader_design(slots: bool):
-    """A DataLoader reader. ``slots=False``: WSInfer's pattern, a map-style DataLoader over the blocks,
-    each worker opening its slide in ``worker_init_fn``, regions pickled back to this process,
-    default order. ``slots=True``: this project's reader before issue 14 (commit cb490e4, without
-    its error relay): workers in a contiguous-band order (``worker_order``), regions copied into a
-    ring of ``prefetch + 2`` shared-memory slots per worker made before the workers fork. Patches are
-    cut in this process in both."""
-    import math
-
-    import numpy as np
-    import torch
-
-    from wsi_toolkit.inference import cut_patches
-    from wsi_toolkit.slide import open_slide
-
-    def worker_order(n: int, workers: int) -> np.ndarray:
-        if workers <= 1 or n <= 1:
-            return np.arange(n)
-        i = np.arange(n)
-        w, k = i % workers, i // workers
-        sizes = np.array([len(range(v, n, workers)) for v in range(workers)])
-        return np.concatenate([[0], np.cumsum(sizes)[:-1]])[w] + k
-
-    class LoaderBlocks(torch.utils.data.Dataset):
-        def __init__(self, slide_path, blocks, *, patch_px, spacing_um_px, mpp=None, backend="auto"):
-            self.slide_path, self.blocks, self.patch_px, self.spacing = str(slide_path), blocks, patch_px, spacing_um_px
-            self.mpp, self.backend, self.slide, self.slots, self.served = mpp, backend, None, None, 0
-
-        def __len__(self):
-            return len(self.blocks)
-
-        def __getstate__(self):
-            return {**self.__dict__, "slide": None}
-
-        def open(self, _worker_id=None):
-            info = torch.utils.data.get_worker_info()
-            ds = info.dataset if info is not None else self
-            ds.slide = open_slide(ds.slide_path, mpp=ds.mpp, backend=ds.backend)
-            ds.slide.reserve_tile_cache(ds.spacing)
-
-        def __getitem__(self, i):
-            t0 = time.perf_counter()
-            if self.slide is None:
-                self.open()
-            b = self.blocks[i]
-            region = self.slide.read_at_mpp(b.region_l0_xy, b.region_px, self.spacing)
-            info = torch.utils.data.get_worker_info()
-            if self.slots is None or info is None:
-                return region, b.index, b.offsets_px, time.perf_counter() - t0
-            slot = self.served % self.slots.shape[1]
-            self.served += 1
-            h, w = region.shape[:2]
-            self.slots[info.id, slot, :h, :w].numpy()[...] = region
-            return (info.id, slot, h, w), b.index, b.offsets_px, time.perf_counter() - t0
-
-        def read(self, workers, prefetch=4):
-            if slots:
-                self.blocks = [self.blocks[i] for i in worker_order(len(self.blocks), workers)]
-            if slots and workers:
-                shape = (workers, prefetch + 2, max(b.region_px[1] for b in self.blocks),
-                         max(b.region_px[0] for b in self.blocks), 3)
-                assert math.prod(shape) < shutil.disk_usage("/dev/shm").free // 2, "/dev/shm too small"
-                self.slots = torch.empty(shape, dtype=torch.uint8).share_memory_()
-            loader = torch.utils.data.DataLoader(self, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                                                 worker_init_fn=None if slots or not workers else self.open,
-                                                 prefetch_factor=prefetch if workers else None)
-            for field, index, offsets, seconds in loader:
-                t0 = time.perf_counter()
-                region = field if isinstance(field, np.ndarray) else self.slots[field[0], field[1], :field[2],
-                                                                                :field[3]].numpy()
-                yield cut_patches(region, offsets, self.patch_px), index, seconds + time.perf_counter() - t0
-
-    return LoaderBlocks
-
-
-def _as_is(item):
-    return item
-
-
-def _package_reader():
-    from wsi_toolkit.inference import PatchBlocks
-
-    return PatchBlocks
-
-
-#: Reader designs, each a factory of a class with PatchBlocks' constructor and ``read(workers)``.
-READER_DESIGNS = {"threads": _package_reader, "dataloader": lambda: _dataloader_design(slots=False),
-                  "slots": lambda: _dataloader_design(slots=True)}
-
-
-def compare_readers(slide_path: Path, strides: list[int], workers: list[int], designs: list[str], rounds: int,
-                    passes: int) -> list[dict]:
-    """Each design x stride x worker count measured ``rounds`` times, interleaved (A B C A B C ...) so
-    they share the machine's conditions; then per design/stride/workers the median and spread."""
-    import statistics
-
-    runs: dict = {}
-    for r in range(rounds):
-        for stride in strides:
-            for w in workers:
-                for design in designs:
-                    rec = read_only(slide_path, stride, w, passes=passes, design=design)
-                    rec["round"] = r
-                    print(json.dumps(rec), flush=True)
-                    runs.setdefault((design, stride, w), []).append(rec)
-    out = []
-    for (design, stride, w), recs in runs.items():
-        pps = [x["patches_per_s"] for x in recs]
-        out.append({"bench": "reader_design", "design": design, "stride_px": stride, "workers": w, "rounds": len(pps),
-                    "patches_per_s_median": round(statistics.median(pps), 1), "patches_per_s_min": min(pps),
-                    "patches_per_s_max": max(pps),
-                    "cpu_seconds_median": round(statistics.median(x["cpu_seconds_all_processes"] for x in recs), 3),
-                    "loadavg": [x["loadavg"] for x in recs]})
-    return out
+from bench_harness import cpu_flags, loadavg, openvino_installed, run_measured
+from bench_read import READER_DESIGNS, compare_readers, decode_floor, grid_blocks, read_only
 
 
 def precision_diff(slide_path: Path, n: int, device: str, batch_size: int, workers: int, runtime: str = "torch",
@@ -372,7 +58,7 @@ def precision_diff(slide_path: Path, n: int, device: str, batch_size: int, worke
     from wsi_toolkit.model_package import Preprocess, load_model_package, pcam_config, save_model_package
     from wsi_toolkit.slide import open_slide
 
-    grid, _ = _grid_blocks(slide_path, 96)
+    grid, _ = grid_blocks(slide_path, 96)
     xy = grid.patch_l0_xy()[np.linspace(0, len(grid) - 1, min(n, len(grid))).astype(int)]
     torch.manual_seed(0)
     net = torchvision.models.resnet50(weights=None, num_classes=2).eval()
@@ -497,14 +183,14 @@ def main() -> int:
     pkg = pkgs[args.input_size[0]]
     machine = {"machine": f"{platform.machine()} {platform.processor() or ''}".strip(), "cpus": os.cpu_count(),
                "python": platform.python_version(), "torch": torch.__version__,
-               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **_cpu_flags()}
+               "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **cpu_flags()}
     print(json.dumps({"bench": "setup", "slide": str(slide), "packages": [str(p) for p in pkgs.values()],
                       **machine}), flush=True)
     parts = set(args.only or ["floor", "read", "infer", "wsinfer", "precision"])
     if args.skip_infer:
         parts -= {"infer", "wsinfer"}
     if "floor" in parts:
-        print(json.dumps(decode_floor(slide, blocks=_grid_blocks(slide, 96)[1])), flush=True)
+        print(json.dumps(decode_floor(slide, blocks=grid_blocks(slide, 96)[1])), flush=True)
     workers = args.workers if args.workers is not None else max(0, min(4, (os.cpu_count() or 1) - 1))
     if "readers" in parts:
         for rec in compare_readers(slide, args.strides, args.read_workers, args.reader_designs, args.reader_rounds,
@@ -527,7 +213,7 @@ def main() -> int:
     walls: dict = {}  # (runtime, precision, stride, variant) -> wall seconds of each repetition, first input size
     wsinfer_walls: dict[int, list[float]] = {}  # stride -> WSInfer wall seconds
     if "precision" in parts and args.precision_diff:
-        with_ov = _ov() and any(r != "torch" for r in args.runtime)
+        with_ov = openvino_installed() and any(r != "torch" for r in args.runtime)
         for runtime in ["torch", *(["openvino"] if with_ov else [])]:
             print(json.dumps(precision_diff(slide, args.precision_diff, args.device, args.batch_size, workers,
                                             runtime=runtime, cache_dir=cache_dir)), flush=True)
@@ -568,28 +254,6 @@ def main() -> int:
     return 0
 
 
-def _ov() -> bool:
-    from wsi_toolkit.runtime import openvino_available
-
-    return openvino_available()
-
-
-def _cpu_flags() -> dict:
-    """The CPU's model name and the flags that decide bf16 / INT8 speed."""
-    model, flags = "", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and not model:
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
-    return {"cpu_model": model, "cpu_flags": [f for f in wanted if f in flags]}
-
-
 def prepare_runtime(slide: Path, pkg_dir: Path, runtime: str, precision: str, device: str,
                     cache_dir: Path) -> dict | None:
     """Convert (and for int8 calibrate and quantize, from the slide as wsi-infer does) into the cache
@@ -601,7 +265,7 @@ def prepare_runtime(slide: Path, pkg_dir: Path, runtime: str, precision: str, de
     from wsi_toolkit.runtime import calibration_from_slides, select_runtime
 
     dev = resolve_device(device)
-    if runtime == "torch" or dev.type != "cpu" or not _ov():
+    if runtime == "torch" or dev.type != "cpu" or not openvino_installed():
         return None
     pkg = load_model_package(pkg_dir)
     t0 = time.perf_counter()
@@ -633,8 +297,8 @@ def run_wsi_infer(exe: str | None, slide: Path, pkg: Path, data: Path, size: int
     run_json = out / slide.stem / "run.json"
     record = json.loads(run_json.read_text()) if run_json.exists() and not m["returncode"] else {}
     timings, ran = record.get("timings", {}), record.get("runtime") or {}
-    rec = {"bench": "wsi_infer", **({"design": design, "loadavg": _loadavg()} if design else {}), "input_px": size,
-           "stride_px": stride, "precision": precision, "runtime": runtime or "auto", "loadavg": _loadavg(),
+    rec = {"bench": "wsi_infer", **({"design": design, "loadavg": loadavg()} if design else {}), "input_px": size,
+           "stride_px": stride, "precision": precision, "runtime": runtime or "auto", "loadavg": loadavg(),
            "runtime_ran": ran.get("runtime"), "precision_ran": ran.get("precision"),
            **({"fallback": ran["fallback"]} if ran.get("fallback") else {}),
            "device": args.device, "batch_size": args.batch_size,

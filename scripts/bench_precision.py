@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from bench_harness import loadavg
 
 
 def _cpu() -> dict:
@@ -46,13 +47,6 @@ def _cpu() -> dict:
     wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
     return {"model": model or platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "flags": [f for f in wanted if f in flags]}
-
-
-def _loadavg() -> str:
-    try:
-        return open("/proc/loadavg").read().split(" ")[0]
-    except OSError:
-        return "n/a"
 
 
 def evaluate(args, runtime: str, precision: str, out_root: Path) -> dict:
@@ -107,7 +101,7 @@ def model_speed(args, precisions: list[str], repeats: int, n: int = 256, batch: 
                 for b in batches:
                     m(b)
                 times[name].append(n / (time.perf_counter() - t0))
-    return {k: {"patches_per_s": statistics.median(v), "min": min(v), "max": max(v), "loadavg": _loadavg()}
+    return {k: {"patches_per_s": statistics.median(v), "min": min(v), "max": max(v), "loadavg": loadavg()}
             for k, v in times.items()}
 
 
@@ -140,7 +134,7 @@ def main() -> int:
         print("bf16 skipped: this CPU has no native bfloat16", file=sys.stderr)
     cpu = _cpu()
     print(f"CPU: {cpu['model']}, {cpu['cores']} cores, torch threads {cpu['torch_threads']}, flags "
-          f"{' '.join(cpu['flags'])}; load {_loadavg()}; {openvino_versions()}", file=sys.stderr)
+          f"{' '.join(cpu['flags'])}; load {loadavg()}; {openvino_versions()}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bench_precision_") as tmp:
         ref = evaluate(args, "torch", "fp32", Path(tmp))
         rows = [ref] + [evaluate(args, "openvino", p, Path(tmp)) for p in precisions]

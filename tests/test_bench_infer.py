@@ -61,3 +61,17 @@ def test_bench_compares_reader_designs(bench_lines):
                for r in rows.values())
     patches = {r["patches"] for k, r in got.items() if k[0] == "read_only" and k[2] == 96}
     assert len(patches) == 1 and patches.pop() > 0
+
+
+def test_bench_read_runs_alone_on_the_same_slide(bench_lines):
+    """scripts/bench_read.py (the reading questions, split out of bench_infer.py) on the slide the
+    bench made: the same patch count as bench_infer's reader-alone run."""
+    got, data = bench_lines
+    slide = next(data.glob("synthetic_*mm2_0.243.tif"))
+    cmd = [sys.executable, str(ROOT / "scripts" / "bench_read.py"), str(slide), "--strides", "96",
+           "--read-workers", "0", "--read-passes", "1", "--only", "floor", "read"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [r["bench"] for r in rows] == ["decode_floor", "read_only"]
+    assert rows[1]["patches"] == got[("read_only", 0, 96, "threads")]["patches"]

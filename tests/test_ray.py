@@ -191,7 +191,18 @@ def test_a_model_the_workers_cannot_load_stops_the_batch_at_start(cluster, tmp_p
     assert not (tmp_path / "o" / "a").exists()
 
 
-def test_worker_probe_and_settings_without_a_cluster(cluster, tmp_path):
+@pytest.fixture
+def keep_torch_threads():
+    """A SlideWorker sets torch's thread count for its own (actor) process; made in the test process,
+    it must not leave 1 thread to the tests that follow (their run.json records the threads)."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def test_worker_probe_and_settings_without_a_cluster(cluster, tmp_path, keep_torch_threads):
     w = SlideWorker(str(cluster["model"]), CONFIG, cpus=1, index=7)
     reply = w.probe(str(tmp_path), "token")
     assert reply["ok"] is False and "cannot read" in reply["error"] and reply["worker"] == 7

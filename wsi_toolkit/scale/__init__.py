@@ -10,6 +10,7 @@ not import Ray; running a batch does.
 
 from __future__ import annotations
 
-from wsi_toolkit.scale.driver import OutNotSharedError, RaySettings, connect, run_batch_ray
+from wsi_toolkit.scale.driver import run_batch_ray
+from wsi_toolkit.scale.settings import OutNotSharedError, RaySettings, connect
 
 __all__ = ["run_batch_ray", "RaySettings", "OutNotSharedError", "connect"]

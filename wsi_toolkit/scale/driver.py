@@ -22,13 +22,10 @@ import collections
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from wsi_toolkit.errors import ConfigError, WsiToolkitError
-from wsi_toolkit.limits import check_int, check_number
 from wsi_toolkit.pipeline import (
     RunConfig,
     SlideResult,
@@ -38,8 +35,10 @@ from wsi_toolkit.pipeline import (
     record_failed,
     write_summary,
 )
+from wsi_toolkit.scale.pool import EventHook, Item, Pool, Slot, plan_workers, short_error
 from wsi_toolkit.scale.progress import ClusterProgress
-from wsi_toolkit.scale.worker import PROBE_DRIVER_FILE, SlideWorker
+from wsi_toolkit.scale.settings import OutNotSharedError, RaySettings, connect, ray_module
+from wsi_toolkit.scale.worker import PROBE_DRIVER_FILE
 
 __all__ = ["RaySettings", "run_batch_ray", "connect", "OutNotSharedError"]
 
@@ -49,182 +48,6 @@ log = logging.getLogger(__name__)
 #: slides finish, and once at the end: with many workers on a network filesystem, rebuilding it
 #: after every slide would keep the driver from handing out slides.
 SUMMARY_EVERY_S = 10.0
-#: ``on_event(kind, worker, slide)``: kind is ready, start, done, died; ``worker`` the worker's
-#: :meth:`~wsi_toolkit.scale.worker.SlideWorker.describe` (``{"worker": index}`` before it is known).
-EventHook = Callable[[str, dict[str, Any], str | None], None]
-
-
-class OutNotSharedError(ConfigError):
-    """A worker's node does not see ``--out`` (not a filesystem every node mounts at the same path)."""
-
-
-@dataclass(frozen=True)
-class RaySettings:
-    """How the batch uses Ray.
-
-    ``address``: ``local`` (start Ray in this process for this batch), ``auto`` (the cluster this
-    machine belongs to, ``ray start``), or a cluster address (``HOST:PORT``, ``ray://HOST:PORT``).
-    An already initialised Ray (``ray.init`` called by the caller) is used as it is.
-    ``cpus_per_worker``: CPUs one worker reserves (None: 1 beside its GPU, else 4, at most what
-    the cluster has). ``max_workers``: at most this many workers (None: one per GPU, or as many as
-    the CPUs allow). ``max_attempts``: how often a slide is started before a worker that keeps
-    dying on it has it recorded as failed. ``num_cpus``: CPUs of a ``local`` Ray (None: all).
-    ``start_timeout_s``: how long a worker may take to start (placed, model loaded, probe done).
-    """
-
-    address: str = "local"
-    cpus_per_worker: int | None = None
-    max_workers: int | None = None
-    max_attempts: int = 3
-    num_cpus: int | None = None
-    start_timeout_s: float = 300.0
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.address, str) or not self.address.strip():
-            raise ConfigError(f"ray address must be local, auto or HOST:PORT; got {self.address!r}")
-        if self.cpus_per_worker is not None:
-            check_int(self.cpus_per_worker, "cpus_per_worker")
-        if self.max_workers is not None:
-            check_int(self.max_workers, "max_workers")
-        check_int(self.max_attempts, "max_attempts")
-        if self.num_cpus is not None:
-            check_int(self.num_cpus, "num_cpus")
-        check_number(self.start_timeout_s, "start_timeout_s", positive=True, unit="s")
-
-
-def _ray():
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--ray needs Ray: pip install 'wsi-toolkit[ray]'") from None
-    return ray
-
-
-def connect(settings: RaySettings) -> bool:
-    """Start or join Ray as ``settings.address`` says; True when this call started it (the caller
-    shuts it down), False when Ray was already initialised here."""
-    ray = _ray()
-    if ray.is_initialized():
-        return False
-    common: dict[str, Any] = {"logging_level": logging.WARNING, "include_dashboard": False}
-    try:
-        if settings.address == "local":
-            ray.init(address="local", num_cpus=settings.num_cpus, **common)
-        else:
-            if settings.num_cpus is not None:
-                raise ConfigError("num_cpus applies to --ray local only (a cluster has its own)")
-            ray.init(address=settings.address, logging_level=logging.WARNING)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise ConfigError(f"cannot connect to Ray at {settings.address!r} ({exc}); start a cluster with "
-                          "`ray start --head` (then `ray start --address=HEAD:6379` on the other machines) "
-                          "or use --ray local") from None
-    return True
-
-
-# --------------------------------------------------------------------------------------------
-# Workers
-
-
-@dataclass
-class _Item:
-    order: int
-    task: SlideTask
-    attempts: int = 0
-    deaths: list[str] = field(default_factory=list)
-    not_before: float = 0.0
-    t0: float = field(default_factory=time.perf_counter)
-
-
-@dataclass
-class _Slot:
-    index: int
-    actor: Any
-    state: str = "starting"  # starting, idle, running, dead
-    info: dict[str, Any] = field(default_factory=dict)
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def label(self) -> str:
-        node = self.info.get("node") or "?"
-        device = str(self.info.get("device", "")).split(" (")[0]
-        return f"w{self.index}@{node}" + (f" {device}" if device else "")
-
-
-def _plan_workers(ray: Any, settings: RaySettings, config: RunConfig, n_slides: int) -> tuple[int, dict[str, Any]]:
-    """(number of workers, Ray actor options) for this cluster."""
-    res = ray.cluster_resources()
-    gpus, cpus = int(res.get("GPU", 0)), int(res.get("CPU", 0))
-    if gpus > 0 and config.inference.device != "cpu":
-        n, options = gpus, {"num_gpus": 1, "num_cpus": settings.cpus_per_worker or 1}
-    else:
-        if cpus < 1:
-            raise ConfigError(f"the Ray cluster offers no CPU to run workers on ({res})")
-        per = min(settings.cpus_per_worker or 4, cpus)
-        if settings.cpus_per_worker and settings.cpus_per_worker > cpus:
-            raise ConfigError(f"--cpus-per-worker {settings.cpus_per_worker} is more than the cluster's {cpus} CPUs")
-        n, options = max(1, cpus // per), {"num_cpus": per}
-    n = min(n, settings.max_workers or n, max(n_slides, 1))
-    return n, options
-
-
-def _short(exc: BaseException, limit: int = 300) -> str:
-    """The first meaningful line of a Ray error (they carry long tracebacks)."""
-    text = str(exc).strip()
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith(" ")]
-    for ln in reversed(lines):
-        if "Error" in ln or "error" in ln:
-            text = ln
-            break
-    else:
-        text = lines[0] if lines else type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-class _Pool:
-    """The workers and the calls in flight on them."""
-
-    def __init__(self, ray: Any, model_dir: str, config: RunConfig, options: dict[str, Any], probe_dir: Path,
-                 token: str, on_event: EventHook | None, progress: ClusterProgress):
-        self.ray, self.model_dir, self.config, self.options = ray, model_dir, config, options
-        self.probe_dir, self.token, self.on_event, self.progress = probe_dir, token, on_event, progress
-        self.actor_class = ray.remote(SlideWorker).options(max_restarts=0, max_concurrency=1, **options)
-        self.slots: list[_Slot] = []
-        self.summary_written = -float("inf")
-        self.running: dict[Any, tuple[str, _Slot, _Item | None]] = {}
-
-    def start(self, index: int) -> _Slot:
-        actor = self.actor_class.remote(self.model_dir, self.config, int(self.options.get("num_cpus", 1)), index)
-        slot = _Slot(index=index, actor=actor)
-        self.slots.append(slot)
-        self.running[actor.probe.remote(str(self.probe_dir), self.token)] = ("probe", slot, None)
-        self.progress.worker(index, slot.label, "starting")
-        return slot
-
-    def event(self, kind: str, slot: _Slot, slide: str | None) -> None:
-        if self.on_event is not None:
-            self.on_event(kind, dict(slot.info) or {"worker": slot.index}, slide)
-
-    def probe_ok(self, slot: _Slot, reply: dict[str, Any]) -> str | None:
-        """None when the worker and the driver both saw each other's probe file, else why not."""
-        slot.info = {k: v for k, v in reply.items() if k not in ("ok", "error", "probe_file")}
-        where = f"worker {slot.index} on {reply.get('node')} ({reply.get('node_ip')})"
-        if not reply.get("ok"):
-            return f"{where} does not see --out: {reply.get('error')}"
-        try:
-            back = (self.probe_dir / str(reply["probe_file"])).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            return f"{where} wrote its probe file, but this machine cannot read it ({exc.strerror or exc})"
-        return None if back == self.token else f"{where} wrote a probe file this machine reads differently"
-
-    def kill(self, slot: _Slot) -> None:
-        slot.state = "dead"
-        try:
-            self.ray.kill(slot.actor, no_restart=True)
-        except Exception:  # noqa: BLE001 - already gone
-            pass
-
-    def alive(self) -> list[_Slot]:
-        return [s for s in self.slots if s.state != "dead"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -242,7 +65,7 @@ def run_batch_ray(slide_paths: Sequence[str | Path], model_dir: str | Path, out:
     one line per change on stderr (False); None follows ``config.inference.progress``. Returns one
     :class:`~wsi_toolkit.pipeline.SlideResult` per slide, in the order given (``failures`` first).
     """
-    ray = _ray()
+    ray = ray_module()
     out = Path(out).absolute()
     model_dir = Path(model_dir).absolute()
     if not model_dir.is_dir():
@@ -253,12 +76,12 @@ def run_batch_ray(slide_paths: Sequence[str | Path], model_dir: str | Path, out:
     for _arg, error in failures:
         log.error("%s", error)
     taken: set[str] = set()
-    queue: collections.deque[_Item] = collections.deque()
+    queue: collections.deque[Item] = collections.deque()
     for path in slide_paths:
         placed = place_slide(out, Path(path).absolute(), taken)
         results.append(placed if isinstance(placed, SlideResult) else None)
         if isinstance(placed, SlideTask):
-            queue.append(_Item(order=len(results) - 1, task=placed))
+            queue.append(Item(order=len(results) - 1, task=placed))
     show = ClusterProgress(len(results), enabled=config.inference.progress if progress is None else progress)
     for r in results:
         if r is not None:
@@ -270,14 +93,14 @@ def run_batch_ray(slide_paths: Sequence[str | Path], model_dir: str | Path, out:
 
     started_here = connect(settings)
     probe_dir = out / f".ray-probe-{uuid.uuid4().hex[:12]}"
-    pool: _Pool | None = None
+    pool: Pool | None = None
     try:
-        n_workers, options = _plan_workers(ray, settings, config, len(queue))
+        n_workers, options = plan_workers(ray, settings, config, len(queue))
         token = uuid.uuid4().hex
         probe_dir.mkdir()
         (probe_dir / PROBE_DRIVER_FILE).write_text(token + "\n", encoding="utf-8")
         log.info("Ray: %d worker(s), %s each, for %d slide(s)", n_workers, options, len(queue))
-        pool = _Pool(ray, str(model_dir), config, options, probe_dir, token, on_event, show)
+        pool = Pool(ray, str(model_dir), config, options, probe_dir, token, on_event, show)
         for i in range(n_workers):
             pool.start(i)
         _start_all(pool, settings)
@@ -295,7 +118,7 @@ def run_batch_ray(slide_paths: Sequence[str | Path], model_dir: str | Path, out:
     return done
 
 
-def _start_all(pool: _Pool, settings: RaySettings) -> None:
+def _start_all(pool: Pool, settings: RaySettings) -> None:
     """Wait for every first worker to start and pass the probe; raise (before any slide) if one fails."""
     ray = pool.ray
     deadline = time.monotonic() + settings.start_timeout_s
@@ -310,7 +133,7 @@ def _start_all(pool: _Pool, settings: RaySettings) -> None:
         try:
             reply = ray.get(ready[0])
         except ray.exceptions.RayError as exc:
-            raise WsiToolkitError(f"Ray worker {slot.index} could not start: {_short(exc)}") from None
+            raise WsiToolkitError(f"Ray worker {slot.index} could not start: {short_error(exc)}") from None
         problem = pool.probe_ok(slot, reply)
         if problem is not None:
             raise OutNotSharedError(f"{problem}. --out must be a filesystem every node mounts at the same path "
@@ -318,35 +141,40 @@ def _start_all(pool: _Pool, settings: RaySettings) -> None:
         _ready(pool, slot)
 
 
-def _ready(pool: _Pool, slot: _Slot) -> None:
+def _ready(pool: Pool, slot: Slot) -> None:
     slot.state = "idle"
     pool.progress.worker(slot.index, slot.label, "idle", note=f"{slot.label}: ready (pid {slot.info.get('pid')})")
     pool.event("ready", slot, None)
 
 
-def _drain(pool: _Pool, queue: collections.deque[_Item], results: list[SlideResult | None], out: Path,
+def _hand_out(pool: Pool, queue: collections.deque[Item]) -> None:
+    """Give each idle worker the next slide whose retry time has come."""
+    now = time.perf_counter()
+    for slot in [s for s in pool.slots if s.state == "idle"]:
+        item = next((it for it in queue if it.not_before <= now), None)
+        if item is None:
+            break
+        queue.remove(item)
+        item.attempts += 1
+        slot.state = "running"
+        pool.running[slot.actor.run.remote(item.task, item.attempts)] = ("run", slot, item)
+        pool.progress.worker(slot.index, slot.label, "running", item.task.slide.name,
+                             note=f"{slot.label}: started {item.task.slide.name}"
+                             + (f" (attempt {item.attempts})" if item.attempts > 1 else ""))
+        pool.event("start", slot, str(item.task.slide))
+
+
+def _drain(pool: Pool, queue: collections.deque[Item], results: list[SlideResult | None], out: Path,
            settings: RaySettings) -> None:
     """Hand the queue out to idle workers until every slide has a result."""
     ray = pool.ray
     replacements = len(queue) * settings.max_attempts + len(pool.slots)
     while queue or any(kind == "run" for kind, _, _ in pool.running.values()):
-        now = time.perf_counter()
-        for slot in [s for s in pool.slots if s.state == "idle"]:
-            item = next((it for it in queue if it.not_before <= now), None)
-            if item is None:
-                break
-            queue.remove(item)
-            item.attempts += 1
-            slot.state = "running"
-            pool.running[slot.actor.run.remote(item.task, item.attempts)] = ("run", slot, item)
-            pool.progress.worker(slot.index, slot.label, "running", item.task.slide.name,
-                                 note=f"{slot.label}: started {item.task.slide.name}"
-                                 + (f" (attempt {item.attempts})" if item.attempts > 1 else ""))
-            pool.event("start", slot, str(item.task.slide))
+        _hand_out(pool, queue)
         if not pool.alive():
-            for item in list(queue):
-                queue.remove(item)
-                _finish(pool, results, out, item, _gave_up(item, "no Ray worker is left to run it"))
+            while queue:
+                left = queue.popleft()
+                _finish(pool, results, out, left, _gave_up(left, "no Ray worker is left to run it"))
             break
         ready, _ = ray.wait(list(pool.running), num_returns=1, timeout=1.0) if pool.running else ([], [])
         if not ready:
@@ -366,11 +194,11 @@ def _drain(pool: _Pool, queue: collections.deque[_Item], results: list[SlideResu
         except ray.exceptions.RayError as exc:  # raised inside the call: not the slide's fault alone
             if kind == "probe":
                 pool.kill(slot)
-                log.error("Ray worker %d could not start: %s", slot.index, _short(exc))
+                log.error("Ray worker %d could not start: %s", slot.index, short_error(exc))
                 continue
             assert item is not None
             slot.state = "idle"
-            _finish(pool, results, out, item, _gave_up(item, f"worker error: {_short(exc)}"))
+            _finish(pool, results, out, item, _gave_up(item, f"worker error: {short_error(exc)}"))
             continue
         if kind == "probe":
             problem = pool.probe_ok(slot, value)
@@ -394,12 +222,12 @@ def _drain(pool: _Pool, queue: collections.deque[_Item], results: list[SlideResu
         _finish(pool, results, out, item, result, slot)
 
 
-def _died(pool: _Pool, slot: _Slot, item: _Item | None, exc: BaseException, queue: collections.deque[_Item],
+def _died(pool: Pool, slot: Slot, item: Item | None, exc: BaseException, queue: collections.deque[Item],
           results: list[SlideResult | None], out: Path, settings: RaySettings) -> None:
     """A worker process (or its node) is gone: its slide goes back to the queue or is given up."""
     pool.kill(slot)
     where = f"worker {slot.index} (pid {slot.info.get('pid', '?')} on {slot.info.get('node', '?')})"
-    reason = f"{where} died: {_short(exc, 200)}"
+    reason = f"{where} died: {short_error(exc, 200)}"
     log.warning("%s%s", reason, f" while running {item.task.slide}" if item else "")
     pool.progress.worker(slot.index, slot.label, "dead", note=reason)
     pool.event("died", slot, str(item.task.slide) if item else None)
@@ -412,7 +240,7 @@ def _died(pool: _Pool, slot: _Slot, item: _Item | None, exc: BaseException, queu
         queue.appendleft(item)  # next free worker, first
 
 
-def _gave_up(item: _Item, why: str | None) -> SlideResult:
+def _gave_up(item: Item, why: str | None) -> SlideResult:
     path = item.task.slide
     if why is None:
         n = len(item.deaths)
@@ -421,8 +249,8 @@ def _gave_up(item: _Item, why: str | None) -> SlideResult:
     return record_failed(path, item.task.out_dir, f"{path}: {why}", item.t0)
 
 
-def _finish(pool: _Pool, results: list[SlideResult | None], out: Path, item: _Item, result: SlideResult,
-            slot: _Slot | None = None) -> None:
+def _finish(pool: Pool, results: list[SlideResult | None], out: Path, item: Item, result: SlideResult,
+            slot: Slot | None = None) -> None:
     results[item.order] = result
     if time.monotonic() - pool.summary_written >= SUMMARY_EVERY_S:
         write_summary(out, [r for r in results if r is not None])
@@ -436,7 +264,7 @@ def _finish(pool: _Pool, results: list[SlideResult | None], out: Path, item: _It
         pool.event("done", slot, str(item.task.slide))
 
 
-def _check_start_timeouts(pool: _Pool, settings: RaySettings) -> None:
+def _check_start_timeouts(pool: Pool, settings: RaySettings) -> None:
     """A replacement worker that cannot be placed (no free resources left) is given up on."""
     now = time.monotonic()
     for ref, (kind, slot, _) in list(pool.running.items()):
