@@ -195,6 +195,7 @@ def evaluate_package(
     precision: str = "auto",
     cache_dir: str | os.PathLike | None = None,
     calibration: str | os.PathLike | None = None,
+    ov_preprocess: str = "graph",
 ) -> EvalResult:
     """Evaluate the model package at ``package`` on ``split`` of the patch set at ``data``.
 
@@ -203,6 +204,7 @@ def evaluate_package(
     valid split is rebuilt with ``valid_fraction``/``seed`` (default: those the package was
     trained with, from its config) and its numbers are labelled leaky.
     ``runtime``/``precision``: see the module docstring (torch runs fp32 here: ``auto`` or ``fp32``).
+    ``ov_preprocess``: OpenVINO with the preprocessing in its graph (``graph``) or in torch (``torch``).
     """
     from patch_model.data import open_splits
     from wsi_toolkit.runtime import calibration_from_dataset, calibration_from_pcam, select_runtime
@@ -234,7 +236,8 @@ def evaluate_package(
     # A set, not a function: its fingerprint keys the graph (a function would be wsi-infer's automatic
     # calibration on slide tissue, one graph per package).
     choice = select_runtime(pkg, runtime=runtime, precision=precision, device=dev, cache_dir=cache_dir,
-                            calibration=make_calibration() if precision == "int8" else None)
+                            calibration=make_calibration() if precision == "int8" else None,
+                            preprocess=ov_preprocess)  # type: ignore[arg-type]
     if choice.model is None and choice.precision not in ("auto", "fp32"):
         raise ConfigError(f"pcam-eval runs torch in fp32; precision {choice.precision} needs --runtime openvino")
     predict = choice.model.predict_class_proba if choice.model is not None else pkg.predict_class_proba

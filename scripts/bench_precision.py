@@ -49,15 +49,16 @@ def _cpu() -> dict:
             "flags": [f for f in wanted if f in flags]}
 
 
-def evaluate(args, runtime: str, precision: str, out_root: Path) -> dict:
+def evaluate(args, runtime: str, precision: str, out_root: Path, pre: str = "graph") -> dict:
     from patch_model.patch_eval import evaluate_package
 
     t0 = time.perf_counter()
     r = evaluate_package(args.model, args.data, split=args.split, runtime=runtime, precision=precision,
                          cache_dir=args.cache_dir, calibration=args.calibration, progress=False,
-                         out=out_root / f"{runtime}_{precision}")
+                         out=out_root / f"{runtime}_{precision}_{pre}", ov_preprocess=pre)
     tumor = args.package.config.tumor_index()
-    return {"runtime": runtime, "precision": precision, "ran": r.runtime, "accuracy": r.metrics["accuracy"],
+    return {"runtime": runtime if runtime == "torch" else f"{runtime} ({pre} pre)", "precision": precision,
+            "ran": r.runtime, "accuracy": r.metrics["accuracy"],
             "roc_auc": r.metrics["roc_auc"], "p_tumor": r.probs[:, tumor], "seconds": time.perf_counter() - t0}
 
 
@@ -75,31 +76,37 @@ def train_calibration(args):
 
 
 def model_speed(args, precisions: list[str], repeats: int, n: int = 256, batch: int = 64) -> dict[str, dict]:
-    """Patches/s of the model alone on ``n`` preprocessed patches, runtimes interleaved per round."""
+    """Patches/s of the model on ``n`` uint8 patches, preprocessing included (torch's Preprocess, or
+    OpenVINO's graph where it holds it), runtimes interleaved per round."""
     from wsi_toolkit.inference.device import prepare_model
     from wsi_toolkit.runtime import load_openvino_model
 
     pkg = args.package
     calibration = train_calibration(args) if "int8" in precisions else None
     rng = np.random.default_rng(0)
-    x = pkg.preprocess(torch.from_numpy(rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8)))
+    x = torch.from_numpy(rng.integers(0, 256, (n, 96, 96, 3), dtype=np.uint8))
     batches = list(torch.split(x, batch))
     runners = {}
     torch_model = prepare_model(pkg.model, torch.device("cpu"), optimize=True)
     runners["torch fp32"] = torch_model
     for p in precisions:
-        runners[f"openvino {p}"] = load_openvino_model(pkg, precision=p, cache_dir=args.cache_dir,
-                                                       calibration=calibration if p == "int8" else None)
+        for pre in args.ov_preprocess:
+            runners[f"openvino ({pre} pre) {p}"] = load_openvino_model(
+                pkg, precision=p, cache_dir=args.cache_dir, calibration=calibration if p == "int8" else None,
+                preprocess=pre)
+
+    def call(m, b):
+        return m(b) if getattr(m, "takes_uint8", False) else m(pkg.preprocess(b))
     times: dict[str, list[float]] = {k: [] for k in runners}
     with torch.inference_mode(), torch_model:
         for m in runners.values():  # warm-up (the fused torch graph compiles on its first calls)
             for b in batches[:2]:
-                m(b)
+                call(m, b)
         for _ in range(repeats):
             for name, m in runners.items():
                 t0 = time.perf_counter()
                 for b in batches:
-                    m(b)
+                    call(m, b)
                 times[name].append(n / (time.perf_counter() - t0))
     return {k: {"patches_per_s": statistics.median(v), "min": min(v), "max": max(v), "loadavg": loadavg()}
             for k, v in times.items()}
@@ -117,6 +124,8 @@ def main() -> int:
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=5, help="rounds of the interleaved model-speed comparison")
     ap.add_argument("--no-speed", action="store_true")
+    ap.add_argument("--ov-preprocess", nargs="+", default=["graph"], choices=["graph", "torch"],
+                    help="OpenVINO rows with the preprocessing in the graph and/or in torch")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.data is None or not args.data.is_dir():
@@ -137,7 +146,8 @@ def main() -> int:
           f"{' '.join(cpu['flags'])}; load {loadavg()}; {openvino_versions()}", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bench_precision_") as tmp:
         ref = evaluate(args, "torch", "fp32", Path(tmp))
-        rows = [ref] + [evaluate(args, "openvino", p, Path(tmp)) for p in precisions]
+        rows = [ref] + [evaluate(args, "openvino", p, Path(tmp), pre) for p in precisions
+                        for pre in args.ov_preprocess]
     results = []
     for r in rows:
         cmp = compare_probabilities(ref["p_tumor"], r["p_tumor"])

@@ -73,9 +73,35 @@ def test_fp32_agrees_with_torch(which, request, tmp_path):
     assert report["max_abs_dp"] <= 1e-4, report
     assert model.info["fp32_vs_torch"]["max_abs_dp"] <= 1e-4
     assert model.path == "openvino-fp32" and model.stats["cache"] == "built"
-    # The loop's interface: preprocessed float batch in, logits out.
-    logits = model(package.preprocess(torch.from_numpy(x[:5])))
+    # The loop's interface: the uint8 patches in (preprocessing in the graph), logits out.
+    assert model.takes_uint8 and model.info["preprocessing"].startswith("in the graph")
+    logits = model(torch.from_numpy(x[:5]))
     assert logits.shape == (5, 2) and logits.dtype == torch.float32
+    with pytest.raises(ConfigError, match="uint8"):
+        model(package.preprocess(torch.from_numpy(x[:5])))
+    plain = load_openvino_model(package, precision="fp32", cache_dir=tmp_path, preprocess="torch")
+    assert not plain.takes_uint8 and plain.info["preprocessing"] == "torch"
+    torch.testing.assert_close(plain(package.preprocess(torch.from_numpy(x[:5]))), logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("input_size", [96, 128, 64])
+def test_preprocessing_in_the_graph_gives_torchs_probabilities(input_size, tmp_path):
+    """OpenVINO's PrePostProcessor does the package's preprocessing (uint8 -> [0, 1], NHWC -> NCHW,
+    Resize 96 -> 128, Normalize) inside the compiled graph with torch's result (5e-5); a Resize that
+    shrinks (96 -> 64: torch's antialiased filter) stays in torch."""
+    import torchvision
+
+    torch.manual_seed(1)
+    net = torchvision.models.resnet18(num_classes=2).eval()
+    package = load_model_package(save_model_package(tmp_path / "pkg", net,
+                                                    pcam_config(architecture="resnet18", input_size=input_size)))
+    graph = load_openvino_model(package, cache_dir=tmp_path / "c")
+    plain = load_openvino_model(package, cache_dir=tmp_path / "c", preprocess="torch")
+    assert graph.takes_uint8 is (input_size >= 96) and not plain.takes_uint8
+    x = _patches(24)
+    dp = np.abs(graph.predict_class_proba(x) - plain.predict_class_proba(x)).max()
+    assert dp <= 5e-5, dp
+    assert compare_probabilities(_torch_p(package, x), graph.predict_proba(x))["max_abs_dp"] <= 1e-4
 
 
 def test_converts_from_torch_export_or_torchscript(r18_package, tmp_path):
@@ -417,6 +443,23 @@ def test_asynchronous_requests_give_the_plain_probabilities(precision, r18_packa
         assert (runs[requests].probs.sum(axis=1) > 0.99).all()  # every patch was written
 
 
+def test_run_inference_with_preprocessing_in_the_graph_or_in_torch(r18_package, r18_cache, synthetic_slides):
+    """The loop hands the uint8 patches to a graph that preprocesses them itself: the same
+    probabilities as torch's Preprocess before the graph (5e-5), and run.json says which ran."""
+    from wsi_toolkit.inference import InferenceConfig, run_inference
+
+    slide = synthetic_slides().path
+    grid = _grid(slide, r18_package)
+    base = InferenceConfig(workers=0, progress=False, device="cpu", batch_size=16, cache_dir=str(r18_cache),
+                           runtime="openvino")
+    graph = run_inference(slide, grid, r18_package, config=base)
+    plain = run_inference(slide, grid, r18_package, config=dataclasses.replace(base, ov_preprocess="torch"))
+    assert graph.runtime["preprocessing"].startswith("in the graph") and plain.runtime["preprocessing"] == "torch"
+    assert np.abs(graph.probs - plain.probs).max() <= 5e-5
+    with pytest.raises(ConfigError, match="ov_preprocess"):
+        InferenceConfig(ov_preprocess="numpy")
+
+
 def test_a_failing_asynchronous_batch_raises_in_the_caller(r18_package, r18_cache):
     model = load_openvino_model(r18_package, cache_dir=r18_cache, requests=2)
     seen = []
@@ -426,7 +469,7 @@ def test_a_failing_asynchronous_batch_raises_in_the_caller(r18_package, r18_cach
         if userdata == 1:
             raise ValueError("bad batch 1")
 
-    x = torch.zeros(4, 3, 96, 96)
+    x = torch.zeros(4, 96, 96, 3, dtype=torch.uint8) if model.takes_uint8 else torch.zeros(4, 3, 96, 96)
     with pytest.raises(ValueError, match="bad batch 1"):
         with model.pipelined(on_logits) as submit:
             for i in range(3):

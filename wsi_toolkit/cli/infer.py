@@ -69,6 +69,10 @@ class _BatchSize(click.ParamType):
                    "hint); auto compiles with the THROUGHPUT hint and keeps its optimal number of requests "
                    "running while the next batches are read; N: N requests in flight on those streams. Same "
                    "probabilities either way.")
+@click.option("--ov-preprocess", type=click.Choice(["graph", "torch"]), default="graph", show_default=True,
+              help="OpenVINO: graph puts the package's preprocessing (uint8 -> float, layout, upsampling, "
+                   "normalisation) into the compiled model (PrePostProcessor), torch runs it before the model. "
+                   "Same fp32 probabilities within 1e-4; a Resize that shrinks the patch always runs in torch.")
 @click.option("--profile", is_flag=True,
               help="Print where the time went, stage by stage (process start and imports, package load, "
                    "INT8 graph, tissue, grid, model set-up, model, reads, stitching, exports) and write it "
@@ -91,8 +95,8 @@ class _BatchSize(click.ParamType):
 @click.option("--no-progress", is_flag=True)
 @click.option("-v", "--verbose", count=True)
 def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_tissue, batch_size, workers, device,
-             runtime, precision, calibration, ov_requests, profile, cache_dir, check_precision, ray_address,
-             cpus_per_worker, backend, overwrite, no_progress, verbose) -> int:
+             runtime, precision, calibration, ov_requests, ov_preprocess, profile, cache_dir, check_precision,
+             ray_address, cpus_per_worker, backend, overwrite, no_progress, verbose) -> int:
     """Tumour-probability heatmaps for SLIDES (files and folders mixed).
 
     Per slide, in OUT/<slide-stem>/ (the stem made a safe, unique folder name): heatmap.tif,
@@ -125,7 +129,8 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
                                 progress=not no_progress, runtime=runtime,
                                 cache_dir=None if cache_dir is None else str(cache_dir),
                                 calibration=None if calibration is None else str(calibration),
-                                ov_requests=None if ov_requests == "auto" else ov_requests)
+                                ov_requests=None if ov_requests == "auto" else ov_requests,
+                                ov_preprocess=ov_preprocess)
     config = RunConfig(
         mpp_override=mpp, stride_px=stride_px, merge=merge, threshold=threshold, min_tissue_fraction=min_tissue,
         overwrite=overwrite, backend=backend, inference=inference,

@@ -39,6 +39,7 @@ from wsi_toolkit.runtime.calibration import CALIBRATION_PATCHES, CalibrationSet
 
 if TYPE_CHECKING:
     from wsi_toolkit.model_package import ModelPackage
+    from wsi_toolkit.model_package.config import ModelConfig
 
 __all__ = ["AUTO_CALIBRATION", "FP32_TOLERANCE", "OV_PRECISIONS", "ConversionError", "OpenVinoModel", "OvPrecision",
            "load_openvino_model", "openvino_available", "openvino_versions", "prepare_openvino_graph"]
@@ -175,6 +176,47 @@ def _compile(model: Any, precision: OvPrecision, threads: int | None, hint: str 
     return ov.Core().compile_model(model, "CPU", config)
 
 
+def in_graph_steps(config: ModelConfig) -> list[tuple[str, Any]] | None:
+    """The package's ``transform`` as OpenVINO PrePostProcessor steps on ``(N, P, P, 3)`` uint8
+    patches, or None where the graph cannot do exactly what :class:`Preprocess` does: a Resize
+    that shrinks the patch (torch's antialiased filter; OpenVINO's linear resize is not) or a
+    non-square one. Steps: ``("resize", S)``, ``("normalize", (mean, std))``; the uint8 -> [0, 1]
+    scaling and NHWC -> NCHW come first, as in :class:`Preprocess`."""
+    side = config.patch_size_pixels
+    steps: list[tuple[str, Any]] = []
+    for step in config.transform:
+        if step.name == "Resize" and step.size is not None:
+            if step.size < side or not (isinstance(step.arguments["size"], int)
+                                        or len(set(step.arguments["size"])) == 1):
+                return None
+            if step.size != side:  # Preprocess skips a Resize to the size the patch has
+                steps.append(("resize", step.size))
+                side = step.size
+        elif step.name == "Normalize":
+            steps.append(("normalize", (list(map(float, step.arguments["mean"])),
+                                        list(map(float, step.arguments["std"])))))
+    return steps if side == config.input_size else None
+
+
+def _with_preprocessing(model: Any, config: ModelConfig, steps: list[tuple[str, Any]]) -> Any:
+    """``model`` (float NCHW input) with ``steps`` (:func:`in_graph_steps`) in front of it, built by
+    OpenVINO's PrePostProcessor: its input becomes ``(N, P, P, 3)`` uint8 RGB, the package's patches."""
+    from openvino import Layout, Type
+    from openvino.preprocess import PrePostProcessor, ResizeAlgorithm
+
+    ppp = PrePostProcessor(model)
+    side = config.patch_size_pixels
+    ppp.input().tensor().set_element_type(Type.u8).set_layout(Layout("NHWC")).set_spatial_static_shape(side, side)
+    ppp.input().model().set_layout(Layout("NCHW"))
+    pre = ppp.input().preprocess().convert_element_type(Type.f32).convert_layout(Layout("NCHW")).scale(255.0)
+    for name, arg in steps:
+        if name == "resize":
+            pre = pre.resize(ResizeAlgorithm.RESIZE_LINEAR)  # to the model's (static) input side
+        else:
+            pre = pre.mean(arg[0]).scale(arg[1])
+    return ppp.build()
+
+
 def _infer(compiled: Any, x: np.ndarray, batch: int = 64) -> np.ndarray:
     request = compiled.create_infer_request()
     out = []
@@ -237,13 +279,14 @@ def _build_int8(package: ModelPackage, fp32_xml: Path, calibration: CalibrationS
 
 class OpenVinoModel:
     """A compiled OpenVINO model with the interface of the inference loop's models: a context
-    manager, called with a preprocessed ``(N, 3, S, S)`` float32 tensor, returning logits. ``path``
-    names it (``"openvino-int8"``); ``info`` is what ``run.json`` records about it (the same on
-    every run of the same model and settings); ``stats`` how this load went (cache ``"hit"`` or
-    ``"built"``, the entry's folder, seconds), which goes with the timings."""
+    manager, called with a preprocessed ``(N, 3, S, S)`` float32 tensor (with :attr:`takes_uint8`:
+    the ``(N, P, P, 3)`` uint8 patches), returning logits. ``path`` names it (``"openvino-int8"``);
+    ``info`` is what ``run.json`` records about it (the same on every run of the same model and
+    settings); ``stats`` how this load went (cache ``"hit"`` or ``"built"``, the entry's folder,
+    seconds), which goes with the timings."""
 
     def __init__(self, compiled: Any, package: ModelPackage, precision: OvPrecision, info: Mapping[str, Any],
-                 stats: Mapping[str, Any] | None = None, n_requests: int = 1):
+                 stats: Mapping[str, Any] | None = None, n_requests: int = 1, takes_uint8: bool = False):
         self._compiled = compiled
         self._request = compiled.create_infer_request()
         self.package = package
@@ -253,6 +296,9 @@ class OpenVinoModel:
         self.stats = dict(stats or {})
         #: Infer requests :meth:`pipelined` keeps in flight (1: one request at a time, as ``__call__``).
         self.n_requests = int(n_requests)
+        #: True: the package's preprocessing is in the graph, which takes the ``(N, P, P, 3)`` uint8
+        #: patches themselves (the inference loop then skips :class:`Preprocess`).
+        self.takes_uint8 = bool(takes_uint8)
 
     @contextlib.contextmanager
     def pipelined(self, on_logits: Callable[[torch.Tensor, Any], None]
@@ -282,8 +328,7 @@ class OpenVinoModel:
         def submit(x: torch.Tensor, userdata: Any) -> None:
             if errors:
                 raise errors[0]
-            arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
-            queue.start_async({0: arr}, userdata, share_inputs=False)  # copied: the caller may reuse x
+            queue.start_async({0: self._array(x)}, userdata, share_inputs=False)  # copied: the caller may reuse x
 
         try:
             yield submit
@@ -298,16 +343,25 @@ class OpenVinoModel:
     def __exit__(self, *exc: object) -> None:
         pass
 
+    def _array(self, x: torch.Tensor) -> np.ndarray:
+        if self.takes_uint8:
+            if x.dtype != torch.uint8:
+                raise ConfigError("this OpenVINO model takes (N, P, P, 3) uint8 patches (preprocessing in the graph); "
+                                  f"got {x.dtype}")
+            return x.detach().to("cpu").contiguous().numpy()
+        return x.detach().to("cpu", torch.float32).contiguous().numpy()
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        self._request.infer({0: arr}, share_inputs=True)
+        """Logits of ``x``: preprocessed ``(N, 3, S, S)`` float32, or with :attr:`takes_uint8` the
+        ``(N, P, P, 3)`` uint8 patches."""
+        self._request.infer({0: self._array(x)}, share_inputs=True)
         return torch.from_numpy(np.array(self._request.get_output_tensor(0).data, np.float32, copy=True))
 
     def predict_class_proba(self, patches_uint8: np.ndarray | torch.Tensor) -> np.ndarray:
         """``(N, H, W, 3)`` uint8 patches -> ``(N, num_classes)`` float32 probabilities (as
         :meth:`wsi_toolkit.model_package.ModelPackage.predict_class_proba`)."""
-        x = _preprocessed(self.package, np.asarray(patches_uint8, np.uint8))
-        return _probabilities(_infer(self._compiled, x))
+        x = np.asarray(patches_uint8, np.uint8)
+        return _probabilities(_infer(self._compiled, x if self.takes_uint8 else _preprocessed(self.package, x)))
 
     def predict_proba(self, patches_uint8: np.ndarray | torch.Tensor) -> np.ndarray:
         return _tumor_column(self.package, self.predict_class_proba(patches_uint8))
@@ -409,7 +463,7 @@ def prepare_openvino_graph(package: ModelPackage, *, precision: str = "fp32", ca
 def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache_dir: str | Path | None = None,
                         calibration: CalibrationSet | Callable[[], CalibrationSet] | None = None,
                         force_bf16: bool = False, threads: int | None = None,
-                        requests: int | None = 1) -> OpenVinoModel:
+                        requests: int | None = 1, preprocess: Literal["graph", "torch"] = "graph") -> OpenVinoModel:
     """The package's model compiled by OpenVINO for the CPU at ``precision`` (converted and cached on
     first use; the cache under ``cache_dir`` or :func:`~.cache.default_cache_dir`).
 
@@ -418,7 +472,11 @@ def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache
     torch's intra-op thread count. ``requests``: 1 compiles for latency (one request at a time, all
     threads on it); ``None`` compiles with OpenVINO's THROUGHPUT hint (several CPU streams) and
     keeps its optimal number of requests in flight (:meth:`OpenVinoModel.pipelined`); a number
-    N > 1 keeps N requests in flight on the THROUGHPUT hint's streams.
+    N > 1 keeps N requests in flight on the THROUGHPUT hint's streams. ``preprocess="graph"`` puts
+    the package's preprocessing (uint8 -> float, NHWC -> NCHW, upsampling Resize, Normalize) into
+    the compiled graph with OpenVINO's PrePostProcessor, so the model takes the uint8 patches
+    (:attr:`OpenVinoModel.takes_uint8`), where it can do what torch does (:func:`in_graph_steps`;
+    fp32 within 1e-4 of it); ``"torch"`` (or a shrinking Resize) keeps :class:`Preprocess`.
     Raises :class:`ConfigError` for settings that cannot work here (OpenVINO or NNCF not installed,
     bf16 without native support, int8 without calibration, a package on a GPU) and
     :class:`ConversionError` when conversion, quantization or compilation fails or the fp32 graph
@@ -430,11 +488,19 @@ def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache
     folder, info, stats = prepare_openvino_graph(package, precision=prec, cache_dir=cache_dir, calibration=calibration,
                                                  force_bf16=force_bf16, threads=threads)
     t1 = time.perf_counter()
+    if preprocess not in ("graph", "torch"):
+        raise ConfigError(f"OpenVINO preprocess must be graph or torch; got {preprocess!r}")
+    steps = in_graph_steps(package.config) if preprocess == "graph" else None
     try:
+        graph: Any = str(folder / MODEL_XML)
+        if steps is not None:
+            import openvino as ov
+
+            graph = _with_preprocessing(ov.Core().read_model(graph), package.config, steps)
         if requests == 1:
-            compiled, n_requests = _compile(str(folder / MODEL_XML), prec, threads), 1
+            compiled, n_requests = _compile(graph, prec, threads), 1
         else:
-            compiled = _compile(str(folder / MODEL_XML), prec, threads, hint="THROUGHPUT")
+            compiled = _compile(graph, prec, threads, hint="THROUGHPUT")
             n_requests = requests or int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS"))
     except Exception as exc:  # noqa: BLE001 - OpenVINO raises many types; all mean "use torch"
         raise ConversionError(f"OpenVINO could not compile the model of {package.path} at {prec}: "
@@ -448,6 +514,7 @@ def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache
     })
     if prec == "bf16" and force_bf16:
         info["forced"] = True
+    info["preprocessing"] = "in the graph (OpenVINO PrePostProcessor)" if steps is not None else "torch"
     log.info("OpenVINO %s model ready (from %s, cache %s, %.1f s)", prec, info.get("source"), stats["cache"],
              stats["seconds_load"])
-    return OpenVinoModel(compiled, package, prec, info, stats, n_requests=n_requests)
+    return OpenVinoModel(compiled, package, prec, info, stats, n_requests=n_requests, takes_uint8=steps is not None)

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -70,7 +70,8 @@ class RuntimeChoice:
 def select_runtime(package: ModelPackage, *, runtime: str = "auto", precision: str = "auto",
                    device: torch.device | None = None, cache_dir: str | Path | None = None,
                    calibration: CalibrationSet | Callable[[], CalibrationSet] | None = None,
-                   force_bf16: bool = False, requests: int | None = 1) -> RuntimeChoice:
+                   force_bf16: bool = False, requests: int | None = 1,
+                   preprocess: Literal["graph", "torch"] = "graph") -> RuntimeChoice:
     """The model a run calls, from its ``runtime`` and ``precision`` settings.
 
     On a CPU, ``auto`` is OpenVINO where installed (fp32 there agrees with torch within 1e-4: each
@@ -78,7 +79,8 @@ def select_runtime(package: ModelPackage, *, runtime: str = "auto", precision: s
     ``int8`` needs OpenVINO and ``calibration``: a set (its fingerprint keys the quantized graph), or
     a function making one, called only when the cache has no automatically calibrated graph of the
     package yet (:func:`~.openvino.prepare_openvino_graph`). ``requests``: OpenVINO infer requests
-    in flight (:func:`~.openvino.load_openvino_model`; 1 = one at a time, None = THROUGHPUT hint).
+    in flight (:func:`~.openvino.load_openvino_model`; 1 = one at a time, None = THROUGHPUT hint);
+    ``preprocess``: the package's preprocessing in OpenVINO's graph (``graph``, where exact) or torch's.
     Settings that cannot work raise :class:`ConfigError`; a model OpenVINO cannot convert runs on
     torch (fp32 where int8 was asked for), with a warning in the log and the reason in
     ``info["fallback"]``.
@@ -105,7 +107,7 @@ def select_runtime(package: ModelPackage, *, runtime: str = "auto", precision: s
     cal_key = None if ov_precision != "int8" else (
         calibration.fingerprint if isinstance(calibration, CalibrationSet) else "auto")
     memo_key = (id(package), package.sha256, ov_precision, None if cache_dir is None else str(cache_dir),
-                cal_key, force_bf16, torch.get_num_threads(), requests)
+                cal_key, force_bf16, torch.get_num_threads(), requests, preprocess)
     loaded = _LOADED.get(memo_key)
     if loaded is not None and loaded.package is package:
         # The next slide of a batch: the model compiled for the last one (no cache lookup, no compile).
@@ -115,7 +117,7 @@ def select_runtime(package: ModelPackage, *, runtime: str = "auto", precision: s
     try:
         model = load_openvino_model(package, precision=ov_precision, cache_dir=cache_dir,
                                     calibration=calibration if ov_precision == "int8" else None,
-                                    force_bf16=force_bf16, requests=requests)
+                                    force_bf16=force_bf16, requests=requests, preprocess=preprocess)
     except ConversionError as exc:
         torch_precision = "fp32" if ov_precision == "int8" else precision
         log.warning("OpenVINO: %s; running the model with torch at %s instead", exc,
