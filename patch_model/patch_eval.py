@@ -195,7 +195,7 @@ def evaluate_package(
     precision: str = "auto",
     cache_dir: str | os.PathLike | None = None,
     calibration: str | os.PathLike | None = None,
-    ov_preprocess: str = "graph",
+    ov_preprocess: Literal["graph", "torch"] = "graph",
 ) -> EvalResult:
     """Evaluate the model package at ``package`` on ``split`` of the patch set at ``data``.
 
@@ -237,7 +237,7 @@ def evaluate_package(
     # calibration on slide tissue, one graph per package).
     choice = select_runtime(pkg, runtime=runtime, precision=precision, device=dev, cache_dir=cache_dir,
                             calibration=make_calibration() if precision == "int8" else None,
-                            preprocess=ov_preprocess)  # type: ignore[arg-type]
+                            preprocess=ov_preprocess)
     if choice.model is None and choice.precision not in ("auto", "fp32"):
         raise ConfigError(f"pcam-eval runs torch in fp32; precision {choice.precision} needs --runtime openvino")
     predict = choice.model.predict_class_proba if choice.model is not None else pkg.predict_class_proba

@@ -490,19 +490,26 @@ def _lr_iters(run: _Run, loaders: PatchData) -> int:
     return given if given is not None else min(100, max(50, 2 * n_batches))
 
 
+def _lr_find_phase(run: _Run, learn: Learner, fit: _Fit, phase: str, what: str) -> float:
+    """lr_find for ``phase`` (frozen, unfrozen): its plot ``lr_find_<phase>.png`` (rank 0) and its
+    valley, recorded in ``fit`` and returned."""
+    found, lrs, losses = _lr_find(learn, fit.lr_iters)
+    if run.is_main:
+        title = f"lr_find, {what} ({run.spec.name}, {run.config.size} px)"
+        fit.plots[f"lr_find_{phase}"] = plot_lr_find(lrs, losses, found, run.out / f"lr_find_{phase}.png",
+                                                     title=title).name
+    fit.lr_info[f"{phase}_lr_find"] = found
+    return found
+
+
 def _fit_frozen(run: _Run, learn: Learner, fit: _Fit) -> None:
     """Body frozen: lr_find (its valley unless --lr), then one cycle of ``epochs_frozen`` epochs."""
     config = run.config
     learn.freeze()
     lr = config.lr
     if fit.lr_iters:
-        found, lrs, losses = _lr_find(learn, fit.lr_iters)
+        found = _lr_find_phase(run, learn, fit, "frozen", "body frozen")
         logger.info("lr_find (frozen): valley %.3g%s", found, "" if lr is None else f" (using --lr {lr:g})")
-        if run.is_main:
-            title = f"lr_find, body frozen ({run.spec.name}, {config.size} px)"
-            fit.plots["lr_find_frozen"] = plot_lr_find(lrs, losses, found, run.out / "lr_find_frozen.png",
-                                                       title=title).name
-        fit.lr_info["frozen_lr_find"] = found
         if lr is None:
             lr = found
     fit.lr_info["frozen"] = float(lr)
@@ -518,13 +525,8 @@ def _fit_unfrozen(run: _Run, learn: Learner, fit: _Fit) -> None:
     learn.unfreeze()
     lr_max = config.lr_unfrozen
     if fit.lr_iters:
-        found, lrs, losses = _lr_find(learn, fit.lr_iters)
+        found = _lr_find_phase(run, learn, fit, "unfrozen", "unfrozen")
         logger.info("lr_find (unfrozen): valley %.3g", found)
-        if run.is_main:
-            title = f"lr_find, unfrozen ({run.spec.name}, {config.size} px)"
-            fit.plots["lr_find_unfrozen"] = plot_lr_find(lrs, losses, found, run.out / "lr_find_unfrozen.png",
-                                                         title=title).name
-        fit.lr_info["unfrozen_lr_find"] = found
         if lr_max is None:
             lr_max = found
     if lr_max is None:  # lr_find off and only --lr given

@@ -30,23 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from bench_harness import loadavg
+from bench_harness import cpu_flags, loadavg
 
 
 def _cpu() -> dict:
-    model, flags = "", []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and not model:
-                    model = line.split(":", 1)[1].strip()
-                elif line.startswith("flags") and not flags:
-                    flags = line.split(":", 1)[1].split()
-    except OSError:
-        pass
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
-    return {"model": model or platform.processor(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "flags": [f for f in wanted if f in flags]}
+    c = cpu_flags()
+    return {"model": c["cpu_model"] or platform.processor(), "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "flags": c["cpu_flags"]}
 
 
 def evaluate(args, runtime: str, precision: str, out_root: Path, pre: str = "graph") -> dict:
