@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -559,3 +560,42 @@ def test_wsi_infer_check_precision(model_dir, synthetic_slides, tmp_path):
     assert p["n_patches"] > 0 and 0 < p["max_abs_dp"] < 0.2 and p["label_flips"] <= 0.05 * p["n_patches"]
     assert set(report["tumor_area_mm2"]) == {"reference", "run", "change"}
     assert not list(out.glob("*/run.json"))  # a check writes no slide outputs
+
+
+_TELEMETRY_PROBE = textwrap.dedent("""
+    import json, sys, threading
+    if sys.argv[1] == "declined":
+        from wsi_toolkit.runtime import openvino as r
+        r._ov()
+        r._import_nncf()
+    else:  # the control: the libraries as they come
+        import openvino, nncf  # noqa: F401
+    import openvino_telemetry
+    print(json.dumps({"consent": bool(openvino_telemetry.Telemetry().consent),
+                      "sender_threads": [t.name for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]}))
+""")
+
+
+def test_openvino_and_nncf_telemetry_is_declined(tmp_path):
+    """OpenVINO's converter and NNCF count an import with no consent file under ~/intel as consent to
+    send usage events (a client id and a usage count are written there, a sender thread starts).
+    Imported through wsi-toolkit: no consent, no sender thread, nothing under ~/intel. The control
+    (the libraries imported as they come, same fresh HOME) shows what is declined."""
+    pytest.importorskip("openvino_telemetry", reason="this OpenVINO has no telemetry package")
+    drop = {"CI", "TF_BUILD", "JENKINS_URL", "NNCF_CI", "NNCF_DEV"}  # each makes the libraries decline anyway
+    results = {}
+    for mode in ("as-they-come", "declined"):
+        home = tmp_path / mode
+        home.mkdir()
+        env = {k: v for k, v in os.environ.items() if k not in drop} | {"HOME": str(home)}
+        proc = subprocess.run([sys.executable, "-c", _TELEMETRY_PROBE, mode], env=env, capture_output=True,
+                              text=True, timeout=120, check=True)
+        results[mode] = (json.loads(proc.stdout.strip().splitlines()[-1]),
+                         sorted(p.name for p in (home / "intel").glob("*")) if (home / "intel").exists() else [])
+    control, control_files = results["as-they-come"]
+    if not control["consent"]:
+        pytest.skip(f"this OpenVINO/NNCF does not consent by default (control: {control}, {control_files})")
+    assert control_files, "the control should show the files telemetry writes"
+    declined, files = results["declined"]
+    assert declined == {"consent": False, "sender_threads": []}
+    assert files == []

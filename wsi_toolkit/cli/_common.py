@@ -1,9 +1,15 @@
-"""Shared CLI plumbing: running a click command as ``main(argv) -> int``, logging set-up."""
+"""Shared CLI plumbing: running a click command as ``main(argv) -> int``, ending a console
+script's process, logging set-up."""
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
 import sys
+import threading
+from collections.abc import Callable
+from typing import NoReturn
 
 import click
 
@@ -30,6 +36,29 @@ def run_click(command: click.Command, argv: list[str] | None) -> int:
                    "hold, please report it with the file's size", err=True)
         return 2
     return int(rv or 0)
+
+
+def console(main: Callable[[], int]) -> NoReturn:
+    """A console script: run ``main`` and end the process with its exit code.
+
+    Everything a normal exit does that can matter runs first: non-daemon threads have finished
+    (otherwise this falls back to a normal exit), the ``atexit`` handlers run (logging flushes and
+    closes its handlers, Ray shuts down, temporary folders go, multiprocessing joins its children),
+    stdout and stderr are flushed. What is skipped is the interpreter's teardown of its modules and
+    of the C++ libraries under them: with torch and OpenVINO loaded that takes 0.6-0.9 s on a 2-core
+    CPU, a tenth of a one-slide ``wsi-infer`` run, and writes nothing (every output was written and
+    closed before ``main`` returned). ``main`` raising goes the normal way (traceback, exit 1)."""
+    code = main()
+    others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if others:
+        sys.exit(code)
+    atexit._run_exitfuncs()  # what Py_Finalize would run next, in the same (last registered first) order
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (| head) or stream: nothing more can be written there
+            pass
+    os._exit(code)
 
 
 def setup_logging(verbose: int) -> None:

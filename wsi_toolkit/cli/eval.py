@@ -6,10 +6,11 @@ The rules it applies: ``docs/camelyon16.md``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
-from wsi_toolkit.cli._common import run_click, setup_logging
+from wsi_toolkit.cli._common import console, run_click, setup_logging
 from wsi_toolkit.evaluate import CAMELYON16_L0_MPP, SLIDE_SCORES, EvalConfig, evaluate_results, format_summary
 
 
@@ -54,5 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_click(_command, argv)
 
 
+def console_main() -> NoReturn:
+    """The ``wsi-eval`` console script (:func:`~wsi_toolkit.cli._common.console`)."""
+    console(main)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    console_main()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
-from wsi_toolkit.cli._common import check_mpp_option, run_click, setup_logging
+from wsi_toolkit.cli._common import check_mpp_option, console, run_click, setup_logging
 from wsi_toolkit.inference import InferenceConfig
 from wsi_toolkit.model_package import ModelPackage, load_model_package
 from wsi_toolkit.pipeline import RunConfig, run_batch
@@ -259,5 +260,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_click(_command, argv)
 
 
+def console_main() -> NoReturn:
+    """The ``wsi-infer`` console script (:func:`~wsi_toolkit.cli._common.console`)."""
+    console(main)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    console_main()

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NoReturn
 
 import click
 from tqdm import tqdm
 
-from wsi_toolkit.cli._common import check_mpp_option, run_click, setup_logging
+from wsi_toolkit.cli._common import check_mpp_option, console, run_click, setup_logging
 from wsi_toolkit.preflight import DEFAULT_CHECK_TILES, SlideReport, inspect_slide
 from wsi_toolkit.slide import find_slides
 from wsi_toolkit.tiling import GridConfig
@@ -99,5 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_click(_command, argv)
 
 
+def console_main() -> NoReturn:
+    """The ``wsi-inspect`` console script (:func:`~wsi_toolkit.cli._common.console`)."""
+    console(main)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    console_main()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
-from wsi_toolkit.cli._common import run_click, setup_logging
+from wsi_toolkit.cli._common import console, run_click, setup_logging
 
 
 @click.command(name="wsi-synth", context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,5 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     return run_click(_command, argv)
 
 
+def console_main() -> NoReturn:
+    """The ``wsi-synth`` console script (:func:`~wsi_toolkit.cli._common.console`)."""
+    console(main)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())
+    console_main()

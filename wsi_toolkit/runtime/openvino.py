@@ -137,6 +137,38 @@ def _torch_probs(package: ModelPackage, patches_u8: np.ndarray) -> np.ndarray:
         return _probabilities(package.model(torch.from_numpy(_preprocessed(package, patches_u8))))
 
 
+def decline_telemetry() -> None:
+    """Decline OpenVINO's and NNCF's usage telemetry in this process.
+
+    Both send usage events (Google Analytics, through ``openvino_telemetry``) and keep a client id
+    and a usage count under ``~/intel`` unless a consent file there says no (OpenVINO's switch:
+    ``opt_in_out --opt_out``); with no consent file, as after ``pip install``, importing them counts
+    as consent. wsi-toolkit promises no network at run time, so before it imports either it answers
+    "declined" to their consent check, in this process only: nothing is sent, nothing is written
+    under ``~/intel``, the user's consent file is neither read nor changed. Called before every
+    OpenVINO or NNCF import here; code that imported OpenVINO before wsi-toolkit did keeps the
+    consent it had."""
+    try:
+        from openvino_telemetry.utils import opt_in_checker
+    except ImportError:  # no telemetry package: nothing to decline
+        return
+    opt_in_checker.OptInChecker.check = _declined
+
+
+def _declined(self: Any, *args: Any, **kwargs: Any) -> Any:
+    from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult
+
+    return ConsentCheckResult.DECLINED
+
+
+def _ov() -> Any:
+    """The ``openvino`` module, imported with its telemetry declined (:func:`decline_telemetry`)."""
+    decline_telemetry()
+    import openvino
+
+    return openvino
+
+
 def _source(package: ModelPackage) -> tuple[Any, str]:
     """What to convert: the package's ``torch.export`` program where it has one (``model.pt2``, checked
     against the package's sha256 by :meth:`~wsi_toolkit.model_package.ModelPackage.export_program`),
@@ -149,8 +181,7 @@ def _source(package: ModelPackage) -> tuple[Any, str]:
 
 
 def _convert(package: ModelPackage, src: Any, source: str):
-    import openvino as ov
-
+    ov = _ov()
     s = package.config.input_size
     root = logging.getLogger()
     state = (root.level, list(root.filters), list(root.handlers))
@@ -168,8 +199,7 @@ def _convert(package: ModelPackage, src: Any, source: str):
 
 
 def _compile(model: Any, precision: OvPrecision, threads: int | None, hint: str = "LATENCY"):
-    import openvino as ov
-
+    ov = _ov()
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _HINT[precision], "PERFORMANCE_HINT": hint}
     if threads:
         config["INFERENCE_NUM_THREADS"] = int(threads)
@@ -201,8 +231,10 @@ def in_graph_steps(config: ModelConfig) -> list[tuple[str, Any]] | None:
 def _with_preprocessing(model: Any, config: ModelConfig, steps: list[tuple[str, Any]]) -> Any:
     """``model`` (float NCHW input) with ``steps`` (:func:`in_graph_steps`) in front of it, built by
     OpenVINO's PrePostProcessor: its input becomes ``(N, P, P, 3)`` uint8 RGB, the package's patches."""
-    from openvino import Layout, Type
+    ov = _ov()
     from openvino.preprocess import PrePostProcessor, ResizeAlgorithm
+
+    Layout, Type = ov.Layout, ov.Type
 
     ppp = PrePostProcessor(model)
     side = config.patch_size_pixels
@@ -227,8 +259,7 @@ def _infer(compiled: Any, x: np.ndarray, batch: int = 64) -> np.ndarray:
 
 
 def _build_fp32(package: ModelPackage, src: Any, source: str, threads: int | None, folder: Path) -> dict:
-    import openvino as ov
-
+    ov = _ov()
     t0 = time.perf_counter()
     model = _convert(package, src, source)
     ov.save_model(model, str(folder / MODEL_XML), compress_to_fp16=False)
@@ -243,12 +274,16 @@ def _build_fp32(package: ModelPackage, src: Any, source: str, threads: int | Non
             "fp32_vs_torch": {"max_abs_dp": dp, "n_patches": len(probe), "patches": "probe (noise + smooth)"}}
 
 
+NO_NNCF = "precision int8 needs NNCF: pip install 'wsi-toolkit[openvino]'"
+
+
 def _import_nncf():
+    decline_telemetry()
     try:
         with _quiet():
             import nncf
     except ImportError:
-        raise ConfigError("precision int8 needs NNCF: pip install 'wsi-toolkit[openvino]'") from None
+        raise ConfigError(NO_NNCF) from None
     # NNCF logs INFO lines to stdout; not nncf.set_log_level, which also sets the level of every
     # handler it finds on its logger (pytest's capture handlers included).
     logging.getLogger("nncf").setLevel(logging.ERROR)
@@ -257,8 +292,7 @@ def _import_nncf():
 
 def _build_int8(package: ModelPackage, fp32_xml: Path, calibration: CalibrationSet, threads: int | None,
                 folder: Path) -> dict:
-    import openvino as ov
-
+    ov = _ov()
     nncf = _import_nncf()
     t0 = time.perf_counter()
     fp32 = ov.Core().read_model(str(fp32_xml))
@@ -309,8 +343,7 @@ class OpenVinoModel:
         threads, in completion order, not submission order) with the logits of that batch. Leaving
         the block waits for every batch; an error in ``on_logits`` is raised there (or by the next
         ``submit``)."""
-        import openvino as ov
-
+        ov = _ov()
         queue = ov.AsyncInferQueue(self._compiled, max(1, self.n_requests))
         errors: list[BaseException] = []
 
@@ -385,8 +418,10 @@ def _check_loadable(package: ModelPackage, prec: OvPrecision, calibration: Any) 
         raise ConfigError(f"runtime openvino runs on the CPU; the package is loaded on {package.device}")
     if prec == "int8" and calibration is None:
         raise ConfigError("precision int8 needs calibration patches (from the slides' tissue or a PCam folder)")
-    if prec == "int8":
-        _import_nncf()
+    if prec == "int8" and importlib.util.find_spec("nncf") is None:
+        # Only looked up here (importing NNCF takes ~0.4 s); it is imported when a graph is quantized,
+        # not on a run that finds the quantized graph in the cache.
+        raise ConfigError(NO_NNCF)
 
 
 def prepare_openvino_graph(package: ModelPackage, *, precision: str = "fp32", cache_dir: str | Path | None = None,
@@ -494,8 +529,7 @@ def load_openvino_model(package: ModelPackage, *, precision: str = "fp32", cache
     try:
         graph: Any = str(folder / MODEL_XML)
         if steps is not None:
-            import openvino as ov
-
+            ov = _ov()
             graph = _with_preprocessing(ov.Core().read_model(graph), package.config, steps)
         if requests == 1:
             compiled, n_requests = _compile(graph, prec, threads), 1
