@@ -572,7 +572,8 @@ _TELEMETRY_PROBE = textwrap.dedent("""
         import openvino, nncf  # noqa: F401
     import openvino_telemetry
     print(json.dumps({"consent": bool(openvino_telemetry.Telemetry().consent),
-                      "sender_threads": [t.name for t in threading.enumerate() if t.name.startswith("ThreadPoolExecutor")]}))
+                      "sender_threads": [t.name for t in threading.enumerate()
+                                         if t.name.startswith("ThreadPoolExecutor")]}))
 """)
 
 
