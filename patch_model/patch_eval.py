@@ -34,7 +34,7 @@ from wsi_toolkit.atomic import write_json_atomic
 from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.inference import resolve_device
 from wsi_toolkit.limits import check_int
-from wsi_toolkit.model_package import load_model_package
+from wsi_toolkit.model_package import ModelConfig, load_model_package
 
 __all__ = [
     "LEAKY_NOTE",
@@ -178,6 +178,19 @@ def _collate(batch):
             torch.as_tensor([int(b[1]) for b in batch], dtype=torch.int64))
 
 
+def package_splits(config: ModelConfig, data: str | os.PathLike, *, valid_fraction: float | None = None,
+                   seed: int | None = None) -> dict:
+    """The splits of the patch set at ``data`` as the package was trained on them: for a Kaggle
+    folder the random valid (and test) parts are rebuilt with the training recipe's
+    ``valid_fraction``, ``seed`` and ``test_fraction`` (from the package's config) unless given."""
+    from patch_model.data import open_splits
+
+    recipe = (config.extra.get("training") or {}).get("recipe") or {}
+    vf = valid_fraction if valid_fraction is not None else recipe.get("valid_fraction", 0.1)
+    sd = seed if seed is not None else recipe.get("seed", 42)
+    return open_splits(data, valid_fraction=vf, seed=sd, test_fraction=recipe.get("test_fraction", 0.0))
+
+
 def evaluate_package(
     package: str | os.PathLike,
     data: str | os.PathLike,
@@ -206,7 +219,6 @@ def evaluate_package(
     ``runtime``/``precision``: see the module docstring (torch runs fp32 here: ``auto`` or ``fp32``).
     ``ov_preprocess``: OpenVINO with the preprocessing in its graph (``graph``) or in torch (``torch``).
     """
-    from patch_model.data import open_splits
     from wsi_toolkit.runtime import calibration_from_dataset, calibration_from_pcam, select_runtime
 
     t0 = time.perf_counter()
@@ -216,10 +228,7 @@ def evaluate_package(
     cfg = pkg.config
     if cfg.num_classes < 2:
         raise ConfigError(f"pcam-eval needs a classifier with >= 2 classes; {package} has {cfg.num_classes}")
-    recipe = (cfg.extra.get("training") or {}).get("recipe") or {}
-    vf = valid_fraction if valid_fraction is not None else recipe.get("valid_fraction", 0.1)
-    sd = seed if seed is not None else recipe.get("seed", 42)
-    splits = open_splits(data, valid_fraction=vf, seed=sd, test_fraction=recipe.get("test_fraction", 0.0))
+    splits = package_splits(cfg, data, valid_fraction=valid_fraction, seed=seed)
     if split not in splits:
         raise ConfigError(f"{data} has no {split!r} split (has {sorted(splits)}); pick one with --split")
     ds = splits[split]

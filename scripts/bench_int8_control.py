@@ -40,7 +40,7 @@ def main() -> int:
 
     from sklearn.metrics import roc_auc_score
 
-    from patch_model.data import open_splits
+    from patch_model.patch_eval import package_splits
     from wsi_toolkit.model_package import load_model_package
     from wsi_toolkit.runtime import calibration_from_dataset
     from wsi_toolkit.runtime import openvino as r
@@ -50,9 +50,7 @@ def main() -> int:
     folder, _, _ = r.prepare_openvino_graph(pkg, precision="fp32", cache_dir=cache)
     ov, nncf = r._ov(), r._import_nncf()
     fp32 = ov.Core().read_model(str(folder / r.MODEL_XML))
-    recipe = (pkg.config.extra.get("training") or {}).get("recipe") or {}
-    splits = open_splits(args.data, valid_fraction=recipe.get("valid_fraction", 0.1), seed=recipe.get("seed", 42),
-                         test_fraction=recipe.get("test_fraction", 0.0))
+    splits = package_splits(pkg.config, args.data)
     cal = calibration_from_dataset(splits["train"], source=f"{args.data.name} train split")
     held = splits[args.split]
     x_held = np.stack([np.asarray(held[i][0], np.uint8) for i in range(len(held))])

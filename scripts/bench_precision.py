@@ -54,14 +54,12 @@ def evaluate(args, runtime: str, precision: str, out_root: Path, pre: str = "gra
 
 def train_calibration(args):
     """The INT8 calibration set pcam-eval uses: ``--calibration``, else the train split of ``--data``."""
-    from patch_model.data import open_splits
+    from patch_model.patch_eval import package_splits
     from wsi_toolkit.runtime import calibration_from_dataset, calibration_from_pcam
 
     if args.calibration:
         return calibration_from_pcam(args.calibration)
-    recipe = (args.package.config.extra.get("training") or {}).get("recipe") or {}
-    splits = open_splits(args.data, valid_fraction=recipe.get("valid_fraction", 0.1), seed=recipe.get("seed", 42),
-                         test_fraction=recipe.get("test_fraction", 0.0))
+    splits = package_splits(args.package.config, args.data)
     return calibration_from_dataset(splits["train"], source=f"{args.data.name} train split")
 
 

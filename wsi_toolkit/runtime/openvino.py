@@ -152,13 +152,8 @@ def decline_telemetry() -> None:
         from openvino_telemetry.utils import opt_in_checker
     except ImportError:  # no telemetry package: nothing to decline
         return
-    opt_in_checker.OptInChecker.check = _declined
-
-
-def _declined(self: Any, *args: Any, **kwargs: Any) -> Any:
-    from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult
-
-    return ConsentCheckResult.DECLINED
+    declined = opt_in_checker.ConsentCheckResult.DECLINED
+    opt_in_checker.OptInChecker.check = lambda self, *args, **kwargs: declined
 
 
 def _ov() -> Any:
