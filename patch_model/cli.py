@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from wsi_toolkit.cli._common import check_mpp_option, run_click, setup_logging
+from wsi_toolkit.slide import READ_FROM
 
 __all__ = ["train_main", "eval_main", "patches_main", "main"]
 
@@ -219,9 +220,12 @@ def _parse_assignments(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--seed", type=int, default=0)
 @click.option("--mpp", type=float, default=None, callback=check_mpp_option,
               help="Level-0 um/px for slides without resolution metadata.")
+@click.option("--read-from", type=click.Choice(list(READ_FROM)), default="nearest", show_default=True,
+              help="Pyramid level the patches are read from, as wsi-infer --read-from: cut training patches the way "
+                   "the model will be run (docs/frames.md).")
 @click.option("-v", "--verbose", count=True)
 def _patches_command(slides, annotations, out, per_slide, split_fractions, assign, no_balance, min_tissue, seed, mpp,
-                     verbose) -> int:
+                     read_from, verbose) -> int:
     """Cut a PCam-style patch set (96 px at 0.972 um/px, centre-region labels, slide-level splits)
     from annotated SLIDES (files or folders)."""
     from patch_model.patches import cut_pcam_patches
@@ -233,7 +237,7 @@ def _patches_command(slides, annotations, out, per_slide, split_fractions, assig
         raise click.UsageError(f"no slides found in {', '.join(map(str, slides))}")
     summary = cut_pcam_patches(paths, annotations=annotations, out=out, split_fractions=split_fractions,
                                per_slide=per_slide, balance=not no_balance, seed=seed, mpp=mpp,
-                               min_tissue_fraction=min_tissue, splits=assign or None)
+                               min_tissue_fraction=min_tissue, splits=assign or None, read_from=read_from)
     for split, info in summary.get("splits", {}).items():
         click.echo(f"{split}: {info['n']} patches ({info['n_pos']} tumour) from {len(info['slides'])} slide(s)")
     failed = summary.get("failed") or {}

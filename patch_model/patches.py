@@ -31,8 +31,9 @@ from patch_model.data import PCAM_MPP, PCAM_PATCH_PX, PCAM_SPLITS, _PCamWriter
 from wsi_toolkit.annotations import read_asap_xml, tumor_region
 from wsi_toolkit.atomic import write_json_atomic, write_text_atomic
 from wsi_toolkit.errors import ConfigError, WsiToolkitError
+from wsi_toolkit.inference.reading import PatchBlocks, single_patch_blocks
 from wsi_toolkit.limits import check_fraction, check_int, check_number
-from wsi_toolkit.slide import open_slide
+from wsi_toolkit.slide import READ_FROM, ReadFrom, open_slide
 from wsi_toolkit.tiling import GridConfig, make_grid
 from wsi_toolkit.tissue import TissueConfig, detect_tissue
 
@@ -307,6 +308,7 @@ def cut_pcam_patches(
     mpp: float | None = None,
     min_tissue_fraction: float = 0.5,
     splits: Mapping[str, str] | None = None,
+    read_from: ReadFrom = "nearest",
 ) -> dict:
     """Cut a PCam-style, slide-split patch set from annotated slides; returns the summary.
 
@@ -338,6 +340,10 @@ def cut_pcam_patches(
         A candidate's centre 32 x 32 cell must be at least this fraction tissue.
     splits
         Explicit ``{slide stem: split}``; other slides are assigned automatically.
+    read_from
+        The pyramid level patches are read from (:data:`wsi_toolkit.slide.ReadFrom`), by the reader
+        ``wsi-infer`` uses (:class:`wsi_toolkit.inference.reading.PatchBlocks`), so a model trained on
+        these patches sees what ``wsi-infer --read-from`` the same value hands it.
 
     Raises
     ------
@@ -348,6 +354,8 @@ def cut_pcam_patches(
         otherwise is recorded in the summary and the others continue.
     """
     fractions = _check_settings(split_fractions, splits, per_slide, min_tissue_fraction, mpp)
+    if read_from not in READ_FROM:
+        raise ConfigError(f"read_from must be one of {', '.join(READ_FROM)}; got {read_from!r}")
     out = Path(out)
     ann_dir = None if annotations is None else Path(annotations)
     if ann_dir is not None and not ann_dir.is_dir():
@@ -387,11 +395,13 @@ def cut_pcam_patches(
             members = [p for p in plans if p.split == split and p.take_pos + p.take_neg > 0]
             if not members:
                 continue
-            written[split] = _write_split(out, split, members, seed=seed, mpp=mpp, bar=bar, failed=failed)
+            written[split] = _write_split(out, split, members, seed=seed, mpp=mpp, bar=bar, failed=failed,
+                                          read_from=read_from)
 
     summary = _summary(plans, failed, written, out=out, settings=dict(
         split_fractions=fractions, per_slide=int(per_slide), balance=bool(balance), seed=int(seed),
-        mpp=mpp, min_tissue_fraction=float(min_tissue_fraction), explicit_splits=dict(splits or {}),
+        mpp=mpp, read_from=read_from, min_tissue_fraction=float(min_tissue_fraction),
+        explicit_splits=dict(splits or {}),
         annotations=None if ann_dir is None else str(ann_dir), patch_px=PCAM_PATCH_PX, spacing_um_px=PCAM_MPP,
         tissue=TissueConfig().to_dict(),
     ))
@@ -400,8 +410,9 @@ def cut_pcam_patches(
 
 
 def _write_split(out: Path, split: str, members: list[_SlidePlan], *, seed: int, mpp: float | None, bar,
-                 failed: dict) -> dict[str, int]:
-    """Read and write one split; a slide whose patches cannot be read is dropped and recorded."""
+                 failed: dict, read_from: ReadFrom = "nearest") -> dict[str, int]:
+    """Read and write one split; a slide whose patches cannot be read is dropped and recorded. Patches are
+    read by ``wsi-infer``'s reader (one block per patch), from the level ``read_from`` picks."""
     writer = _PCamWriter(out, split, expected=sum(p.take_pos + p.take_neg for p in members))
     rows: list[tuple[str, float, float, int]] = []
     try:
@@ -409,10 +420,11 @@ def _write_split(out: Path, split: str, members: list[_SlidePlan], *, seed: int,
             xy, labels = _sample(plan, seed)
             try:
                 patches = np.empty((len(xy), PCAM_PATCH_PX, PCAM_PATCH_PX, 3), np.uint8)
-                with open_slide(plan.path, mpp=mpp) as slide:
-                    for i, (x, y) in enumerate(xy):
-                        patches[i] = slide.read_at_mpp((x, y), (PCAM_PATCH_PX, PCAM_PATCH_PX), PCAM_MPP)
-                        bar.update(1)
+                reader = PatchBlocks(plan.path, single_patch_blocks(np.asarray(xy, np.float64), PCAM_PATCH_PX),
+                                     patch_px=PCAM_PATCH_PX, spacing_um_px=PCAM_MPP, mpp=mpp, read_from=read_from)
+                for got, index, _ in reader.read():
+                    patches[index] = got
+                    bar.update(len(index))
             except Exception as exc:  # noqa: BLE001 - recorded; the other slides continue
                 logger.error("%s: reading patches failed, slide dropped (%s: %s)", plan.path, type(exc).__name__, exc)
                 failed[plan.stem] = {"path": str(plan.path), "error": f"{type(exc).__name__}: {exc}"}

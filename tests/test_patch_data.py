@@ -478,21 +478,28 @@ def test_cut_outputs_read_back_as_pcam(cut):
     assert summary_file.is_file()
 
 
-def test_cut_explicit_splits_and_patches_match_slide_reads(cut, tmp_path):
-    """Explicit {stem: split} wins; a written patch equals a fresh read at its meta position."""
+@pytest.mark.parametrize("read_from", ["nearest", "finer"])
+def test_cut_explicit_splits_and_patches_match_slide_reads(cut, tmp_path, read_from):
+    """Explicit {stem: split} wins; a written patch equals a fresh read at its meta position from the
+    level ``read_from`` picks (as wsi-infer --read-from reads it), not the other level's read."""
     from wsi_toolkit.slide import open_slide
 
     _, truth, _, _ = cut
     slides = [truth["tumor_a"].path, truth["normal_a"].path]
     summary = cut_pcam_patches(slides, annotations=truth["tumor_a"].path.parent, out=tmp_path, per_slide=20,
-                               splits={"tumor_a": "valid", "normal_a": "valid"})
+                               splits={"tumor_a": "valid", "normal_a": "valid"}, read_from=read_from)
     assert set(summary["splits"]) == {"valid"}
+    assert summary["settings"]["read_from"] == read_from
     with open(tmp_path / "camelyonpatch_level_2_split_valid_meta.csv", newline="") as fh:
         row = list(csv.DictReader(fh))[3]
     patch = PCamH5(tmp_path, "valid")[3][0]
+    other = "finer" if read_from == "nearest" else "nearest"
     with open_slide(truth[row["slide"]].path) as slide:
-        again = slide.read_at_mpp((float(row["l0_x"]), float(row["l0_y"])), (96, 96), 0.972)
+        xy = (float(row["l0_x"]), float(row["l0_y"]))
+        again = slide.read_at_mpp(xy, (96, 96), 0.972, read_from=read_from)
+        not_this = slide.read_at_mpp(xy, (96, 96), 0.972, read_from=other)
     assert np.array_equal(patch, again)
+    assert not np.array_equal(patch, not_this)
 
 
 def test_cut_raises_when_no_slide_is_usable(tmp_path):

@@ -274,7 +274,8 @@ def output_key(slide_path: str | Path, package: ModelPackage, config: RunConfig)
     A finished slide is skipped only when this matches exactly: the slide file (name and size),
     the model's weights (sha256) and ``config.json`` (sha256 of its content), the resolved grid
     (patch size, spacing, stride, tissue fraction), merge, tissue settings, threshold, the mpp
-    override, reader backend, device, runtime, precision (and an int8 run's calibration: its
+    override, reader backend, the pyramid level read (``read_from``), device, runtime, precision (and an
+    int8 run's calibration: its
     ``--calibration`` path, or ``"auto"``, the package's cached graph) and graph
     optimisation. Batch size, reader workers, the conversion cache and progress bars do not change
     outputs and are not in it.
@@ -297,6 +298,7 @@ def output_key(slide_path: str | Path, package: ModelPackage, config: RunConfig)
         "precision": inf.precision,
         "calibration": (inf.calibration or "auto") if inf.precision == "int8" else None,
         "optimize": inf.optimize,
+        "read_from": inf.read_from,
     }
 
 

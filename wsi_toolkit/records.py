@@ -184,9 +184,12 @@ def _typed(kind: type, value: Any, key: str, source: str | os.PathLike[str]) -> 
 
 
 def upgrade_output_key(key: Any) -> Any:
-    """An ``output_key`` of a version-0 record in today's names (``mpp`` -> ``mpp_override``)."""
+    """An ``output_key`` of an older record in today's names (``mpp`` -> ``mpp_override``); a key
+    without ``read_from`` was made before the option existed, reading the nearest level."""
     if isinstance(key, dict) and "mpp" in key and "mpp_override" not in key:
         key = {("mpp_override" if k == "mpp" else k): v for k, v in key.items()}
+    if isinstance(key, dict) and "read_from" not in key:
+        key = {**key, "read_from": "nearest"}
     return key
 
 

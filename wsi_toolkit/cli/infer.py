@@ -12,7 +12,7 @@ from wsi_toolkit.cli._common import check_mpp_option, console, run_click, setup_
 from wsi_toolkit.inference import InferenceConfig
 from wsi_toolkit.model_package import ModelPackage, load_model_package
 from wsi_toolkit.pipeline import RunConfig, run_batch
-from wsi_toolkit.slide import find_slides
+from wsi_toolkit.slide import READ_FROM, find_slides
 
 
 class _BatchSize(click.ParamType):
@@ -74,6 +74,11 @@ class _BatchSize(click.ParamType):
               help="OpenVINO: graph puts the package's preprocessing (uint8 -> float, layout, upsampling, "
                    "normalisation) into the compiled model (PrePostProcessor), torch runs it before the model. "
                    "Same fp32 probabilities within 1e-4; a Resize that shrinks the patch always runs in torch.")
+@click.option("--read-from", type=click.Choice(list(READ_FROM)), default=InferenceConfig.read_from, show_default=True,
+              help="Pyramid level the patches are read from: nearest, the level nearest the model's um/px (fewest "
+                   "pixels to decode); finer, a level at least 2x finer shrunk with an antialiasing filter (averages "
+                   "out the coarse level's JPEG artefacts; ~4x the pixels on a 2x pyramid); level0, level 0 "
+                   "(as WSInfer). It changes outputs: recorded in run.json. docs/frames.md says which to use.")
 @click.option("--profile", is_flag=True,
               help="Print where the time went, stage by stage (process start and imports, package load, "
                    "INT8 graph, tissue, grid, model set-up, model, reads, stitching, exports) and write it "
@@ -96,8 +101,8 @@ class _BatchSize(click.ParamType):
 @click.option("--no-progress", is_flag=True)
 @click.option("-v", "--verbose", count=True)
 def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_tissue, batch_size, workers, device,
-             runtime, precision, calibration, ov_requests, ov_preprocess, profile, cache_dir, check_precision,
-             ray_address, cpus_per_worker, backend, overwrite, no_progress, verbose) -> int:
+             runtime, precision, calibration, ov_requests, ov_preprocess, read_from, profile, cache_dir,
+             check_precision, ray_address, cpus_per_worker, backend, overwrite, no_progress, verbose) -> int:
     """Tumour-probability heatmaps for SLIDES (files and folders mixed).
 
     Per slide, in OUT/<slide-stem>/ (the stem made a safe, unique folder name): heatmap.tif,
@@ -131,7 +136,7 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
                                 cache_dir=None if cache_dir is None else str(cache_dir),
                                 calibration=None if calibration is None else str(calibration),
                                 ov_requests=None if ov_requests == "auto" else ov_requests,
-                                ov_preprocess=ov_preprocess)
+                                ov_preprocess=ov_preprocess, read_from=read_from)
     config = RunConfig(
         mpp_override=mpp, stride_px=stride_px, merge=merge, threshold=threshold, min_tissue_fraction=min_tissue,
         overwrite=overwrite, backend=backend, inference=inference,
@@ -207,6 +212,7 @@ def _prepare_int8(paths: list[Path], package: ModelPackage, config: RunConfig) -
 
     def draw():
         return calibration_from_slides(paths, package, mpp=config.mpp_override, backend=config.backend,
+                                       read_from=config.inference.read_from,
                                        min_tissue_fraction=config.min_tissue_fraction, thumb_mpp=config.thumb_mpp)
 
     try:

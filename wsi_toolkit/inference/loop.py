@@ -36,6 +36,7 @@ from wsi_toolkit.limits import check_int
 from wsi_toolkit.model_package.logits import probabilities
 from wsi_toolkit.model_package.preprocess import Preprocess
 from wsi_toolkit.runtime import PRECISIONS, RUNTIMES, select_runtime
+from wsi_toolkit.slide import READ_FROM, ReadFrom
 from wsi_toolkit.tiling import PatchGrid
 
 if TYPE_CHECKING:
@@ -84,6 +85,10 @@ class InferenceConfig:
     package's preprocessing into OpenVINO's compiled graph (PrePostProcessor; the uint8 patches go
     in as read) where it does what torch does, ``torch`` runs :class:`Preprocess` before the model;
     fp32 probabilities agree within 1e-4 (3e-5 measured on real patches).
+    ``read_from``: which pyramid level the patches are read from (:data:`wsi_toolkit.slide.ReadFrom`):
+    ``nearest`` the level nearest the model's um/px, ``finer`` a level at least 2x finer shrunk with an
+    antialiasing filter, ``level0`` level 0 (as WSInfer). It changes the pixels the model sees; the
+    default was chosen by measurement on real-tissue mosaic slides (docs/frames.md, BENCHMARKS.md).
     """
 
     batch_size: int | Literal["auto"] = "auto"
@@ -100,6 +105,7 @@ class InferenceConfig:
     calibration: str | None = None
     ov_requests: int | None = 1
     ov_preprocess: Literal["graph", "torch"] = "graph"
+    read_from: ReadFrom = "nearest"
 
     def __post_init__(self) -> None:
         if self.batch_size != "auto":
@@ -112,6 +118,8 @@ class InferenceConfig:
             check_int(self.ov_requests, "ov_requests")
         if self.ov_preprocess not in ("graph", "torch"):
             raise ConfigError(f"ov_preprocess must be graph or torch; got {self.ov_preprocess!r}")
+        if self.read_from not in READ_FROM:
+            raise ConfigError(f"read_from must be one of {', '.join(READ_FROM)}; got {self.read_from!r}")
         check_int(self.block_px, "block_px")
         check_int(self.block_patches, "block_patches")
         if self.precision not in PRECISIONS:
@@ -239,7 +247,7 @@ def run_inference(
     def calibration():  # automatic: drawn only when the cache has no calibrated graph of this package
         from wsi_toolkit.runtime import calibration_from_slides
 
-        return calibration_from_slides([slide_path], package, mpp=mpp, backend=backend)
+        return calibration_from_slides([slide_path], package, mpp=mpp, backend=backend, read_from=config.read_from)
 
     t_setup = time.perf_counter()
     given = None
@@ -266,7 +274,7 @@ def run_inference(
         log.info("batch size %d (auto: fills half the free GPU memory, at most 1024)", batch_size)
     workers = config.n_workers(device) if n > config.nominal_batch_size() else 0
     reader = PatchBlocks(slide_path, blocks, patch_px=cfg.patch_size_pixels, spacing_um_px=cfg.spacing_um_px,
-                         mpp=mpp, backend=backend)
+                         mpp=mpp, backend=backend, read_from=config.read_from)
     probs = np.zeros((n, cfg.num_classes if cfg.num_classes > 1 else 1), np.float32)
     read_s = wait_s = model_s = 0.0
     bar = tqdm(total=n, desc=desc, unit="patch", disable=not config.progress or None, leave=False)

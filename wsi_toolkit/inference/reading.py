@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from wsi_toolkit.slide import SlideReader, open_slide
+from wsi_toolkit.slide import ReadFrom, SlideReader, open_slide
 from wsi_toolkit.tiling import PatchGrid
 
 __all__ = ["Block", "PatchBlocks", "cut_patches", "plan_blocks", "single_patch_blocks"]
@@ -95,17 +95,20 @@ class PatchBlocks:
     depend on the thread count. All threads share one slide handle, opened for the iteration and
     closed after it, with a tile cache of a few rows of the level read
     (:meth:`~wsi_toolkit.slide.SlideReader.reserve_tile_cache`). A read that fails raises its own
-    exception in the caller, as without threads.
+    exception in the caller, as without threads. ``read_from`` picks the pyramid level the regions
+    are read from and shrunk (:meth:`~wsi_toolkit.slide.SlideReader.read_at_mpp`), in the reader
+    threads: the model gets uint8 patches at ``spacing_um_px`` whichever level was decoded.
     """
 
     def __init__(self, slide_path: str | Path, blocks: list[Block], *, patch_px: int, spacing_um_px: float,
-                 mpp: float | None = None, backend: str = "auto"):
+                 mpp: float | None = None, backend: str = "auto", read_from: ReadFrom = "nearest"):
         self.slide_path = str(slide_path)
         self.blocks = blocks
         self.patch_px = int(patch_px)
         self.spacing_um_px = float(spacing_um_px)
         self.mpp = mpp
         self.backend = backend
+        self.read_from = read_from
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -115,7 +118,7 @@ class PatchBlocks:
         if not self.blocks:
             return
         with open_slide(self.slide_path, mpp=self.mpp, backend=self.backend) as slide:  # type: ignore[arg-type]
-            slide.reserve_tile_cache(self.spacing_um_px)
+            slide.reserve_tile_cache(self.spacing_um_px, read_from=self.read_from)
             if threads <= 0:
                 for b in self.blocks:
                     yield self._read_block(slide, b)
@@ -141,6 +144,6 @@ class PatchBlocks:
 
     def _read_block(self, slide: SlideReader, b: Block) -> tuple[np.ndarray, np.ndarray, float]:
         t0 = time.perf_counter()
-        region = slide.read_at_mpp(b.region_l0_xy, b.region_px, self.spacing_um_px)
+        region = slide.read_at_mpp(b.region_l0_xy, b.region_px, self.spacing_um_px, read_from=self.read_from)
         patches = cut_patches(region, b.offsets_px, self.patch_px)
         return patches, b.index, time.perf_counter() - t0

@@ -26,6 +26,7 @@ from wsi_toolkit.limits import check_int
 
 if TYPE_CHECKING:
     from wsi_toolkit.model_package import ModelPackage
+    from wsi_toolkit.slide import ReadFrom
 
 __all__ = ["CALIBRATION_PATCHES", "CalibrationSet", "calibration_from_dataset", "calibration_from_pcam",
            "calibration_from_slides", "load_calibration", "save_calibration"]
@@ -72,14 +73,16 @@ def _spread(n_items: int, k: int, rng: np.random.Generator) -> np.ndarray:
 def calibration_from_slides(slide_paths: Sequence[str | os.PathLike], package: ModelPackage, *,
                             n: int = CALIBRATION_PATCHES, seed: int = 0, mpp: float | None = None,
                             backend: str = "auto", min_tissue_fraction: float = 0.5,
-                            thumb_mpp: float = 8.0, max_slides: int = 8) -> CalibrationSet:
+                            thumb_mpp: float = 8.0, max_slides: int = 8,
+                            read_from: ReadFrom = "nearest") -> CalibrationSet:
     """About ``n`` patches from the tissue of ``slide_paths``, spread over each slide's grid.
 
     At most ``max_slides`` slides are used, spread over the list. Tissue is found as ``wsi-infer``
     finds it (:func:`~wsi_toolkit.tissue.detect_tissue` on the thumbnail); the grid has
     non-overlapping cells of the model's patch size, and one cell is drawn (seeded) from each of
     ``n / slides`` equal runs of the tissue cells in row order. Patches are read at the model's
-    um/px (:meth:`~wsi_toolkit.slide.SlideReader.read_at_mpp`). A slide that cannot be read is
+    um/px as ``wsi-infer`` reads them (:meth:`~wsi_toolkit.slide.SlideReader.read_at_mpp` with
+    ``read_from``). A slide that cannot be read is
     skipped with a warning.
     """
     from wsi_toolkit.slide import open_slide
@@ -111,7 +114,8 @@ def calibration_from_slides(slide_paths: Sequence[str | os.PathLike], package: M
                     continue
                 pick = _spread(len(grid), per_slide, rng)
                 xy = grid.patch_l0_xy(grid.grid_rc[pick])
-                chunks.append(np.stack([reader.read_at_mpp((float(x), float(y)), (px, px), spacing)
+                chunks.append(np.stack([reader.read_at_mpp((float(x), float(y)), (px, px), spacing,
+                                                           read_from=read_from)
                                         for x, y in xy]))
         except WsiToolkitError as exc:
             log.warning("calibration: %s skipped (%s)", path.name, exc)

@@ -28,9 +28,10 @@ from wsi_toolkit.errors import (
 )
 from wsi_toolkit.limits import MPP_RANGE_UM, SLIDE_MAX_SIDE_MM, SLIDE_MAX_SIDE_PX, in_range, range_text
 from wsi_toolkit.slide._metadata import check_tiff_integrity
-from wsi_toolkit.slide._reader import BACKGROUND_RGB, LevelInfo, SlideReader
+from wsi_toolkit.slide._reader import BACKGROUND_RGB, FINER_OVERSAMPLE, READ_FROM, LevelInfo, ReadFrom, SlideReader
 
-__all__ = ["open_slide", "SlideReader", "LevelInfo", "BACKGROUND_RGB", "SLIDE_SUFFIXES", "find_slides", "check_mpp"]
+__all__ = ["open_slide", "SlideReader", "LevelInfo", "BACKGROUND_RGB", "SLIDE_SUFFIXES", "find_slides", "check_mpp",
+           "ReadFrom", "READ_FROM", "FINER_OVERSAMPLE"]
 
 log = logging.getLogger(__name__)
 

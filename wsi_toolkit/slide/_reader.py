@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -22,7 +23,18 @@ from PIL import Image
 from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.limits import MAX_THUMBNAIL_PIXELS, in_range, range_text
 
-__all__ = ["SlideReader", "LevelInfo", "BACKGROUND_RGB"]
+__all__ = ["SlideReader", "LevelInfo", "BACKGROUND_RGB", "ReadFrom", "READ_FROM", "FINER_OVERSAMPLE"]
+
+#: Which pyramid level a physical-scale read decodes (:meth:`SlideReader.read_level_for`):
+#: ``nearest`` the coarsest level not coarser than the target um/px (fewest pixels decoded);
+#: ``finer`` the coarsest level at least :data:`FINER_OVERSAMPLE` times finer than the target, shrunk
+#: with an antialiasing filter (averages out that level's JPEG artefacts; ~4x the pixels on a 2x
+#: pyramid); ``level0`` level 0, as WSInfer reads (16x the pixels of a 40x slide's 10x level).
+#: docs/frames.md says what each reads and why.
+ReadFrom = Literal["nearest", "finer", "level0"]
+READ_FROM: tuple[ReadFrom, ...] = ("nearest", "finer", "level0")
+#: ``read_from="finer"``: the level read has pixels at least this many times smaller than the target.
+FINER_OVERSAMPLE = 2.0
 
 #: Colour returned for pixels outside the slide (glass is white).
 BACKGROUND_RGB = (255, 255, 255)
@@ -140,12 +152,12 @@ class SlideReader(ABC):
         """Give this handle a decoded-tile cache of ``nbytes`` (no-op for backends without one)."""
 
     def reserve_tile_cache(self, mpp: float, *, rows: int = 3, min_bytes: int = 64 * 2**20,
-                           max_bytes: int = 256 * 2**20) -> int:
+                           max_bytes: int = 256 * 2**20, read_from: ReadFrom = "nearest") -> int:
         """Size the tile cache for reads at ``mpp`` that sweep the slide row by row: ``rows`` full
-        rows of tiles of the level those reads use, clamped to [``min_bytes``, ``max_bytes``].
-        A block read then finds the tiles it shares with the block above it (and the one to its
-        left) still decoded. Returns the size set."""
-        level = self.best_level_for_mpp(mpp)
+        rows of tiles of the level those reads use (:meth:`read_level_for` with ``read_from``),
+        clamped to [``min_bytes``, ``max_bytes``]. A block read then finds the tiles it shares with
+        the block above it (and the one to its left) still decoded. Returns the size set."""
+        level = self.read_level_for(mpp, read_from)
         tile = self.tile_size(level)
         if tile is None:
             nbytes = min_bytes
@@ -201,6 +213,23 @@ class SlideReader(ABC):
                 best = i
         return best
 
+    def read_level_for(self, mpp: float, read_from: ReadFrom = "nearest") -> int:
+        """The level a read at ``mpp`` um/px decodes under the policy ``read_from`` (:data:`ReadFrom`).
+
+        ``nearest``: :meth:`best_level_for_mpp`. ``finer``: the coarsest level whose pixels are at
+        least :data:`FINER_OVERSAMPLE` times smaller than ``mpp`` (level 0 when none is). ``level0``: 0.
+        On a slide whose only level near ``mpp`` is level 0 all three read the same level.
+        """
+        if read_from == "nearest":
+            return self.best_level_for_mpp(mpp)
+        if read_from == "finer":
+            if not mpp > 0:
+                raise ConfigError(f"mpp must be positive; got {mpp!r}")
+            return self.best_level_for_mpp(mpp / FINER_OVERSAMPLE)
+        if read_from == "level0":
+            return 0
+        raise ConfigError(f"read_from must be one of {', '.join(READ_FROM)}; got {read_from!r}")
+
     # -- reads -----------------------------------------------------------------------------
     def read_region(self, l0_xy: Sequence[int], level: int, size: Sequence[int]) -> np.ndarray:
         """Read ``size`` (w, h) pixels of ``level`` whose top-left is ``l0_xy`` in level-0 px.
@@ -235,31 +264,44 @@ class SlideReader(ABC):
             )
         return out
 
-    def read_at_mpp(self, l0_xy: Sequence[float], size_px: Sequence[int], mpp: float) -> np.ndarray:
+    def read_at_mpp(self, l0_xy: Sequence[float], size_px: Sequence[int], mpp: float, *,
+                    read_from: ReadFrom = "nearest") -> np.ndarray:
         """Read a box at a physical resolution.
 
         The box starts at ``l0_xy`` (level-0 px, may be fractional) and is ``size_px`` (w, h)
         pixels of exactly ``mpp`` um each, so it covers ``size_px * mpp / self.mpp`` level-0
-        pixels. The coarsest pyramid level not coarser than ``mpp`` is read and resampled
-        (antialiased bilinear) to exactly ``mpp``; when that level already has ``mpp`` and the
-        box is pixel-aligned, its pixels are returned unchanged. Returns RGB uint8 (h, w, 3).
+        pixels. The level :meth:`read_level_for` picks under ``read_from`` is read and resampled to
+        exactly ``mpp``; when that level already has ``mpp`` and the box is pixel-aligned, its pixels
+        are returned unchanged. ``read_from="nearest"`` reads the coarsest level not coarser than
+        ``mpp`` and resamples with PIL's antialiased bilinear (a triangle filter widened by the shrink
+        factor). ``"finer"`` reads a level at least 2x finer and ``"level0"`` level 0, and shrink by
+        area averaging (PIL's box filter: each output pixel the mean of the level pixels it covers,
+        as a pyramid level is made), which averages out the coarse level's own JPEG artefacts at ~4x
+        (finer, 2x pyramid) or ~16x (level0, 40x slide) the pixels decoded. Returns RGB uint8 (h, w, 3).
 
         Example: on a 0.226 um/px slide, ``read_at_mpp((0, 0), (96, 96), 0.972)`` reads level 2
-        (0.904 um/px) and shrinks 104.2 level-2 px to 96, giving a true PCam-scale patch.
+        (0.904 um/px) and shrinks 104.2 level-2 px to 96, giving a true PCam-scale patch; with
+        ``read_from="finer"`` it reads level 1 (0.452 um/px) and shrinks 208.4 px to 96.
         """
-        return self._read_at_mpp(l0_xy, size_px, mpp)
+        level = self.read_level_for(mpp, read_from)
+        resample = Image.Resampling.BILINEAR if read_from == "nearest" else Image.Resampling.BOX
+        return self._read_at_mpp(l0_xy, size_px, mpp, level=level, resample=resample)
 
     def _read_at_mpp(self, l0_xy: Sequence[float], size_px: Sequence[int], mpp: float, *,
-                     reducing_gap: float | None = None) -> np.ndarray:
-        """:meth:`read_at_mpp`; with ``reducing_gap`` (PIL's), a large shrink is first done by box
-        averaging down to within that factor of the target (thumbnails of slides without a pyramid)."""
+                     reducing_gap: float | None = None, level: int | None = None,
+                     resample: Image.Resampling = Image.Resampling.BILINEAR) -> np.ndarray:
+        """:meth:`read_at_mpp` from ``level`` (default :meth:`best_level_for_mpp`) with the filter
+        ``resample``; with
+        ``reducing_gap`` (PIL's), a large shrink is first done by box averaging down to within that
+        factor of the target (thumbnails of slides without a pyramid)."""
         if not mpp > 0:
             raise ConfigError(f"mpp must be positive; got {mpp!r}")
         l0_x, l0_y = _as_pair(l0_xy, "l0_xy")
         w, h = (int(v) for v in _as_pair(size_px, "size_px"))
         if w <= 0 or h <= 0:
             raise ConfigError(f"size_px must be positive; got {(w, h)}")
-        level = self.best_level_for_mpp(mpp)
+        if level is None:
+            level = self.best_level_for_mpp(mpp)
         lvl_ds = self.levels[level].downsample
         # Level pixels per output pixel (>= 1 unless mpp is finer than level 0).
         scale = mpp / (self.mpp * lvl_ds)
@@ -273,7 +315,7 @@ class SlideReader(ABC):
         rx1, ry1 = int(math.ceil(lvl_x1)) + margin, int(math.ceil(lvl_y1)) + margin
         region = self._read_level_padded(level, (rx0, ry0), (rx1 - rx0, ry1 - ry0))
         box = (lvl_x0 - rx0, lvl_y0 - ry0, lvl_x1 - rx0, lvl_y1 - ry0)
-        out = Image.fromarray(region).resize((w, h), Image.Resampling.BILINEAR, box=box, reducing_gap=reducing_gap)
+        out = Image.fromarray(region).resize((w, h), resample, box=box, reducing_gap=reducing_gap)
         return np.array(out)  # a writeable copy, like every other read
 
     def thumbnail(self, *, mpp: float = 8.0) -> np.ndarray:
