@@ -74,6 +74,12 @@ class _BatchSize(click.ParamType):
               help="OpenVINO: graph puts the package's preprocessing (uint8 -> float, layout, upsampling, "
                    "normalisation) into the compiled model (PrePostProcessor), torch runs it before the model. "
                    "Same fp32 probabilities within 1e-4; a Resize that shrinks the patch always runs in torch.")
+@click.option("--tta", type=click.Choice(["none", "flips", "dihedral"]), default="none", show_default=True,
+              help="Test-time augmentation: each patch predicted in several orientations (flips: identity, "
+                   "horizontal, vertical and both flips, 4 views; dihedral: the 8 rotations and reflections), the "
+                   "heatmap the mean of the views' probabilities; adds uncertainty.tif (the views' standard "
+                   "deviation), a tta_std column in tiles.csv and an uncertainty summary in run.json. The slide is "
+                   "read once; the model runs views x longer.")
 @click.option("--profile", is_flag=True,
               help="Print where the time went, stage by stage (process start and imports, package load, "
                    "INT8 graph, tissue, grid, model set-up, model, reads, stitching, exports) and write it "
@@ -96,7 +102,7 @@ class _BatchSize(click.ParamType):
 @click.option("--no-progress", is_flag=True)
 @click.option("-v", "--verbose", count=True)
 def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_tissue, batch_size, workers, device,
-             runtime, precision, calibration, ov_requests, ov_preprocess, profile, cache_dir, check_precision,
+             runtime, precision, calibration, ov_requests, ov_preprocess, tta, profile, cache_dir, check_precision,
              ray_address, cpus_per_worker, backend, overwrite, no_progress, verbose) -> int:
     """Tumour-probability heatmaps for SLIDES (files and folders mixed).
 
@@ -131,7 +137,7 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
                                 cache_dir=None if cache_dir is None else str(cache_dir),
                                 calibration=None if calibration is None else str(calibration),
                                 ov_requests=None if ov_requests == "auto" else ov_requests,
-                                ov_preprocess=ov_preprocess)
+                                ov_preprocess=ov_preprocess, tta=tta)
     config = RunConfig(
         mpp_override=mpp, stride_px=stride_px, merge=merge, threshold=threshold, min_tissue_fraction=min_tissue,
         overwrite=overwrite, backend=backend, inference=inference,

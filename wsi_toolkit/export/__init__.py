@@ -10,7 +10,13 @@ Every writer is atomic: a temporary file in the target folder, renamed on succes
 """
 
 from wsi_toolkit.atomic import atomic_path, clean_stale_partials, write_text_atomic
-from wsi_toolkit.export.heatmap_tiff import HEATMAP_TIFF_CONTENT, heatmap_pyramid, read_heatmap_tiff, write_heatmap_tiff
+from wsi_toolkit.export.heatmap_tiff import (
+    HEATMAP_TIFF_CONTENT,
+    UNCERTAINTY_TIFF_CONTENT,
+    heatmap_pyramid,
+    read_heatmap_tiff,
+    write_heatmap_tiff,
+)
 from wsi_toolkit.export.overlay import INFERNO_LUT, blend_heatmap, colormap, heatmap_on_grid, render_overlay
 from wsi_toolkit.export.regions import (
     TUMOR_GROUP,
@@ -30,6 +36,7 @@ __all__ = [
     "read_heatmap_tiff",
     "heatmap_pyramid",
     "HEATMAP_TIFF_CONTENT",
+    "UNCERTAINTY_TIFF_CONTENT",
     "INFERNO_LUT",
     "colormap",
     "heatmap_on_grid",
