@@ -1,9 +1,9 @@
 """Test-time augmentation at slide scale (wsi-infer --tta) and the uncertainty map it makes.
 
-The colour-rule model is rotation-invariant, so these tests use a small model that is not: a
-strided convolution whose features are weighted by ramps across the patch (a flip or rotation
-changes its output). References are computed by rotating the patches with numpy and running the
-package's model on each view, independently of the TTA code.
+The colour-rule model is rotation-invariant, so these tests use a small model that is not
+(``asym_model_dir`` in conftest.py: a strided convolution whose features are weighted by ramps
+across the patch, so a flip or rotation changes its output). References are computed by rotating
+the patches with numpy and running the package's model on each view, independently of the TTA code.
 """
 
 from __future__ import annotations
@@ -21,42 +21,11 @@ from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.export import UNCERTAINTY_TIFF_CONTENT, read_heatmap_tiff, render_overlay
 from wsi_toolkit.heatmap import Heatmap, uncertainty_summary
 from wsi_toolkit.inference import InferenceConfig, make_views, run_inference
-from wsi_toolkit.model_package import Preprocess, load_model_package, pcam_config, save_model_package
+from wsi_toolkit.model_package import Preprocess, load_model_package
 from wsi_toolkit.slide import open_slide
 from wsi_toolkit.synthetic import ALIGNMENT_SPEC, write_synthetic_slide
 from wsi_toolkit.tiling import GridConfig, make_grid
 from wsi_toolkit.tissue import detect_tissue
-
-
-class _Asymmetric(torch.nn.Module):
-    """Not invariant under flips or rotations: conv features weighted by a ramp along x and one along y."""
-
-    def __init__(self):
-        super().__init__()
-        g = torch.Generator().manual_seed(7)
-        self.conv = torch.nn.Conv2d(3, 4, 5, stride=4)  # 96 px -> 23 x 23
-        with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(4, 3, 5, 5, generator=g) * 0.3)
-            self.conv.bias.zero_()
-        ramp = torch.linspace(-1.0, 1.0, 23)
-        self.register_buffer("wx", ramp.view(1, 1, 1, 23))
-        self.register_buffer("wy", (ramp + 0.5).clamp(min=0).view(1, 1, 23, 1))
-        self.fc = torch.nn.Linear(8, 2)
-        with torch.no_grad():
-            self.fc.weight.copy_(torch.randn(2, 8, generator=g) * 6.0)
-            self.fc.bias.zero_()
-
-    def forward(self, x):
-        y = torch.relu(self.conv(x))
-        return self.fc(torch.cat([(y * self.wx).mean(dim=(2, 3)), (y * self.wy).mean(dim=(2, 3))], dim=1))
-
-
-@pytest.fixture(scope="module")
-def asym_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("asym") / "asym"
-    save_model_package(path, _Asymmetric().eval(), pcam_config(architecture="asymmetric-test", input_size=96,
-                                                               extra={"synthetic": True}))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +71,8 @@ def test_views_are_the_flip_group_and_the_dihedral_group():
 
 
 @pytest.mark.parametrize("mode", ["flips", "dihedral"])
-def test_tta_is_the_mean_of_explicitly_rotated_patches(align_slide, asym_dir, mode):
-    package = load_model_package(asym_dir)
+def test_tta_is_the_mean_of_explicitly_rotated_patches(align_slide, asym_model_dir, mode):
+    package = load_model_package(asym_model_dir)
     grid, idx, patches = _grid_and_patches(align_slide.path)
     plain = run_inference(align_slide.path, grid, package,
                           config=InferenceConfig(workers=0, progress=False, runtime="torch"))
@@ -123,9 +92,9 @@ def test_tta_is_the_mean_of_explicitly_rotated_patches(align_slide, asym_dir, mo
     assert tta.batch_size == 20 // len(per_view) * len(per_view)  # what the model saw per forward pass
 
 
-def test_tta_on_openvino_agrees_with_torch(align_slide, asym_dir, tmp_path):
+def test_tta_on_openvino_agrees_with_torch(align_slide, asym_model_dir, tmp_path):
     pytest.importorskip("openvino")
-    package = load_model_package(asym_dir)
+    package = load_model_package(asym_model_dir)
     grid, _, _ = _grid_and_patches(align_slide.path, n=2)
     runs = {rt: run_inference(align_slide.path, grid, package,
                               config=InferenceConfig(workers=0, progress=False, runtime=rt, tta="dihedral",
@@ -149,9 +118,9 @@ def _infer(slide, model_dir, out, *extra) -> int:
 OUTPUTS = ("heatmap.tif", "overlay.png", "tumor.geojson", "tumor.xml", "tiles.csv")
 
 
-def test_tta_none_outputs_are_byte_identical_to_a_run_without_the_option(align_slide, asym_dir, tmp_path):
-    assert _infer(align_slide.path, asym_dir, tmp_path / "plain") == 0
-    assert _infer(align_slide.path, asym_dir, tmp_path / "none", "--tta", "none") == 0
+def test_tta_none_outputs_are_byte_identical_to_a_run_without_the_option(align_slide, asym_model_dir, tmp_path):
+    assert _infer(align_slide.path, asym_model_dir, tmp_path / "plain") == 0
+    assert _infer(align_slide.path, asym_model_dir, tmp_path / "none", "--tta", "none") == 0
     a, b = tmp_path / "plain" / align_slide.path.stem, tmp_path / "none" / align_slide.path.stem
     for name in OUTPUTS:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
@@ -163,10 +132,10 @@ def test_tta_none_outputs_are_byte_identical_to_a_run_without_the_option(align_s
         assert not any(c.startswith("tta_std") for c in next(csv.reader(f)))
 
 
-def test_tta_run_writes_an_aligned_uncertainty_map_and_records_it(align_slide, asym_dir, tmp_path):
-    assert _infer(align_slide.path, asym_dir, tmp_path / "plain") == 0
+def test_tta_run_writes_an_aligned_uncertainty_map_and_records_it(align_slide, asym_model_dir, tmp_path):
+    assert _infer(align_slide.path, asym_model_dir, tmp_path / "plain") == 0
     out = tmp_path / "tta"
-    assert _infer(align_slide.path, asym_dir, out, "--tta", "dihedral", "--threshold", "0.5") == 0
+    assert _infer(align_slide.path, asym_model_dir, out, "--tta", "dihedral", "--threshold", "0.5") == 0
     d = out / align_slide.path.stem
     run = json.loads((d / "run.json").read_text())
     assert run["settings"]["run"]["inference"]["tta"] == "dihedral"
@@ -226,9 +195,9 @@ def test_tta_run_writes_an_aligned_uncertainty_map_and_records_it(align_slide, a
     assert (w_tta, h_tta) == (2 * w_plain, h_plain)
 
     # changing --tta redoes the slide (it is in the output key); the same --tta skips it
-    assert _infer(align_slide.path, asym_dir, out, "--tta", "dihedral") == 0
+    assert _infer(align_slide.path, asym_model_dir, out, "--tta", "dihedral") == 0
     assert next(csv.DictReader(open(out / "summary.csv")))["status"] == "skipped"
-    assert _infer(align_slide.path, asym_dir, out, "--tta", "flips") == 0
+    assert _infer(align_slide.path, asym_model_dir, out, "--tta", "flips") == 0
     assert next(csv.DictReader(open(out / "summary.csv")))["status"] == "ok"
 
 
