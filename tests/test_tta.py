@@ -75,10 +75,11 @@ def test_tta_is_the_mean_of_explicitly_rotated_patches(align_slide, asym_model_d
     package = load_model_package(asym_model_dir)
     grid, idx, patches = _grid_and_patches(align_slide.path)
     plain = run_inference(align_slide.path, grid, package,
-                          config=InferenceConfig(workers=0, progress=False, runtime="torch"))
-    # batch 20 is not a multiple of the views: the last forward pass is a partial one
+                          config=InferenceConfig(workers=0, progress=False, runtime="torch", device="cpu"))
+    # batch 20: 5 patches x 4 flips or 2 x 8 dihedral views per forward pass; the last one is partial
     tta = run_inference(align_slide.path, grid, package,
-                        config=InferenceConfig(workers=0, progress=False, runtime="torch", batch_size=20, tta=mode))
+                        config=InferenceConfig(workers=0, progress=False, runtime="torch", batch_size=20, tta=mode,
+                                               device="cpu"))
     per_view = np.stack([_tumor_probs(package, np.stack([_numpy_views(p, mode)[v] for p in patches]))
                          for v in range(len(_numpy_views(patches[0], mode)))])
     t = package.config.tumor_index()
@@ -99,7 +100,8 @@ def test_tta_on_openvino_agrees_with_torch(align_slide, asym_model_dir, tmp_path
     # one infer request (synchronous), and 3 in flight (batches finish out of order on OpenVINO's threads)
     runs = {(rt, req): run_inference(align_slide.path, grid, package,
                                      config=InferenceConfig(workers=0, progress=False, runtime=rt, tta="dihedral",
-                                                            cache_dir=str(tmp_path), ov_requests=req, batch_size=16))
+                                                            cache_dir=str(tmp_path), ov_requests=req, batch_size=16,
+                                                            device="cpu"))
             for rt, req in (("torch", 1), ("openvino", 1), ("openvino", 3))}
     ref = runs["torch", 1]
     for key in (("openvino", 1), ("openvino", 3)):
