@@ -205,6 +205,33 @@ def test_tta_run_writes_an_aligned_uncertainty_map_and_records_it(align_slide, a
     assert next(csv.DictReader(open(out / "summary.csv")))["status"] == "skipped"
     assert _infer(align_slide.path, asym_model_dir, out, "--tta", "flips") == 0
     assert next(csv.DictReader(open(out / "summary.csv")))["status"] == "ok"
+    # a finished --tta slide whose uncertainty.tif is gone is not finished: redone
+    (d / "uncertainty.tif").unlink()
+    assert _infer(align_slide.path, asym_model_dir, out, "--tta", "flips") == 0
+    assert next(csv.DictReader(open(out / "summary.csv")))["status"] == "ok"
+    assert (d / "uncertainty.tif").is_file()
+
+
+def test_tta_with_the_mean_merge_paints_the_spread_on_the_heatmaps_cells(align_slide, asym_model_dir, tmp_path):
+    # stride 48, patch 96, mean merge: each patch paints the 2 x 2 cells under its footprint's centre
+    assert _infer(align_slide.path, asym_model_dir, tmp_path, "--tta", "flips", "--merge", "mean",
+                  "--stride-px", "48") == 0
+    d = tmp_path / align_slide.path.stem
+    run = json.loads((d / "run.json").read_text())
+    heat, unc = tifffile.imread(d / "heatmap.tif"), tifffile.imread(d / "uncertainty.tif")
+    assert heat.shape == unc.shape == tuple(run["heatmap"]["shape_rc"])
+    rows = list(csv.DictReader(open(d / "tiles.csv")))
+    grid = run["grid"]
+    predicted = np.zeros(heat.shape, bool)
+    for r in rows:
+        row = round((int(r["miny"]) + grid["offset_l0"]) / grid["cell_l0"])
+        col = round((int(r["minx"]) + grid["offset_l0"]) / grid["cell_l0"])
+        predicted[max(0, row - 1): row + 1, max(0, col - 1): col + 1] = True  # offsets -1 and 0
+    assert unc[predicted].any() and not unc[~predicted].any() and not heat[~predicted].any()
+    s = run["uncertainty"]
+    cell_mm2 = run["heatmap"]["mpp"] ** 2 / 1e6
+    total = s["confident_tumor_mm2"] + s["confident_normal_mm2"] + s["uncertain_mm2"]
+    assert total == pytest.approx(predicted.sum() * cell_mm2)
 
 
 def _hm(values, predicted):
