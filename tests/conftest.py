@@ -52,3 +52,37 @@ def model_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("model") / "colour_rule"
     make_colour_rule_package(path, input_size=96)
     return path
+
+
+@pytest.fixture(scope="session")
+def asym_model_dir(tmp_path_factory):
+    """A SYNTHETIC package whose model is not invariant under flips and rotations (for --tta tests): conv
+    features weighted by a ramp along x and one along y, so a flip or rotation changes its output."""
+    import torch
+
+    from wsi_toolkit.model_package import pcam_config, save_model_package
+
+    class Asymmetric(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            g = torch.Generator().manual_seed(7)
+            self.conv = torch.nn.Conv2d(3, 4, 5, stride=4)  # 96 px -> 23 x 23
+            with torch.no_grad():
+                self.conv.weight.copy_(torch.randn(4, 3, 5, 5, generator=g) * 0.3)
+                self.conv.bias.zero_()
+            ramp = torch.linspace(-1.0, 1.0, 23)
+            self.register_buffer("wx", ramp.view(1, 1, 1, 23))
+            self.register_buffer("wy", (ramp + 0.5).clamp(min=0).view(1, 1, 23, 1))
+            self.fc = torch.nn.Linear(8, 2)
+            with torch.no_grad():
+                self.fc.weight.copy_(torch.randn(2, 8, generator=g) * 6.0)
+                self.fc.bias.zero_()
+
+        def forward(self, x):
+            y = torch.relu(self.conv(x))
+            return self.fc(torch.cat([(y * self.wx).mean(dim=(2, 3)), (y * self.wy).mean(dim=(2, 3))], dim=1))
+
+    path = tmp_path_factory.mktemp("asym") / "asym"
+    save_model_package(path, Asymmetric().eval(), pcam_config(architecture="asymmetric-test", input_size=96,
+                                                              extra={"synthetic": True}))
+    return path

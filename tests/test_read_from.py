@@ -170,7 +170,7 @@ def test_block_reads_equal_single_patch_reads(pyramid_2x, read_from):
     xy = grid.patch_l0_xy(grid.grid_rc[pick])
     alone = PatchBlocks(path, single_patch_blocks(xy, 96), patch_px=96, spacing_um_px=PCAM_MPP,
                         backend="tifffile", read_from=read_from)
-    for (patch, index, _), i in zip(alone.read(), pick):
+    for (patch, _index, _), i in zip(alone.read(), pick):
         assert np.abs(patch[0].astype(int) - together[i].astype(int)).max() <= 1
 
 

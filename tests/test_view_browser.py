@@ -26,7 +26,7 @@ import pytest
 import shapely
 from PIL import Image
 
-from wsi_toolkit.export import INFERNO_LUT, read_heatmap_tiff
+from wsi_toolkit.export import INFERNO_LUT, UNCERTAINTY_TIFF_CONTENT, read_heatmap_tiff
 from wsi_toolkit.inference import InferenceConfig
 from wsi_toolkit.pipeline import RunConfig, run_batch
 from wsi_toolkit.view import Catalogue, DeepZoomGeometry, ViewerServer, create_app, export_site
@@ -391,3 +391,100 @@ def test_export_works_from_a_plain_static_server_and_from_disk(browser, results,
     finally:
         context.close()
         httpd.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------
+# The uncertainty layer of a wsi-infer --tta run
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tta_results(results, asym_model_dir, tmp_path_factory):
+    """The drawn-tumour slide run with --tta dihedral by a model that is not rotation-invariant (the
+    colour-rule model is: its views would not differ), at stride 96 (large cells, few patches)."""
+    out = tmp_path_factory.mktemp("view_tta") / "out"
+    inf = InferenceConfig(progress=False, tta="dihedral", runtime="torch")
+    run_batch([results["truth"].path], asym_model_dir, out, RunConfig(inference=inf, stride_px=96))
+    run_dir = out / results["truth"].path.stem
+    assert (run_dir / "uncertainty.tif").is_file()
+    return run_dir
+
+
+def _uncertainty_cells(run_dir: Path):
+    """Level-0 centres and values (std x 255, as uncertainty.tif stores them) of the predicted cells with
+    the largest and the smallest spread, and of a cell that was not predicted."""
+    unc = read_heatmap_tiff(run_dir / "uncertainty.tif", content=UNCERTAINTY_TIFF_CONTENT)
+    v = np.rint(unc.prob * 255).astype(int)
+    grid = json.loads((run_dir / "run.json").read_text())["grid"]
+    patches = np.loadtxt(run_dir / "tiles.csv", delimiter=",", skiprows=1, usecols=(0, 1), ndmin=2)
+    rc = np.rint((patches[:, ::-1] + grid["offset_l0"]) / grid["cell_l0"]).astype(int)
+    predicted = np.zeros(unc.shape_rc, bool)
+    predicted[rc[:, 0], rc[:, 1]] = True
+    cell = unc.cell_l0
+    inner = [(r, c) for r, c in rc.tolist() if 0 < r < unc.shape_rc[0] - 1 and 0 < c < unc.shape_rc[1] - 1]
+    hi = max(inner, key=lambda rc_: v[rc_])
+    lo = min(inner, key=lambda rc_: v[rc_])
+    glass = next((r, c) for r in range(unc.shape_rc[0]) for c in range(unc.shape_rc[1])
+                 if not predicted[max(0, r - 1): r + 2, max(0, c - 1): c + 2].any())
+    centre = lambda rc_: ((rc_[1] + 0.5) * cell, (rc_[0] + 0.5) * cell)  # noqa: E731
+    return {name: (centre(x), int(v[x])) for name, x in (("high", hi), ("low", lo), ("glass", glass))}, cell
+
+
+def _check_uncertainty_page(p: Page, cells: dict, cell_l0: float, shot: Path | None) -> None:
+    assert p.page.locator("#uncertainty-control").is_visible()
+    assert p.state("wsiView.state.uncOn") is False and p.state("wsiView.state.unc !== null")
+    p.page.keyboard.press("h")  # heatmap off: the slide alone
+    p.idle()
+    off = p.screenshot()
+    p.page.keyboard.press("u")  # uncertainty on
+    p.idle()
+    on = p.screenshot(shot)
+    assert p.state("wsiView.state.uncOn") is True and p.page.locator("#uncertainty-on").is_checked()
+    assert p.state("wsiView.state.tileLog.filter(t => t.layer === 'uncertainty').length") > 0
+    assert p.screen_xy(cell_l0, 0)[0] - p.screen_xy(0, 0)[0] >= 8, "a cell spans several screen px"
+    alpha = p.state("wsiView.state.opacity")
+    from wsi_toolkit.export import VIRIDIS_LUT
+
+    assert cells["high"][1] - cells["low"][1] >= 10, "the views' spread varies over the slide"
+    for name in ("high", "low"):
+        xy, value = p.screen_xy(*cells[name][0]), cells[name][1]
+        want = (1 - alpha) * sample(off, xy) + alpha * VIRIDIS_LUT[min(255, round(value / 0.5))].astype(float)
+        assert np.abs(sample(on, xy) - want).max() <= 10, (name, value, sample(on, xy), want)
+    glass = p.screen_xy(*cells["glass"][0])
+    assert np.abs(sample(on, glass) - sample(off, glass)).max() <= 3  # nothing drawn where nothing was predicted
+    p.page.keyboard.press("u")  # off again: the slide alone
+    p.idle()
+    again = p.screenshot()
+    xy = p.screen_xy(*cells["high"][0])
+    assert np.abs(sample(again, xy) - sample(off, xy)).max() <= 3
+    p.page.keyboard.press("h")
+    p.idle()
+    assert not p.errors, p.errors
+
+
+def test_uncertainty_layer_toggles_and_draws_the_views_spread(browser, results, tta_results, tmp_path, shots):
+    cells, cell_l0 = _uncertainty_cells(tta_results)
+    catalogue = Catalogue.from_slide(results["truth"].path, tta_results)
+    srv = ViewerServer(create_app(catalogue, workers=2)).start()
+    context = browser.new_context(viewport=VIEWPORT, bypass_csp=True)
+    try:
+        p = Page(context.new_page())
+        p.page.goto(srv.url)
+        p.idle()
+        _check_uncertainty_page(p, cells, cell_l0, shots / "view_uncertainty.png")
+        # the static export carries the layer too (opened from disk)
+        site = tmp_path / "site"
+        export_site(catalogue, site, workers=2)
+        q = Page(context.new_page())
+        q.page.goto((site / "index.html").as_uri())
+        q.idle()
+        _check_uncertainty_page(q, cells, cell_l0, shots / "export_uncertainty.png")
+    finally:
+        context.close()
+        srv.stop()
+        catalogue.close()
+
+
+def test_a_run_without_tta_has_no_uncertainty_control(page):
+    assert page.state("wsiView.state.info.uncertainty") is None
+    assert not page.page.locator("#uncertainty-control").is_visible()

@@ -5,6 +5,10 @@
 >>> analysis.heatmap.prob.shape, analysis.slide_score, len(analysis.regions)
 >>> wt.write_outputs(analysis, "out/slide")       # heatmap.tif, overlay.png, ..., run.json last
 
+With test-time augmentation (``RunConfig(inference=InferenceConfig(tta="dihedral"))``) the heatmap is
+the mean of the views' tumour probabilities and ``analysis.uncertainty`` their standard deviation on
+the same cells, written as ``uncertainty.tif`` beside ``heatmap.tif``.
+
 ``analyse_slide`` reads the slide and runs the model but writes nothing: a notebook gets the
 tissue mask, the patch grid, every patch's probabilities, the stitched :class:`~wsi_toolkit.heatmap.Heatmap`
 and the tumour regions as objects. ``write_outputs`` turns a :class:`SlideAnalysis` into the files
@@ -26,6 +30,7 @@ import numpy as np
 
 from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.export import (
+    UNCERTAINTY_TIFF_CONTENT,
     TumorRegion,
     render_overlay,
     tumor_regions,
@@ -34,7 +39,7 @@ from wsi_toolkit.export import (
     write_regions_geojson,
     write_tiles_csv,
 )
-from wsi_toolkit.heatmap import Heatmap, MergeMode, stitch
+from wsi_toolkit.heatmap import Heatmap, MergeMode, stitch, uncertainty_summary
 from wsi_toolkit.inference import InferenceConfig, run_inference
 from wsi_toolkit.limits import check_fraction
 from wsi_toolkit.model_package import ModelPackage, load_model_package
@@ -43,10 +48,13 @@ from wsi_toolkit.slide import Backend, SlideReader, open_slide
 from wsi_toolkit.tiling import GridConfig, PatchGrid, make_grid
 from wsi_toolkit.tissue import TissueConfig, TissueMask, detect_tissue
 
-__all__ = ["RunConfig", "SlideAnalysis", "analyse_slide", "write_outputs", "output_key", "OUTPUT_FILES"]
+__all__ = ["RunConfig", "SlideAnalysis", "analyse_slide", "write_outputs", "output_key", "OUTPUT_FILES",
+           "UNCERTAINTY_FILE"]
 
 #: The files :func:`write_outputs` writes in a slide's folder, ``run.json`` (written last) included.
 OUTPUT_FILES = ("heatmap.tif", "overlay.png", "tumor.geojson", "tumor.xml", "tiles.csv", "run.json")
+#: Written besides :data:`OUTPUT_FILES` with test-time augmentation (``tta`` not ``"none"``).
+UNCERTAINTY_FILE = "uncertainty.tif"
 
 
 @dataclass(frozen=True)
@@ -94,6 +102,9 @@ class SlideAnalysis:
     tissue was found on (``tissue.l0_per_px`` level-0 px per thumbnail px). ``slide_info`` and
     ``model_info`` are what ``run.json`` records of the slide and model; ``runtime`` which runtime
     ran the model at which precision (:attr:`wsi_toolkit.inference.InferenceResult.runtime`).
+    With test-time augmentation (``settings.inference.tta``), ``p_tumor`` is the mean over the views,
+    ``p_tumor_std`` (n,) their standard deviation and ``uncertainty`` that stitched like ``heatmap``
+    (same cells, same merge); both None without.
     """
 
     slide_path: Path
@@ -114,6 +125,16 @@ class SlideAnalysis:
     tumor_area_mm2: float
     timings: dict[str, float]
     runtime: dict[str, Any] = field(default_factory=dict)
+    p_tumor_std: np.ndarray | None = None
+    uncertainty: Heatmap | None = None
+
+    def uncertainty_summary(self) -> dict[str, Any] | None:
+        """Tissue area (mm^2) confidently tumour / confidently normal / uncertain
+        (:func:`wsi_toolkit.heatmap.uncertainty_summary`), None without TTA."""
+        if self.uncertainty is None:
+            return None
+        return {"tta": self.settings.inference.tta,
+                **uncertainty_summary(self.heatmap, self.uncertainty, threshold=self.settings.threshold)}
 
     @property
     def synthetic(self) -> bool:
@@ -185,7 +206,11 @@ def analyse_slide(slide: str | Path | SlideReader, package: ModelPackage | str |
     tumor_idx = package.config.tumor_index()
     p_tumor = result.probs[:, tumor_idx] if result.probs.shape[1] > 1 else result.probs[:, 0]
     heatmap = stitch(grid, p_tumor, merge=merge)
-    regions = tumor_regions(heatmap, threshold=settings.threshold)
+    p_std = uncertainty = None
+    if result.probs_std is not None:
+        p_std = result.probs_std[:, tumor_idx] if result.probs_std.shape[1] > 1 else result.probs_std[:, 0]
+        uncertainty = stitch(grid, p_std, merge=merge)
+    regions = tumor_regions(heatmap, threshold=settings.threshold, uncertainty=uncertainty)
     stages = {"seconds_open_thumbnail": t_thumb - t0, "seconds_tissue_detect": t_tissue - t_thumb,
               "seconds_grid": t_grid - t_tissue, "seconds_tissue": t_grid - t0,
               "seconds_stitch_regions": time.perf_counter() - t_stitch}
@@ -197,11 +222,12 @@ def analyse_slide(slide: str | Path | SlideReader, package: ModelPackage | str |
         tumor_area_mm2=float(sum(r.area_mm2 for r in regions)),
         timings={**result.timings(), **{k: round(v, 4) for k, v in stages.items()},
                  "seconds_analysis": round(time.perf_counter() - t0, 4)},
-        runtime=result.runtime)
+        runtime=result.runtime, p_tumor_std=p_std, uncertainty=uncertainty)
 
 
 def write_outputs(analysis: SlideAnalysis, out_dir: str | Path, *, worker: dict[str, Any] | None = None) -> RunRecord:
-    """Write :data:`OUTPUT_FILES` for ``analysis`` into ``out_dir`` (created), each atomically,
+    """Write :data:`OUTPUT_FILES` (and with TTA :data:`UNCERTAINTY_FILE`) for ``analysis`` into
+    ``out_dir`` (created), each atomically,
     ``run.json`` last (it marks the slide finished); returns the record written as ``run.json``.
     ``worker``: which node and device ran it (``wsi-infer --ray``), recorded in ``run.json``."""
     t0 = time.perf_counter()
@@ -213,15 +239,20 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | Path, *, worker: dict[
         probs_by_class = {names[cfg.tumor_index()]: a.probs[:, 0]}
     else:
         probs_by_class = {name: a.probs[:, i] for i, name in enumerate(names)}
-    write_tiles_csv(out_dir / "tiles.csv", a.grid, probs_by_class)
+    extra = None if a.p_tumor_std is None else {f"tta_std_{names[cfg.tumor_index()]}": a.p_tumor_std}
+    write_tiles_csv(out_dir / "tiles.csv", a.grid, probs_by_class, extra_columns=extra)
     write_heatmap_tiff(out_dir / "heatmap.tif", a.heatmap)
+    outputs = list(OUTPUT_FILES)
+    if a.uncertainty is not None:
+        write_heatmap_tiff(out_dir / UNCERTAINTY_FILE, a.uncertainty, content=UNCERTAINTY_TIFF_CONTENT)
+        outputs.insert(1, UNCERTAINTY_FILE)
     write_regions_geojson(out_dir / "tumor.geojson", a.regions, slide_name=a.slide_path.name)  # ids: uuid5(name, i)
     write_regions_asap(out_dir / "tumor.xml", a.regions)
     title = ("SYNTHETIC - " if a.synthetic else "") + (
         f"{a.slide_path.name}: tumour probability ({cfg.architecture}), max {a.slide_score:.2f}, "
         f"{len(a.regions)} region(s) >= {a.settings.threshold:g}")
     render_overlay(a.thumbnail, a.tissue.l0_per_px, a.heatmap, tissue_polygons_l0=a.tissue.polygons(), title=title,
-                   threshold=a.settings.threshold, path=out_dir / "overlay.png")
+                   threshold=a.settings.threshold, path=out_dir / "overlay.png", uncertainty=a.uncertainty)
     seconds_export = time.perf_counter() - t0
     grid = a.grid
     record = RunRecord(
@@ -241,9 +272,10 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | Path, *, worker: dict[
         timings={**a.timings, "seconds_export": round(seconds_export, 4),
                  "seconds_slide": round(a.timings.get("seconds_analysis", 0.0) + seconds_export, 4)},
         versions=_versions(),
-        outputs=list(OUTPUT_FILES),
+        outputs=outputs,
         runtime=a.runtime or None,
         worker=dict(worker) if worker else None,
+        uncertainty=a.uncertainty_summary(),
     )
     record.write(out_dir / "run.json")  # last: marks the slide finished
     return record
@@ -277,13 +309,14 @@ def output_key(slide_path: str | Path, package: ModelPackage, config: RunConfig)
     override, reader backend, the pyramid level read (``read_from``), device, runtime, precision (and an
     int8 run's calibration: its
     ``--calibration`` path, or ``"auto"``, the package's cached graph) and graph
-    optimisation. Batch size, reader workers, the conversion cache and progress bars do not change
-    outputs and are not in it.
+    optimisation, and test-time augmentation (``tta``, present only when not ``"none"``, so folders
+    written before the option still resume). Batch size, reader workers, the conversion cache and
+    progress bars do not change outputs and are not in it.
     """
     slide_path = Path(slide_path)
     grid_cfg, merge = grid_settings(package, config)
     inf = config.inference
-    return {
+    key = {
         "slide": slide_identity(slide_path),
         "model_sha256": package.sha256,
         "model_config_sha256": _model_config_sha256(package),
@@ -300,6 +333,9 @@ def output_key(slide_path: str | Path, package: ModelPackage, config: RunConfig)
         "optimize": inf.optimize,
         "read_from": inf.read_from,
     }
+    if inf.tta != "none":
+        key["tta"] = inf.tta
+    return key
 
 
 def _versions() -> dict[str, Any]:

@@ -45,7 +45,7 @@ from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.limits import check_number
 from wsi_toolkit.tiling import PatchGrid
 
-__all__ = ["MergeMode", "MERGE_MODES", "Heatmap", "stitch"]
+__all__ = ["MergeMode", "MERGE_MODES", "Heatmap", "stitch", "uncertainty_summary", "UNCERTAIN_STD", "UNCERTAIN_MARGIN"]
 
 MergeMode = Literal["centre", "mean"]
 
@@ -199,3 +199,39 @@ def stitch(grid: PatchGrid, probs: np.ndarray, *, merge: MergeMode = "centre") -
     prob, predicted = MERGE_MODES[merge](grid, p)
     return Heatmap(prob=prob.astype(np.float32), predicted=predicted, cell_l0=grid.cell_l0,
                    l0_mpp=grid.l0_mpp, merge=merge)
+
+
+#: A predicted cell is *uncertain* when the spread of its test-time-augmentation views (standard
+#: deviation of the tumour probability) exceeds this ...
+UNCERTAIN_STD = 0.1
+#: ... or when its probability is within this of the threshold.
+UNCERTAIN_MARGIN = 0.1
+
+
+def uncertainty_summary(heatmap: Heatmap, uncertainty: Heatmap, *, threshold: float) -> dict:
+    """Area of the predicted cells that are confidently tumour, confidently normal or uncertain.
+
+    A predicted cell is uncertain when ``std > UNCERTAIN_STD`` or ``|p - threshold| <
+    UNCERTAIN_MARGIN`` (``std``: ``uncertainty.prob``, the views' standard deviation; ``p``:
+    ``heatmap.prob``); otherwise confidently tumour when ``p >= threshold``, confidently normal when
+    ``p < threshold``. Areas in mm^2 (cells x ``heatmap.mpp**2``); the three add up to the predicted
+    area. Also the mean and maximum ``std`` over the predicted cells.
+    """
+    if uncertainty.shape_rc != heatmap.shape_rc or not np.array_equal(uncertainty.predicted, heatmap.predicted):
+        raise ConfigError(f"uncertainty map {uncertainty.shape_rc} does not cover the heatmap's predicted cells "
+                          f"{heatmap.shape_rc}; stitch both from the same grid and merge")
+    check_number(threshold, "threshold", bounds=(0.0, 1.0))
+    pred = heatmap.predicted
+    p, std = heatmap.prob[pred].astype(np.float64), uncertainty.prob[pred].astype(np.float64)
+    uncertain = (std > UNCERTAIN_STD) | (np.abs(p - threshold) < UNCERTAIN_MARGIN)
+    cell_mm2 = heatmap.mpp**2 / 1e6
+    return {
+        "rule": f"uncertain: std > {UNCERTAIN_STD:g} or |p - threshold| < {UNCERTAIN_MARGIN:g}; else tumor "
+                "(p >= threshold) or normal",
+        "std_above": UNCERTAIN_STD, "margin": UNCERTAIN_MARGIN, "threshold": float(threshold),
+        "confident_tumor_mm2": float(np.sum(~uncertain & (p >= threshold)) * cell_mm2),
+        "confident_normal_mm2": float(np.sum(~uncertain & (p < threshold)) * cell_mm2),
+        "uncertain_mm2": float(np.sum(uncertain) * cell_mm2),
+        "mean_std": float(std.mean()) if std.size else 0.0,
+        "max_std": float(std.max()) if std.size else 0.0,
+    }

@@ -93,7 +93,9 @@ class RunRecord:
     before it) says which runtime ran the model at which precision, what that changes, and why torch
     ran where OpenVINO was asked for (:func:`wsi_toolkit.runtime.select_runtime`). ``worker``
     (optional; written only by ``wsi-infer --ray``) says which node, device and process ran the slide
-    (:class:`wsi_toolkit.scale.worker.SlideWorker`)."""
+    (:class:`wsi_toolkit.scale.worker.SlideWorker`). ``uncertainty`` (optional; written only with
+    ``wsi-infer --tta``): the TTA mode and the tissue area confidently tumour / confidently normal /
+    uncertain, with the rule (:meth:`wsi_toolkit.analysis.SlideAnalysis.uncertainty_summary`)."""
 
     status: str
     synthetic: bool
@@ -111,14 +113,16 @@ class RunRecord:
     outputs: list[str] = field(default_factory=list)
     runtime: dict[str, Any] | None = None
     worker: dict[str, Any] | None = None
+    uncertainty: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     # -- JSON ----------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if d["worker"] is None:  # single-process runs: run.json as before
-            del d["worker"]
+        for key in ("worker", "uncertainty"):  # single-process runs, runs without TTA: run.json as before
+            if d[key] is None:
+                del d[key]
         return {"schema_version": d.pop("schema_version"), **d}
 
     def write(self, path: str | os.PathLike[str]) -> None:
@@ -170,7 +174,8 @@ class RunRecord:
         return cls.from_dict(doc, source=path)
 
 
-_OPTIONAL = frozenset({"timings", "versions", "outputs", "runtime", "worker", "schema_version", "output_key"})
+_OPTIONAL = frozenset({"timings", "versions", "outputs", "runtime", "worker", "uncertainty", "schema_version",
+                       "output_key"})
 
 
 def _typed(kind: type, value: Any, key: str, source: str | os.PathLike[str]) -> Any:

@@ -79,6 +79,12 @@ class _BatchSize(click.ParamType):
                    "pixels to decode); finer, a level at least 2x finer shrunk with an antialiasing filter (averages "
                    "out the coarse level's JPEG artefacts; ~4x the pixels on a 2x pyramid); level0, level 0 "
                    "(as WSInfer). It changes outputs: recorded in run.json. docs/frames.md says which to use.")
+@click.option("--tta", type=click.Choice(["none", "flips", "dihedral"]), default="none", show_default=True,
+              help="Test-time augmentation: each patch predicted in several orientations (flips: identity, "
+                   "horizontal, vertical and both flips, 4 views; dihedral: the 8 rotations and reflections), the "
+                   "heatmap the mean of the views' probabilities; adds uncertainty.tif (the views' standard "
+                   "deviation), a tta_std column in tiles.csv and an uncertainty summary in run.json. The slide is "
+                   "read once; the model runs views x longer.")
 @click.option("--profile", is_flag=True,
               help="Print where the time went, stage by stage (process start and imports, package load, "
                    "INT8 graph, tissue, grid, model set-up, model, reads, stitching, exports) and write it "
@@ -101,7 +107,7 @@ class _BatchSize(click.ParamType):
 @click.option("--no-progress", is_flag=True)
 @click.option("-v", "--verbose", count=True)
 def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_tissue, batch_size, workers, device,
-             runtime, precision, calibration, ov_requests, ov_preprocess, read_from, profile, cache_dir,
+             runtime, precision, calibration, ov_requests, ov_preprocess, read_from, tta, profile, cache_dir,
              check_precision, ray_address, cpus_per_worker, backend, overwrite, no_progress, verbose) -> int:
     """Tumour-probability heatmaps for SLIDES (files and folders mixed).
 
@@ -136,7 +142,7 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
                                 cache_dir=None if cache_dir is None else str(cache_dir),
                                 calibration=None if calibration is None else str(calibration),
                                 ov_requests=None if ov_requests == "auto" else ov_requests,
-                                ov_preprocess=ov_preprocess, read_from=read_from)
+                                ov_preprocess=ov_preprocess, read_from=read_from, tta=tta)
     config = RunConfig(
         mpp_override=mpp, stride_px=stride_px, merge=merge, threshold=threshold, min_tissue_fraction=min_tissue,
         overwrite=overwrite, backend=backend, inference=inference,

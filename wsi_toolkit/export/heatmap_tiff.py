@@ -18,6 +18,11 @@ Layout
   at the same physical scale, origin at the slide's top-left.
 - ImageDescription (level 0): JSON with ``content`` ("tumour probability x 255"), ``scale``
   (255) and the heatmap geometry (:meth:`Heatmap.geometry`).
+
+``uncertainty.tif`` (``wsi-infer --tta``) is written by the same function, so it has the same
+levels, tiles, resolution tags and predicted-cell handling as ``heatmap.tif``: its cells hold the
+standard deviation of the tumour probability over the TTA views x 255 (at most 0.5 x 255), and its
+``content`` is :data:`UNCERTAINTY_TIFF_CONTENT`.
 """
 
 from __future__ import annotations
@@ -32,9 +37,12 @@ from wsi_toolkit.atomic import atomic_path
 from wsi_toolkit.errors import ConfigError, SlideFormatError
 from wsi_toolkit.heatmap import Heatmap
 
-__all__ = ["write_heatmap_tiff", "read_heatmap_tiff", "heatmap_pyramid", "HEATMAP_TIFF_CONTENT"]
+__all__ = ["write_heatmap_tiff", "read_heatmap_tiff", "heatmap_pyramid", "HEATMAP_TIFF_CONTENT",
+           "UNCERTAINTY_TIFF_CONTENT"]
 
 HEATMAP_TIFF_CONTENT = "tumour probability x 255"
+#: ``content`` of ``uncertainty.tif``: the spread of the test-time-augmentation views.
+UNCERTAINTY_TIFF_CONTENT = "tumour probability standard deviation over TTA views x 255"
 
 
 def _to_uint8(prob: np.ndarray) -> np.ndarray:
@@ -68,7 +76,8 @@ def heatmap_pyramid(heatmap: Heatmap, *, tile: int = 256) -> list[np.ndarray]:
     return levels
 
 
-def write_heatmap_tiff(path: str | os.PathLike[str], heatmap: Heatmap, *, tile: int = 256) -> list[tuple[int, int]]:
+def write_heatmap_tiff(path: str | os.PathLike[str], heatmap: Heatmap, *, tile: int = 256,
+                       content: str = HEATMAP_TIFF_CONTENT) -> list[tuple[int, int]]:
     """Write ``heatmap`` as a tiled pyramidal TIFF (layout in the module docstring), atomically.
 
     Parameters
@@ -79,6 +88,9 @@ def write_heatmap_tiff(path: str | os.PathLike[str], heatmap: Heatmap, *, tile: 
     tile : int
         Tile side in px, a positive multiple of 16 (TIFF requirement); also the size below
         which no further level is made.
+    content : str
+        What the values are, written to the ImageDescription (:data:`HEATMAP_TIFF_CONTENT`, or
+        :data:`UNCERTAINTY_TIFF_CONTENT` for the uncertainty map).
 
     Returns
     -------
@@ -92,7 +104,7 @@ def write_heatmap_tiff(path: str | os.PathLike[str], heatmap: Heatmap, *, tile: 
     if not isinstance(heatmap, Heatmap):
         raise TypeError(f"heatmap must be a Heatmap; got {type(heatmap).__name__}")
     levels = heatmap_pyramid(heatmap, tile=int(tile))
-    description = json.dumps({"content": HEATMAP_TIFF_CONTENT, "scale": 255, **heatmap.geometry()})
+    description = json.dumps({"content": content, "scale": 255, **heatmap.geometry()})
     with atomic_path(Path(path)) as tmp:
         with tifffile.TiffWriter(tmp) as tw:
             for level, data in enumerate(levels):
@@ -112,13 +124,14 @@ def write_heatmap_tiff(path: str | os.PathLike[str], heatmap: Heatmap, *, tile: 
     return [(int(a.shape[1]), int(a.shape[0])) for a in levels]
 
 
-def read_heatmap_tiff(path: str | os.PathLike[str]) -> Heatmap:
+def read_heatmap_tiff(path: str | os.PathLike[str], *, content: str = HEATMAP_TIFF_CONTENT) -> Heatmap:
     """Read a heatmap TIFF written by :func:`write_heatmap_tiff` back into a :class:`Heatmap`.
 
     ``prob`` is level 0 / 255 (exact to 1/255), placed by the geometry in the ImageDescription.
     The TIFF keeps no separate prediction mask, so ``predicted`` is the non-zero cells (a
     predicted cell of probability < 0.5/255 reads as not predicted). Raises
-    :class:`~wsi_toolkit.errors.SlideFormatError` naming the file when it is not such a TIFF.
+    :class:`~wsi_toolkit.errors.SlideFormatError` naming the file when it is not such a TIFF (or its
+    ``content`` is not ``content``: :data:`UNCERTAINTY_TIFF_CONTENT` reads ``uncertainty.tif``).
     """
     import tifffile
 
@@ -127,9 +140,9 @@ def read_heatmap_tiff(path: str | os.PathLike[str]) -> Heatmap:
         with tifffile.TiffFile(path) as tif:
             page = tif.pages.first
             meta = json.loads(page.description or "null")
-            if not isinstance(meta, dict) or meta.get("content") != HEATMAP_TIFF_CONTENT:
+            if not isinstance(meta, dict) or meta.get("content") != content:
                 raise SlideFormatError(f"{path}: not a wsi-toolkit heatmap TIFF (its ImageDescription lacks "
-                                       f"content {HEATMAP_TIFF_CONTENT!r}); pass a heatmap.tif written by wsi-infer")
+                                       f"content {content!r}); pass a heatmap.tif written by wsi-infer")
             data = page.asarray()
     except (OSError, ValueError, tifffile.TiffFileError) as exc:
         raise SlideFormatError(f"{path}: cannot be read as a heatmap TIFF ({exc}); pass a heatmap.tif written "

@@ -26,6 +26,12 @@ Picture layout (top to bottom)
    pixel ``(0, TITLE_BAR_PX)``.
 3. The legend strip, :data:`LEGEND_PX` high: a colour bar 0..1 with tick labels (and the
    threshold marked), and keys for the outlines.
+
+With an uncertainty map (``wsi-infer --tta``) a second panel of the same size stands right of the
+map panel (its top-left at picture pixel ``(panel width, TITLE_BAR_PX)``): the thumbnail with the
+standard deviation of the views blended in :data:`VIRIDIS_LUT` over 0..:data:`UNCERTAINTY_MAX` (the
+largest standard deviation of values in [0, 1]), the tissue outline and the same tumour-region
+outlines; its colour bar is in the legend strip under it. Without one the picture is as before.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ from wsi_toolkit.limits import check_fraction, check_number
 
 __all__ = [
     "INFERNO_LUT",
+    "VIRIDIS_LUT",
+    "UNCERTAINTY_MAX",
     "TITLE_BAR_PX",
     "LEGEND_PX",
     "colormap",
@@ -55,11 +63,11 @@ __all__ = [
     "render_overlay",
 ]
 
-def _build_lut() -> np.ndarray:
+def _build_lut(name: str = "inferno") -> np.ndarray:
     from matplotlib import colormaps
 
     anchors = np.rint(np.linspace(0, 255, 17)).astype(np.intp)  # 0, 16, ..., 128, 143, ..., 239, 255
-    anchor_rgb = np.rint(colormaps["inferno"](anchors)[:, :3] * 255.0)
+    anchor_rgb = np.rint(colormaps[name](anchors)[:, :3] * 255.0)
     idx = np.arange(256, dtype=np.float64)
     lut = np.stack([np.interp(idx, anchors, anchor_rgb[:, ch]) for ch in range(3)], axis=1)
     lut = np.rint(lut).astype(np.uint8)
@@ -69,6 +77,11 @@ def _build_lut() -> np.ndarray:
 
 #: uint8 (256, 3): the colour of probability ``i / 255``.
 INFERNO_LUT: np.ndarray = _build_lut()
+#: uint8 (256, 3): the colour of uncertainty ``i / 255 * UNCERTAINTY_MAX`` (matplotlib's "viridis",
+#: built like :data:`INFERNO_LUT`), so the uncertainty panel is not read as probability.
+VIRIDIS_LUT: np.ndarray = _build_lut("viridis")
+#: The top of the uncertainty colour scale: the largest standard deviation of values in [0, 1].
+UNCERTAINTY_MAX = 0.5
 
 #: Height in px of the title bar at the top of the picture.
 TITLE_BAR_PX = 40
@@ -85,14 +98,14 @@ _BAR_PX = 512  # colour bar length: each LUT entry spans 2 px
 _BAR_X0 = 16
 
 
-def colormap(values01: np.ndarray) -> np.ndarray:
-    """Colours of values in [0, 1]: uint8 ``(*values.shape, 3)`` from :data:`INFERNO_LUT`.
+def colormap(values01: np.ndarray, lut: np.ndarray = INFERNO_LUT) -> np.ndarray:
+    """Colours of values in [0, 1]: uint8 ``(*values.shape, 3)`` from ``lut`` (:data:`INFERNO_LUT`).
 
     Value ``v`` gets entry ``round(v * 255)``; values are clipped to [0, 1]; NaN maps to 0.
     """
     v = np.nan_to_num(np.asarray(values01, dtype=np.float64), nan=0.0)
     idx = np.rint(np.clip(v, 0.0, 1.0) * 255.0).astype(np.intp)
-    return INFERNO_LUT[idx]
+    return lut[idx]
 
 
 def heatmap_on_grid(heatmap: Heatmap, shape_rc: tuple[int, int], l0_per_px: float) -> tuple[np.ndarray, np.ndarray]:
@@ -134,8 +147,13 @@ def blend_heatmap(
     *,
     alpha: float = 0.5,
     min_width: int = 1000,
+    lut: np.ndarray = INFERNO_LUT,
+    scale_max: float = 1.0,
 ) -> tuple[np.ndarray, float]:
     """The map panel without outlines: thumbnail enlarged to ``>= min_width`` px, heatmap blended.
+
+    ``lut``, ``scale_max``: cell value ``v`` takes ``lut``'s colour of ``v / scale_max`` (the
+    uncertainty panel: :data:`VIRIDIS_LUT`, :data:`UNCERTAINTY_MAX`).
 
     Returns
     -------
@@ -154,7 +172,7 @@ def blend_heatmap(
     prob, predicted = heatmap_on_grid(heatmap, thumb.shape[:2], panel_l0_per_px)
     panel = thumb.copy()
     if predicted.any():
-        colours = colormap(prob[predicted]).astype(np.float64)
+        colours = colormap(prob[predicted] / scale_max, lut).astype(np.float64)
         base = thumb[predicted].astype(np.float64)
         panel[predicted] = np.rint((1.0 - alpha) * base + alpha * colours).astype(np.uint8)
     return panel, panel_l0_per_px
@@ -220,6 +238,22 @@ def _draw_legend(draw: ImageDraw.ImageDraw, img: Image.Image, *, top: int, width
         draw.text((kx + 36, y), label, fill=_LEGEND_FG, font=font)
 
 
+def _draw_uncertainty_legend(draw: ImageDraw.ImageDraw, img: Image.Image, *, top: int, x0: int) -> None:
+    """The uncertainty panel's colour bar: 0..UNCERTAINTY_MAX in :data:`VIRIDIS_LUT`."""
+    font = _font(13)
+    bar_top, bar_h = top + 14, 16
+    bar = np.repeat(VIRIDIS_LUT[np.arange(_BAR_PX) * 256 // _BAR_PX][None], bar_h, axis=0)
+    img.paste(Image.fromarray(np.ascontiguousarray(bar), "RGB"), (x0, bar_top))
+    draw.text((x0 + _BAR_PX + 10, bar_top), "uncertainty: std of tumour probability over TTA views", fill=_LEGEND_FG,
+              font=font)
+    for tick in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5):
+        x = x0 + min(round(tick / UNCERTAINTY_MAX * _BAR_PX), _BAR_PX - 1)
+        draw.line([(x, bar_top + bar_h), (x, bar_top + bar_h + 4)], fill=_LEGEND_FG, width=1)
+        label = f"{tick:g}"
+        tw = draw.textlength(label, font=font)
+        draw.text((x - tw / 2, bar_top + bar_h + 6), label, fill=_LEGEND_FG, font=font)
+
+
 def render_overlay(
     thumb_rgb: np.ndarray,
     thumb_l0_per_px: float,
@@ -231,6 +265,7 @@ def render_overlay(
     threshold: float | None = None,
     path: str | os.PathLike[str] | None = None,
     min_width: int = 1000,
+    uncertainty: Heatmap | None = None,
 ) -> np.ndarray:
     """Render the overlay picture (layout in the module docstring); write it as PNG if ``path``.
 
@@ -254,39 +289,58 @@ def render_overlay(
         PNG to write (atomically).
     min_width : int
         Thumbnails narrower than this are enlarged by an integer factor (nearest).
+    uncertainty : Heatmap, optional
+        The uncertainty map (TTA views' standard deviation) on the heatmap's cells: drawn as a
+        second panel right of the first (module docstring).
 
     Returns
     -------
-    uint8 (TITLE_BAR_PX + panel height + LEGEND_PX, panel width, 3): the picture.
+    uint8 (TITLE_BAR_PX + panel height + LEGEND_PX, panel width (x 2 with ``uncertainty``), 3): the picture.
     """
     if threshold is not None:
         check_fraction(threshold, "threshold")
     panel, panel_l0_per_px = blend_heatmap(thumb_rgb, thumb_l0_per_px, heatmap, alpha=alpha, min_width=min_width)
     ph, pw = panel.shape[:2]
-    img = Image.new("RGB", (pw, TITLE_BAR_PX + ph + LEGEND_PX), _LEGEND_BG)
-    img.paste(Image.fromarray(panel, "RGB"), (0, TITLE_BAR_PX))
+    panels = [panel]
+    if uncertainty is not None:
+        panels.append(blend_heatmap(thumb_rgb, thumb_l0_per_px, uncertainty, alpha=alpha, min_width=min_width,
+                                    lut=VIRIDIS_LUT, scale_max=UNCERTAINTY_MAX)[0])
+    width = pw * len(panels)
+    img = Image.new("RGB", (width, TITLE_BAR_PX + ph + LEGEND_PX), _LEGEND_BG)
+    for i, p in enumerate(panels):
+        img.paste(Image.fromarray(p, "RGB"), (i * pw, TITLE_BAR_PX))
     draw = ImageDraw.Draw(img)
     line_px = max(1, round(pw / 600))
 
     tissue = _polygons(tissue_polygons_l0)
-    _draw_outlines(draw, tissue, l0_per_px=panel_l0_per_px, y0=TITLE_BAR_PX, colour=_TISSUE_RGB, width=line_px)
+    regions = []
     if threshold is not None:
         from wsi_toolkit.export.regions import tumor_regions
 
         regions = _polygons(tumor_regions(heatmap, threshold=threshold))
-        _draw_outlines(draw, regions, l0_per_px=panel_l0_per_px, y0=TITLE_BAR_PX, colour=_TUMOR_RGB,
+    for i in range(len(panels)):
+        # Outlines are clipped to their own panel: each panel drawn on its own layer, then pasted.
+        layer = img.crop((i * pw, 0, (i + 1) * pw, img.height)) if len(panels) > 1 else img
+        layer_draw = ImageDraw.Draw(layer) if len(panels) > 1 else draw
+        _draw_outlines(layer_draw, tissue, l0_per_px=panel_l0_per_px, y0=TITLE_BAR_PX, colour=_TISSUE_RGB,
+                       width=line_px)
+        _draw_outlines(layer_draw, regions, l0_per_px=panel_l0_per_px, y0=TITLE_BAR_PX, colour=_TUMOR_RGB,
                        width=line_px + 1)
+        if layer is not img:
+            img.paste(layer, (i * pw, 0))
     # Outlines may overflow into the bars: draw the bars last.
-    draw.rectangle([(0, 0), (pw - 1, TITLE_BAR_PX - 1)], fill=_TITLE_BG)
-    draw.rectangle([(0, TITLE_BAR_PX + ph), (pw - 1, TITLE_BAR_PX + ph + LEGEND_PX - 1)], fill=_LEGEND_BG)
+    draw.rectangle([(0, 0), (width - 1, TITLE_BAR_PX - 1)], fill=_TITLE_BG)
+    draw.rectangle([(0, TITLE_BAR_PX + ph), (width - 1, TITLE_BAR_PX + ph + LEGEND_PX - 1)], fill=_LEGEND_BG)
     title_font = _font(20)
     draw.text((10, (TITLE_BAR_PX - 20) // 2), title, fill=_TITLE_FG, font=title_font)
     info = f"heatmap {heatmap.mpp:.2f} um/px, {heatmap.merge} merge"
     info_font = _font(14)
-    draw.text((pw - 10 - draw.textlength(info, font=info_font), (TITLE_BAR_PX - 14) // 2), info, fill=_TITLE_FG,
-              font=info_font)
+    draw.text((width - 10 - draw.textlength(info, font=info_font), (TITLE_BAR_PX - 14) // 2), info,
+              fill=_TITLE_FG, font=info_font)
     _draw_legend(draw, img, top=TITLE_BAR_PX + ph, width=pw, threshold=threshold, tissue=bool(tissue),
                  line_px=line_px)
+    if uncertainty is not None:
+        _draw_uncertainty_legend(draw, img, top=TITLE_BAR_PX + ph, x0=pw + _BAR_X0)
 
     out = np.asarray(img, dtype=np.uint8).copy()
     if path is not None:

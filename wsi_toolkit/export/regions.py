@@ -10,6 +10,9 @@ Measurements
 - ``area_mm2``: polygon area (level-0 px^2) x ``l0_mpp**2`` / 1e6.
 - ``longest_diameter_um``: the largest distance between two vertices of the polygon's convex
   hull (the region's caliper diameter, as Camelyon16's "longest axis"), x ``l0_mpp``.
+- ``max_tta_std``, ``mean_tta_std`` (only with an uncertainty map, ``wsi-infer --tta``): the
+  maximum and mean over the component's cells of the test-time-augmentation views' standard
+  deviation.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from scipy.spatial.distance import pdist
 from skimage import measure
 
 from wsi_toolkit.annotations import Annotation, write_asap_xml, write_geojson
+from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.geometry import mask_to_polygons
 from wsi_toolkit.heatmap import Heatmap
 from wsi_toolkit.limits import check_fraction, check_number
@@ -52,6 +56,9 @@ class TumorRegion:
         Area in mm^2.
     longest_diameter_um : float
         Largest distance between two points of the region (convex hull vertices), um.
+    max_std, mean_std : float or None
+        Maximum and mean of the uncertainty map (the TTA views' standard deviation) over the
+        region's cells; None without one.
     """
 
     polygon_l0: shapely.Polygon | shapely.MultiPolygon
@@ -59,15 +66,20 @@ class TumorRegion:
     mean_prob: float
     area_mm2: float
     longest_diameter_um: float
+    max_std: float | None = None
+    mean_std: float | None = None
 
     def measurements(self) -> dict[str, float]:
         """QuPath-style measurements, as written to GeoJSON."""
-        return {
+        out = {
             "max_probability": self.max_prob,
             "mean_probability": self.mean_prob,
             "area_mm2": self.area_mm2,
             "longest_diameter_um": self.longest_diameter_um,
         }
+        if self.max_std is not None and self.mean_std is not None:
+            out.update(max_tta_std=self.max_std, mean_tta_std=self.mean_std)
+        return out
 
 
 def _longest_diameter_l0(geom: shapely.Geometry) -> float:
@@ -78,7 +90,8 @@ def _longest_diameter_l0(geom: shapely.Geometry) -> float:
     return float(pdist(xy).max())
 
 
-def tumor_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: float = 0.0) -> list[TumorRegion]:
+def tumor_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: float = 0.0,
+                  uncertainty: Heatmap | None = None) -> list[TumorRegion]:
     """Tumour regions: 8-connected components of predicted cells with ``prob >= threshold``.
 
     Parameters
@@ -88,6 +101,9 @@ def tumor_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: flo
         Probability in [0, 1] a cell needs to be tumour.
     min_area_um2 : float
         Regions smaller than this (um^2) are dropped.
+    uncertainty : Heatmap, optional
+        The uncertainty map on the same cells (TTA views' standard deviation): each region gets
+        its maximum and mean over the region's cells.
 
     Returns
     -------
@@ -96,6 +112,8 @@ def tumor_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: flo
     """
     check_fraction(threshold, "threshold")
     check_number(min_area_um2, "min_area_um2", bounds=(0.0, math.inf), unit="um^2")
+    if uncertainty is not None and uncertainty.shape_rc != heatmap.shape_rc:
+        raise ConfigError(f"uncertainty map {uncertainty.shape_rc} and heatmap {heatmap.shape_rc} differ in shape")
     mask = heatmap.predicted & (heatmap.prob >= np.float32(threshold))
     if not mask.any():
         return []
@@ -113,6 +131,7 @@ def tumor_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: flo
         if area_um2 < min_area_um2:
             continue
         cell_probs = heatmap.prob[r0:r1, c0:c1][component].astype(np.float64)
+        cell_std = None if uncertainty is None else uncertainty.prob[r0:r1, c0:c1][component].astype(np.float64)
         regions.append(
             TumorRegion(
                 polygon_l0=poly,
@@ -120,6 +139,8 @@ def tumor_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: flo
                 mean_prob=float(cell_probs.mean()),
                 area_mm2=area_um2 / 1e6,
                 longest_diameter_um=_longest_diameter_l0(poly) * l0_mpp,
+                max_std=None if cell_std is None else float(cell_std.max()),
+                mean_std=None if cell_std is None else float(cell_std.mean()),
             )
         )
     regions.sort(key=lambda reg: (-reg.max_prob, -reg.area_mm2))
@@ -144,7 +165,8 @@ def write_regions_geojson(path: str | os.PathLike[str], regions: list[TumorRegio
 
     Each region is a Feature with classification ``{"name": "Tumor"}``, name
     ``"Tumour region <i>"`` (1 = highest max probability), ``measurements`` (``max_probability``,
-    ``mean_probability``, ``area_mm2``, ``longest_diameter_um``) and, when ``slide_name`` is
+    ``mean_probability``, ``area_mm2``, ``longest_diameter_um``; with ``--tta`` also ``max_tta_std``,
+    ``mean_tta_std``) and, when ``slide_name`` is
     given, ``metadata: {"slide": slide_name}``. An empty list writes an empty collection.
 
     Feature ids are :func:`region_feature_id` (``uuid5`` of the slide name and region number), not

@@ -39,13 +39,14 @@ def csv_text(value: str) -> str:
     return "'" + value if value.startswith(_FORMULA_START) else value
 
 
-def write_tiles_csv(path: str | os.PathLike[str], grid: PatchGrid, probs_by_class: Mapping[str, np.ndarray]) -> None:
+def write_tiles_csv(path: str | os.PathLike[str], grid: PatchGrid, probs_by_class: Mapping[str, np.ndarray], *,
+                    extra_columns: Mapping[str, np.ndarray] | None = None) -> None:
     """Write one row per patch, in grid order, with WSInfer's columns.
 
     Columns: ``minx, miny, width, height`` -- the patch's top-left and size in level-0 px,
     rounded to integers (``np.rint``, half to even; patches at the slide border may start at
     a negative position) -- then ``prob_<class>`` for each class in the mapping's order, with 6
-    decimals.
+    decimals; then ``extra_columns`` by their own names (e.g. ``tta_std_tumor``), 6 decimals.
 
     Parameters
     ----------
@@ -53,11 +54,14 @@ def write_tiles_csv(path: str | os.PathLike[str], grid: PatchGrid, probs_by_clas
     grid : PatchGrid
     probs_by_class : mapping of str to array-like, float, (len(grid),)
         e.g. ``{"notumor": p0, "tumor": p1}``; values finite.
+    extra_columns : mapping of str to array-like, float, (len(grid),), optional
+        More per-patch columns, e.g. ``{"tta_std_tumor": std}``; values finite.
     """
     if not probs_by_class:
         raise ConfigError("probs_by_class is empty; pass at least one class, e.g. {'tumor': probs}")
     columns = []
-    for name, values in probs_by_class.items():
+    names = [f"prob_{name}" for name in probs_by_class] + list(extra_columns or {})
+    for name, values in [*probs_by_class.items(), *(extra_columns or {}).items()]:
         if not isinstance(name, str) or not name:
             raise ConfigError(f"class names must be non-empty strings; got {name!r}")
         arr = np.asarray(values, dtype=np.float64)
@@ -72,7 +76,7 @@ def write_tiles_csv(path: str | os.PathLike[str], grid: PatchGrid, probs_by_clas
     side = int(np.rint(grid.patch_l0))
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["minx", "miny", "width", "height", *(csv_text(f"prob_{name}") for name in probs_by_class)])
+    writer.writerow(["minx", "miny", "width", "height", *(csv_text(name) for name in names)])
     probs = np.column_stack(columns) if columns else np.zeros((len(grid), 0))
     for (x, y), row in zip(xy.tolist(), probs.tolist()):
         writer.writerow([x, y, side, side, *(f"{v:.6f}" for v in row)])

@@ -6,6 +6,7 @@
 - :mod:`.device`: device and precision (autocast bf16/fp16 on CUDA, fp32 on a CPU), the CPU graph
   path (frozen + oneDNN fusion), the CUDA batch size.
 - :mod:`.loop`: :func:`run_inference`, its config and result.
+- :mod:`.tta`: test-time augmentation: the views of a batch (flips, dihedral) and their mean and spread.
 
 Imports flow one way: this package imports :mod:`wsi_toolkit.runtime` and
 :mod:`wsi_toolkit.model_package`, neither imports it. So what they share is defined below and
@@ -28,7 +29,9 @@ from wsi_toolkit.inference.device import (
 )
 from wsi_toolkit.inference.loop import InferenceConfig, InferenceResult, probabilities, run_inference
 from wsi_toolkit.inference.reading import Block, PatchBlocks, cut_patches, plan_blocks, single_patch_blocks
+from wsi_toolkit.inference.tta import TTA_MODES, TtaMode, combine_views, make_views, n_views
 
-__all__ = ["CPU_BATCH_SIZE", "Block", "CpuGraph", "InferenceConfig", "InferenceResult", "PatchBlocks", "Precision",
-           "autocast_dtype", "batch_for_memory", "cpu_has_fast_bf16", "cuda_batch_size", "cut_patches", "plan_blocks",
-           "prepare_model", "probabilities", "resolve_device", "run_inference", "single_patch_blocks"]
+__all__ = ["CPU_BATCH_SIZE", "TTA_MODES", "Block", "CpuGraph", "InferenceConfig", "InferenceResult", "PatchBlocks",
+           "Precision", "TtaMode", "autocast_dtype", "batch_for_memory", "combine_views", "cpu_has_fast_bf16",
+           "cuda_batch_size", "cut_patches", "make_views", "n_views", "plan_blocks", "prepare_model", "probabilities",
+           "resolve_device", "run_inference", "single_patch_blocks"]

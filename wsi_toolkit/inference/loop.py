@@ -32,6 +32,7 @@ from wsi_toolkit.inference.device import (
     resolve_device,
 )
 from wsi_toolkit.inference.reading import PatchBlocks, plan_blocks, single_patch_blocks
+from wsi_toolkit.inference.tta import TTA_MODES, TtaMode, combine_views, make_views, n_views
 from wsi_toolkit.limits import check_int
 from wsi_toolkit.model_package.logits import probabilities
 from wsi_toolkit.model_package.preprocess import Preprocess
@@ -89,6 +90,11 @@ class InferenceConfig:
     ``nearest`` the level nearest the model's um/px, ``finer`` a level at least 2x finer shrunk with an
     antialiasing filter, ``level0`` level 0 (as WSInfer). It changes the pixels the model sees; the
     default was chosen by measurement on real-tissue mosaic slides (docs/frames.md, BENCHMARKS.md).
+    ``tta``: test-time augmentation (:mod:`~.tta`): ``"none"``, ``"flips"`` (4 views) or
+    ``"dihedral"`` (8 views); each patch's probabilities are the mean over its views and
+    :attr:`InferenceResult.probs_std` their spread. The slide is read once: each batch of
+    ``batch_size // views`` patches (at least 1) goes to the model as one batch of all its views,
+    so the model still sees about ``batch_size`` patches per forward pass.
     """
 
     batch_size: int | Literal["auto"] = "auto"
@@ -106,8 +112,11 @@ class InferenceConfig:
     ov_requests: int | None = 1
     ov_preprocess: Literal["graph", "torch"] = "graph"
     read_from: ReadFrom = "nearest"
+    tta: TtaMode = "none"
 
     def __post_init__(self) -> None:
+        if self.tta not in TTA_MODES:
+            raise ConfigError(f"tta must be {', '.join(TTA_MODES)}; got {self.tta!r}")
         if self.batch_size != "auto":
             check_int(self.batch_size, "batch_size (a number or 'auto')")
         if self.workers is not None:
@@ -159,7 +168,9 @@ class InferenceConfig:
 
 @dataclass
 class InferenceResult:
-    """Class probabilities per patch (patch order) and where the time went."""
+    """Class probabilities per patch (patch order) and where the time went. With test-time
+    augmentation ``probs`` is the mean over the views and ``probs_std`` their standard deviation
+    (float32 (N, num_classes)); None without."""
 
     probs: np.ndarray  # float32 (N, num_classes)
     device: str
@@ -173,6 +184,7 @@ class InferenceResult:
     batch_size: int
     extra: dict = field(default_factory=dict)
     runtime: dict = field(default_factory=dict)  # which runtime ran and what it changed (run.json "runtime")
+    probs_std: np.ndarray | None = None  # float32 (N, num_classes): spread over the TTA views
 
     @property
     def patches_per_s(self) -> float:
@@ -226,6 +238,7 @@ def run_inference(
     Patches are ``package.config.patch_size_pixels`` px at ``package.config.spacing_um_px``
     (a grid must have been made with that patch size and spacing). Returns class probabilities
     (:func:`probabilities`) in the patches' order; the reader thread count does not change them.
+    With ``config.tta`` each patch is predicted in every view (:mod:`~.tta`), read once.
     """
     t_start = time.perf_counter()
     device = resolve_device(config.device)
@@ -241,7 +254,8 @@ def run_inference(
     else:
         blocks = single_patch_blocks(patches, cfg.patch_size_pixels)
         n = len(blocks)
-    large = n >= 2 * config.nominal_batch_size()
+    views = n_views(config.tta)
+    large = n * views >= 2 * config.nominal_batch_size()
     runtime = "torch" if config.runtime == "auto" and not large and config.precision != "int8" else config.runtime
 
     def calibration():  # automatic: drawn only when the cache has no calibrated graph of this package
@@ -272,10 +286,20 @@ def run_inference(
     if config.batch_size == "auto" and device.type == "cuda" and n > batch_size:
         batch_size = cuda_batch_size(model, preprocess, device, amp_dtype, cfg.patch_size_pixels)
         log.info("batch size %d (auto: fills half the free GPU memory, at most 1024)", batch_size)
-    workers = config.n_workers(device) if n > config.nominal_batch_size() else 0
+    workers = config.n_workers(device) if n * views > config.nominal_batch_size() else 0
+    read_batch = max(1, batch_size // views)  # patches per forward pass, each in all its views
     reader = PatchBlocks(slide_path, blocks, patch_px=cfg.patch_size_pixels, spacing_um_px=cfg.spacing_um_px,
                          mpp=mpp, backend=backend, read_from=config.read_from)
     probs = np.zeros((n, cfg.num_classes if cfg.num_classes > 1 else 1), np.float32)
+    probs_std = np.zeros_like(probs) if views > 1 else None
+
+    def store(p: np.ndarray, index: torch.Tensor) -> None:
+        """Probabilities of a view-major batch of the patches ``index`` into ``probs``/``probs_std``."""
+        mean, std = combine_views(p, views)
+        i = index.numpy()
+        probs[i] = mean
+        if probs_std is not None:
+            probs_std[i] = std
     read_s = wait_s = model_s = 0.0
     bar = tqdm(total=n, desc=desc, unit="patch", disable=not config.progress or None, leave=False)
 
@@ -283,7 +307,7 @@ def run_inference(
         t0 = time.perf_counter()
         if device.type == "cuda":
             batch = batch.pin_memory()
-        x = preprocess(batch.to(device, non_blocking=True))
+        x = preprocess(make_views(batch.to(device, non_blocking=True), config.tta))
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         try:
@@ -296,15 +320,16 @@ def run_inference(
             raise
         except Exception as exc:  # noqa: BLE001 - one clear line instead of a TorchScript traceback
             raise ModelPackageError(
-                f"the model fails on a batch of {len(index)} patches ({type(exc).__name__}: {_last_line(exc)}); "
+                f"the model fails on a batch of {len(index) * views} patches "
+                f"({type(exc).__name__}: {_last_line(exc)}); "
                 "it passed the load check on one zero patch: check how it handles the batch dimension and "
                 "real pixels, or try --batch-size 1",
                 source=package.path) from None
-        _check_logits(logits, len(index), cfg.num_classes, package.path)
+        _check_logits(logits, len(index) * views, cfg.num_classes, package.path)
         p = probabilities(logits).cpu().numpy()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        probs[index.numpy()] = p
+        store(p, index)
         bar.update(len(index))
         return time.perf_counter() - t0
 
@@ -313,10 +338,10 @@ def run_inference(
         lock = threading.Lock()
 
         def on_logits(logits: torch.Tensor, index: torch.Tensor) -> None:  # OpenVINO's threads
-            _check_logits(logits, len(index), cfg.num_classes, package.path)
+            _check_logits(logits, len(index) * views, cfg.num_classes, package.path)
             p = probabilities(logits).numpy()
             with lock:
-                probs[index.numpy()] = p
+                store(p, index)
                 bar.update(len(index))
 
         pipelined = model.pipelined(on_logits)
@@ -324,7 +349,7 @@ def run_inference(
     def predict_async(batch: torch.Tensor, index: torch.Tensor) -> float:
         t0 = time.perf_counter()
         assert submit is not None
-        submit(preprocess(batch), index)  # waits only while every request is busy
+        submit(preprocess(make_views(batch, config.tta)), index)  # waits only while every request is busy
         return time.perf_counter() - t0
 
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -340,11 +365,11 @@ def run_inference(
             read_s += seconds
             pending.append((torch.from_numpy(patches_u8), torch.from_numpy(index)))
             n_pending += len(index)
-            # Blocks vary in size: re-batch to exactly batch_size patches per forward pass.
-            while n_pending >= batch_size:
+            # Blocks vary in size: re-batch to exactly read_batch patches (x views) per forward pass.
+            while n_pending >= read_batch:
                 batch, idx = torch.cat([b for b, _ in pending]), torch.cat([i for _, i in pending])
-                model_s += predict(batch[:batch_size], idx[:batch_size])
-                rest = (batch[batch_size:], idx[batch_size:])
+                model_s += predict(batch[:read_batch], idx[:read_batch])
+                rest = (batch[read_batch:], idx[read_batch:])
                 pending, n_pending = ([rest] if len(rest[1]) else []), len(rest[1])
             t_wait = time.perf_counter()
         if n_pending:
@@ -355,8 +380,9 @@ def run_inference(
     return InferenceResult(
         probs=probs, device=str(device), precision=precision, n_patches=n,
         seconds_total=time.perf_counter() - t_start, seconds_read=read_s, seconds_wait=wait_s,
-        seconds_model=model_s, workers=workers, batch_size=batch_size,
-        extra={"n_regions": len(blocks), "model_path": model.path, "seconds_model_setup": round(seconds_setup, 4),
+        seconds_model=model_s, workers=workers, batch_size=read_batch * views,
+        extra={"n_regions": len(blocks), **({"tta": config.tta, "tta_views": views} if views > 1 else {}),
+               "model_path": model.path, "seconds_model_setup": round(seconds_setup, 4),
                **{f"runtime_{k}": v for k, v in choice.stats.items()}},
-        runtime={**choice.info, "precision": precision},
+        runtime={**choice.info, "precision": precision}, probs_std=probs_std,
     )

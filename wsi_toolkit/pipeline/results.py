@@ -66,7 +66,7 @@ def finished(out_dir: Path) -> RunRecord | None:
     except RunRecordError as exc:
         log.debug("%s", exc)
         return None
-    if run.status != "ok" or not all((out_dir / f).is_file() for f in OUTPUT_FILES):
+    if run.status != "ok" or not all((out_dir / f).is_file() for f in {*OUTPUT_FILES, *run.outputs}):
         return None
     return run
 

@@ -108,7 +108,8 @@ class SlideEntry:
 
 @dataclass
 class SlideView:
-    """An entry opened: tiles (None with ``error`` when the slide cannot be read), heatmap, regions."""
+    """An entry opened: tiles (None with ``error`` when the slide cannot be read), heatmap, regions and,
+    for a ``wsi-infer --tta`` run, the uncertainty map (``uncertainty.tif``, on the heatmap's predicted cells)."""
 
     entry: SlideEntry
     tiles: TileSource | None
@@ -119,6 +120,8 @@ class SlideView:
     heatmap_error: str | None = None
     regions: list[dict[str, Any]] | None = None
     regions_error: str | None = None
+    uncertainty: Heatmap | None = None
+    uncertainty_error: str | None = None
     _info: dict[str, Any] | None = field(default=None, repr=False)
 
     def info(self) -> dict[str, Any]:
@@ -129,6 +132,10 @@ class SlideView:
             if self.heatmap is not None:
                 hm = {"shape_rc": list(self.heatmap.shape_rc), "cell_l0": self.heatmap.cell_l0,
                       "mpp": self.heatmap.mpp, "png": heatmap_png_data_url(self.heatmap)}
+            unc = None
+            if self.uncertainty is not None:
+                unc = {"shape_rc": list(self.uncertainty.shape_rc), "cell_l0": self.uncertainty.cell_l0,
+                       "mpp": self.uncertainty.mpp, "png": heatmap_png_data_url(self.uncertainty)}
             threshold = None
             if rec is not None:
                 threshold = _float((rec.settings.get("run") or {}).get("threshold"))
@@ -141,6 +148,7 @@ class SlideView:
                 "error": self.error, "status": e.status,
                 "slide_score": e.slide_score, "tumor_area_mm2": e.tumor_area_mm2, "threshold": threshold,
                 "heatmap": hm, "heatmap_error": self.heatmap_error,
+                "uncertainty": unc, "uncertainty_error": self.uncertainty_error,
                 "regions": self.regions, "regions_error": self.regions_error,
             }
         return self._info
@@ -152,7 +160,8 @@ class SlideView:
 
 def heatmap_png_data_url(heatmap: Heatmap) -> str:
     """The heatmap as a ``data:image/png`` URL, one pixel per cell, mode LA: L = round(prob * 255)
-    (as heatmap.tif stores it), A = 255 where predicted, 0 elsewhere."""
+    (as heatmap.tif stores it), A = 255 where predicted, 0 elsewhere. The uncertainty map the same way:
+    L = round(std * 255), as uncertainty.tif stores it."""
     grey = np.rint(np.clip(heatmap.prob.astype(np.float64), 0, 1) * 255).astype(np.uint8)
     alpha = np.where(heatmap.predicted, 255, 0).astype(np.uint8)
     buf = io.BytesIO()
@@ -344,6 +353,19 @@ def read_results_heatmap(results_dir: Path, record: RunRecord) -> Heatmap:
     return Heatmap(prob=heat.prob, predicted=predicted, cell_l0=heat.cell_l0, l0_mpp=heat.l0_mpp, merge=heat.merge)
 
 
+def read_results_uncertainty(results_dir: Path, heatmap: Heatmap) -> Heatmap:
+    """``uncertainty.tif`` of a results folder (``wsi-infer --tta``), on ``heatmap``'s predicted cells
+    (its zeros are as ambiguous as heatmap.tif's; the two were stitched from the same patches)."""
+    from wsi_toolkit.export import UNCERTAINTY_TIFF_CONTENT, read_heatmap_tiff
+
+    unc = read_heatmap_tiff(_results_file(results_dir, "uncertainty.tif"), content=UNCERTAINTY_TIFF_CONTENT)
+    if unc.shape_rc != heatmap.shape_rc or unc.cell_l0 != heatmap.cell_l0:
+        raise ViewerError(f"{results_dir}: uncertainty.tif ({unc.shape_rc}, cell {unc.cell_l0}) does not match "
+                          f"heatmap.tif ({heatmap.shape_rc}, cell {heatmap.cell_l0})")
+    return Heatmap(prob=unc.prob, predicted=heatmap.predicted, cell_l0=unc.cell_l0, l0_mpp=unc.l0_mpp,
+                   merge=unc.merge)
+
+
 def _predicted_from_tiles(path: Path, record: RunRecord, shape_rc: tuple[int, int]) -> np.ndarray:
     grid = record.grid
     with path.open(encoding="utf-8") as fh:
@@ -425,4 +447,9 @@ def open_view(entry: SlideEntry) -> SlideView:
             view.regions = read_regions(_results_file(entry.results_dir, "tumor.geojson"))
         except (WsiToolkitError, OSError) as exc:
             view.regions_error = one_line(exc)
+        if "uncertainty.tif" in rec.outputs and view.heatmap is not None:
+            try:
+                view.uncertainty = read_results_uncertainty(entry.results_dir, view.heatmap)
+            except (WsiToolkitError, OSError) as exc:
+                view.uncertainty_error = one_line(exc)
     return view

@@ -60,10 +60,12 @@ def static_files() -> dict[str, Path]:
 
 
 def slides_payload(catalogue: Catalogue) -> dict[str, Any]:
-    """``data/slides.json``: the slide list and the overlay's colour map (256 RGB entries)."""
-    from wsi_toolkit.export.overlay import INFERNO_LUT
+    """``data/slides.json``: the slide list, the overlay's colour map (256 RGB entries) and the uncertainty
+    panel's (viridis over 0..``max`` standard deviation)."""
+    from wsi_toolkit.export.overlay import INFERNO_LUT, UNCERTAINTY_MAX, VIRIDIS_LUT
 
-    return {"slides": catalogue.summary(), "colormap": {"name": "inferno", "lut": INFERNO_LUT.tolist()}}
+    return {"slides": catalogue.summary(), "colormap": {"name": "inferno", "lut": INFERNO_LUT.tolist()},
+            "uncertainty_colormap": {"name": "viridis", "lut": VIRIDIS_LUT.tolist(), "max": UNCERTAINTY_MAX}}
 
 
 def js_payload(key: str, payload: Any) -> str:

@@ -1,5 +1,6 @@
 /* wsi-view page: the slide (Deep Zoom tiles), its heatmap drawn on the same Deep Zoom grid, the tumour
- * regions as outlines, the slide list and the region list.
+ * regions as outlines, the slide list and the region list; for a wsi-infer --tta run also the uncertainty
+ * map (the views' standard deviation, uncertainty.tif) as a third layer on the same grid, off by default.
  *
  * Data comes as script files calling wsiViewData(key, payload) (data/slides.js, data/<id>/info.js), so the
  * same page works from the wsi-view server, any static web server and a folder opened from disk.
@@ -16,6 +17,7 @@
   const state = {
     slides: [], lut: null, index: -1, info: null, viewer: null, slideItem: null, heatItem: null,
     heat: null, threshold: 0, opacity: 0.5, heatOn: true, regionsOn: true, region: -1, hover: -1,
+    unc: null, uncItem: null, uncOn: false, uncLut: null, uncMax: 0.5,
     tileLog: [], tileErrors: 0, messages: [], levels: null, loadSeq: 0, pending: 0, loading: false,
   };
 
@@ -92,9 +94,17 @@
   /** One heatmap tile as a canvas context: the LUT colour of each pixel's cell, transparent where the cell
    * was not predicted or is below the threshold. */
   function renderHeatTile(level, col, row) {
+    return renderCells(state.heat, (v) => state.lut[v], Math.round(state.threshold * 255), level, col, row);
+  }
+  /** One uncertainty tile: each predicted cell's standard deviation (x 255) in the viridis LUT over
+   * 0..uncMax (as overlay.png's uncertainty panel); no threshold. */
+  function renderUncTile(level, col, row) {
+    return renderCells(state.unc, (v) => state.uncLut[Math.min(255, Math.round(v / state.uncMax))], 0,
+      level, col, row);
+  }
+  function renderCells(hm, colour, thr, level, col, row) {
     const [zx, zy, zw, zh] = tileBox(level, col, row);
     const d = Math.pow(2, state.levels.length - 1 - level);
-    const hm = state.heat, lut = state.lut, thr = Math.round(state.threshold * 255);
     const canvas = document.createElement('canvas');
     canvas.width = zw; canvas.height = zh;
     const ctx = canvas.getContext('2d', { willReadFrequently: true });
@@ -114,7 +124,7 @@
         const k = base + c;
         const v = hm.value[k];
         if (!hm.predicted[k] || v < thr) continue;
-        const o = 4 * (j * zw + i), rgb = lut[v];
+        const o = 4 * (j * zw + i), rgb = colour(v);
         out[o] = rgb[0]; out[o + 1] = rgb[1]; out[o + 2] = rgb[2]; out[o + 3] = 255;
       }
     }
@@ -122,24 +132,24 @@
     return ctx;
   }
 
-  function heatmapTileSource(info) {
+  function heatmapTileSource(info, layer = 'heatmap', render = renderHeatTile) {
     const s = info.slide;
     const src = new OpenSeadragon.TileSource({
       width: s.width, height: s.height, tileSize: s.tile_size, tileOverlap: s.overlap,
       minLevel: 0, maxLevel: state.levels.length - 1,
     });
-    const key = 'heatmap:' + info.id + ':';
+    const key = layer + ':' + info.id + ':';
     src.getTileUrl = (level, x, y) => key + level + '/' + x + '_' + y;
     src.getTileHashKey = (level, x, y) => key + level + '/' + x + '_' + y;
     src.hasTransparency = () => true;
     src.downloadTileStart = (job) => {
       const t = job.tile;
       try {
-        const ctx = renderHeatTile(t.level, t.x, t.y);
-        state.tileLog.push({ layer: 'heatmap', level: t.level, x: t.x, y: t.y, w: ctx.canvas.width, h: ctx.canvas.height });
+        const ctx = render(t.level, t.x, t.y);
+        state.tileLog.push({ layer, level: t.level, x: t.x, y: t.y, w: ctx.canvas.width, h: ctx.canvas.height });
         job.finish(ctx, null, 'context2d');
       } catch (err) {
-        job.fail('heatmap tile: ' + err.message, null);
+        job.fail(layer + ' tile: ' + err.message, null);
       }
     };
     src.downloadTileAbort = () => {};
@@ -321,9 +331,11 @@
     }
     if (seq !== state.loadSeq) return;
     state.info = info;
-    state.region = -1; state.hover = -1; state.tileErrors = 0; state.heat = null;
+    state.region = -1; state.hover = -1; state.tileErrors = 0; state.heat = null; state.unc = null;
     setMessages([info.error, info.heatmap_error && 'heatmap: ' + info.heatmap_error,
-      info.regions_error && 'regions: ' + info.regions_error]);
+      info.regions_error && 'regions: ' + info.regions_error,
+      info.uncertainty_error && 'uncertainty: ' + info.uncertainty_error]);
+    $('uncertainty-control').hidden = !info.uncertainty;
     $('synthetic').hidden = !info.synthetic;
     $('synthetic').title = info.synthetic ? 'SYNTHETIC ' + info.synthetic_parts.join(' and ') +
       ': not patient data / not a trained classifier' : '';
@@ -332,13 +344,17 @@
     buildOutlines();
     if (!info.slide.width) {
       state.viewer.close();
-      state.slideItem = state.heatItem = null;
+      state.slideItem = state.heatItem = state.uncItem = null;
       state.loading = false;
       return;
     }
     state.levels = levelDims(info.slide.width, info.slide.height);
     if (info.heatmap) {
       try { state.heat = await decodeHeatmap(info.heatmap); } catch (err) { addMessage('heatmap: ' + err.message); }
+      if (seq !== state.loadSeq) return;
+    }
+    if (state.heat && info.uncertainty) {
+      try { state.unc = await decodeHeatmap(info.uncertainty); } catch (err) { addMessage('uncertainty: ' + err.message); }
       if (seq !== state.loadSeq) return;
     }
     const s = info.slide;
@@ -352,7 +368,12 @@
       x: 0, y: 0, width: 1,
     }];
     if (state.heat) sources.push({ tileSource: heatmapTileSource(info), x: 0, y: 0, width: 1, opacity: state.heatOn ? state.opacity : 0 });
-    state.slideItem = state.heatItem = null;
+    if (state.unc) {
+      // preload: its tiles are drawn while it is hidden (off by default), so switching it on is instant
+      sources.push({ tileSource: heatmapTileSource(info, 'uncertainty', renderUncTile), x: 0, y: 0, width: 1,
+        opacity: state.uncOn ? state.opacity : 0, preload: true });
+    }
+    state.slideItem = state.heatItem = state.uncItem = null;
     state.viewer.open(sources);
   }
 
@@ -372,6 +393,12 @@
     $('opacity').value = String(state.opacity);
     $('opacity-value').textContent = state.opacity.toFixed(2);
     if (state.heatItem) state.heatItem.setOpacity(state.heatOn ? state.opacity : 0);
+    if (state.uncItem) state.uncItem.setOpacity(state.uncOn ? state.opacity : 0);
+  }
+  function setUncertaintyOn(on) {
+    state.uncOn = on;
+    $('uncertainty-on').checked = on;
+    setOpacity(state.opacity);
   }
   function setHeatOn(on) {
     state.heatOn = on;
@@ -393,6 +420,7 @@
       n: () => loadSlide(state.index + 1), p: () => loadSlide(state.index - 1),
       ']': () => selectRegion(state.region + 1, true), '[': () => selectRegion(state.region - 1, true),
       h: () => setHeatOn(!state.heatOn), o: () => setRegionsOn(!state.regionsOn),
+      u: () => setUncertaintyOn(!state.uncOn),
       0: () => state.viewer.viewport.goHome(), Home: () => state.viewer.viewport.goHome(),
       '?': () => { $('help').hidden = !$('help').hidden; },
     };
@@ -411,6 +439,7 @@
     viewer.addHandler('open', () => {
       state.slideItem = viewer.world.getItemAt(0);
       state.heatItem = viewer.world.getItemCount() > 1 ? viewer.world.getItemAt(1) : null;
+      state.uncItem = viewer.world.getItemCount() > 2 ? viewer.world.getItemAt(2) : null;
       state.loading = false;
       updateOutlineTransform(); updateScaleBar();
     });
@@ -428,6 +457,10 @@
       }
     });
     viewer.addHandler('tile-invalidated', async (e) => {
+      if (state.uncItem && e.tiledImage === state.uncItem && state.unc) {
+        await e.setData(renderUncTile(e.tile.level, e.tile.x, e.tile.y), 'context2d');
+        return;
+      }
       if (!state.heatItem || e.tiledImage !== state.heatItem || !state.heat) return;
       await e.setData(renderHeatTile(e.tile.level, e.tile.x, e.tile.y), 'context2d');
     });
@@ -471,6 +504,7 @@
     $('threshold').addEventListener('input', (e) => setThreshold(e.target.value, true));
     $('heatmap-on').addEventListener('change', (e) => setHeatOn(e.target.checked));
     $('regions-on').addEventListener('change', (e) => setRegionsOn(e.target.checked));
+    $('uncertainty-on').addEventListener('change', (e) => setUncertaintyOn(e.target.checked));
     $('help-button').addEventListener('click', () => { $('help').hidden = !$('help').hidden; });
     let data;
     try {
@@ -481,6 +515,9 @@
     }
     state.slides = data.slides;
     state.lut = data.colormap.lut;
+    if (data.uncertainty_colormap) {
+      state.uncLut = data.uncertainty_colormap.lut; state.uncMax = data.uncertainty_colormap.max;
+    }
     drawLegend();
     buildSlideList();
     const want = decodeURIComponent((location.hash.match(/slide=([^&]*)/) || [])[1] || '');
@@ -488,6 +525,8 @@
     await loadSlide(start);
   }
 
-  window.wsiView = { state, loadSlide, selectRegion, setThreshold, setOpacity, setHeatOn, setRegionsOn, isIdle, tileBox };
+  window.wsiView = {
+    state, loadSlide, selectRegion, setThreshold, setOpacity, setHeatOn, setRegionsOn, setUncertaintyOn, isIdle, tileBox,
+  };
   main();
 })();
