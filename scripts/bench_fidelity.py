@@ -30,6 +30,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import shutil
 import sys
 import time
@@ -247,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--forms", nargs="+", default=list(FORMS), choices=list(FORMS))
     ap.add_argument("--read-from", nargs="+", default=["nearest", "finer", "level0"],
                     choices=["nearest", "finer", "level0"])
-    ap.add_argument("--wsi-infer-args", nargs="*", default=[], help="extra wsi-infer options (e.g. --runtime torch)")
+    ap.add_argument("--wsi-infer-args", default="", help="extra wsi-infer options, one quoted string (e.g. "
+                    "'--runtime torch')")
     ap.add_argument("--wsinfer", default=None, help="a WSInfer 0.6.x `wsinfer` executable (its own venv)")
     args = ap.parse_args(argv)
 
@@ -282,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(out, ignore_errors=True)
             m = run_measured([str(bin_dir / "wsi-infer"), str(slide), "--model", str(args.package), "--out", str(out),
                               "--read-from", read_from, "--no-progress", "--cache-dir", str(args.out / "cache"),
-                              *args.wsi_infer_args])
+                              *shlex.split(args.wsi_infer_args)])
             row: dict = {"form": name, "path": f"wsi-infer --read-from {read_from}", "level_read": level,
                          "returncode": m["returncode"], "seconds_wall": round(m["seconds"], 2)}
             run_json = out / slide.stem / "run.json"
