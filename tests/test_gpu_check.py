@@ -1,5 +1,6 @@
 """``scripts/gpu_check.sh OUT --dry-run-cpu``: the GPU check's every step, on the CPU with tiny sizes,
-so the script a GPU machine runs once cannot fail on a typo (slow: a few minutes on 2 cores)."""
+so the script a GPU machine runs once cannot fail on a typo (slow: a few minutes on 2 cores); and
+the nvidia-smi sampler it uses (``scripts/bench_harness.py``) on a stand-in nvidia-smi."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +67,34 @@ def test_dry_run_summary_has_every_model_size_and_stride(dry_run):
     assert train["device"] == "cpu" and train["train_images"] > 0 and train["train_images_per_s"] > 0
     assert train["synthetic_data"] is True
     assert summary["targets"] is None  # the aims are judged on a GPU only
+
+
+def test_gpu_sampler_reads_one_nvidia_smi_stream(tmp_path, monkeypatch):
+    """GpuSampler parses the ``-lms`` stream of a stand-in nvidia-smi: the mean counts from the
+    first busy sample (start-up idle excluded), the memory maximum over all samples."""
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\nprintf '0, 500\\n0, 600\\n50, 900\\n100, 1000\\n30, 700\\nnot a sample\\n'\n"
+                    "exec sleep 30\n")  # exec: one process, as nvidia-smi is, which the sampler ends
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from bench_harness import GpuSampler
+
+    with GpuSampler(period_ms=200) as sampler:
+        deadline = time.monotonic() + 10
+        while len(sampler.samples) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    got = sampler.summary()
+    assert got["gpu_samples"] == 5
+    assert got["gpu_util_mean_pct"] == 60.0  # (50 + 100 + 30) / 3
+    assert got["gpu_util_max_pct"] == 100 and got["gpu_mem_max_mib"] == 1000
+
+
+def test_gpu_sampler_without_nvidia_smi_gives_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no nvidia-smi there
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    from bench_harness import GpuSampler
+
+    with GpuSampler() as sampler:
+        pass
+    assert sampler.summary() == {}
