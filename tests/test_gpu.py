@@ -128,11 +128,16 @@ def test_cuda_heatmap_equals_fp32_cpu(slide, resnet_package, model_dir, cpu_heat
         assert ((a[on] >= 0.5) != (b[on] >= 0.5)).mean() <= AMP_FLIPS
 
 
+@pytest.fixture(scope="module")
+def cpu_probs(slide, grid_xy, resnet_package):
+    return _infer(slide, grid_xy, resnet_package, "cpu", "fp32")
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16", "auto"])
-def test_autocast_precisions_run_and_stay_close_to_fp32(slide, grid_xy, resnet_package, precision):
+def test_autocast_precisions_run_and_stay_close_to_fp32(slide, grid_xy, resnet_package, cpu_probs, precision):
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         pytest.skip("this GPU has no bf16")
-    ref = _infer(slide, grid_xy, resnet_package, "cpu", "fp32")
+    ref = cpu_probs
     got = _infer(slide, grid_xy, resnet_package, "cuda", precision)
     want = _amp_dtype_name() if precision == "auto" else precision
     assert got.precision == want and got.device.startswith("cuda")
