@@ -161,6 +161,8 @@ def model_only(pkg_dir: Path, device: str, precision: str, batch_size: int | str
            "model_patches_per_s": round(n_batches * int(batch_size) / elapsed, 1)}
     if cuda:
         rec["gpu_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        del x, model, pkg
+        torch.cuda.empty_cache()  # the wsi-infer runs after it find the GPU's memory free again
     return rec
 
 
