@@ -9,6 +9,11 @@ What it measures (one JSON line each):
   timed runs start warm): seconds, patches/s, reading vs model split and the runtime that ran (from
   run.json), peak RSS and PSS of the process tree.
 - ``precision``: bf16 (and with OpenVINO int8) against fp32 on the same patches, per runtime.
+- ``model_only`` (``--only model``): each package's model alone on uint8 batches already on the
+  device (preprocessing, channels_last, autocast as wsi-infer runs them; no reading): patches/s and,
+  on CUDA, the peak memory torch allocated. With ``--device cuda`` the ``wsi_infer`` rows also carry
+  GPU utilisation and memory sampled by nvidia-smi every 0.2 s, and ``seconds_wait_for_reads`` (the
+  loop, hence the GPU, waiting for patches) from run.json.
 - with ``--wsinfer BIN``: WSInfer 0.6.x on the same slide and package (its default settings unless
   ``--wsinfer-args``) at ``--wsinfer-strides``, and the ratio.
 
@@ -20,7 +25,7 @@ repository root:
     python scripts/bench_infer.py [--data bench_data] [--tissue-mm2 40] [--strides 96 32]
         [--precision auto fp32 bf16 int8] [--runtime auto torch openvino] [--device cpu|cuda] [--workers N]
         [--batch-size N] [--cache-dir DIR] [--wsinfer-strides 96 32]
-        [--only floor read infer wsinfer precision readers infer-readers] [--wsinfer PATH/TO/wsinfer]
+        [--only floor read infer wsinfer precision readers infer-readers model] [--wsinfer PATH/TO/wsinfer]
         [--slide EXISTING.tif] [--reader-designs threads dataloader slots] [--reader-rounds 5]
 """
 
@@ -100,6 +105,77 @@ def precision_diff(slide_path: Path, n: int, device: str, batch_size: int, worke
     return rec
 
 
+def model_only(pkg_dir: Path, device: str, precision: str, batch_size: int | str, *, seconds: float = 5.0,
+               max_batches: int | None = None) -> dict:
+    """The model alone, as ``wsi-infer`` runs it but without reading: uint8 batches already on the
+    device go through the package's preprocessing (resize, normalise) and the model in
+    channels_last under autocast (CUDA; :func:`wsi_toolkit.inference.prepare_model`), with the
+    batch size ``wsi-infer`` would take (``auto``: the memory probe on CUDA). Patches/s over
+    ``seconds`` (or ``max_batches``) after two warm-up batches; on CUDA the peak memory torch
+    allocated (``torch.cuda.max_memory_allocated``). An upper bound for the end-to-end rate."""
+    import torch
+
+    from wsi_toolkit.inference import CPU_BATCH_SIZE, autocast_dtype, cuda_batch_size, prepare_model, resolve_device
+    from wsi_toolkit.model_package import Preprocess, load_model_package
+
+    dev = resolve_device(device)
+    pkg = load_model_package(pkg_dir, device=dev)
+    amp = autocast_dtype(dev, precision)  # type: ignore[arg-type]
+    model = prepare_model(pkg.model, dev, amp_dtype=amp, optimize=True)
+    preprocess = Preprocess(pkg.config).to(dev)
+    px = pkg.config.patch_size_pixels
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(dev)
+    with torch.inference_mode(), model:
+        if batch_size == "auto":
+            batch_size = cuda_batch_size(model, preprocess, dev, amp, px) if cuda else CPU_BATCH_SIZE
+        gen = torch.Generator(device=dev).manual_seed(0)
+        x = torch.randint(0, 256, (int(batch_size), px, px, 3), dtype=torch.uint8, device=dev, generator=gen)
+
+        def step() -> None:
+            y = preprocess(x)
+            if cuda:
+                y = y.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device_type=dev.type, dtype=amp or torch.float32, enabled=amp is not None):
+                model(y).float().softmax(1)
+
+        for _ in range(2):
+            step()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        n_batches, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds and (max_batches is None or n_batches < max_batches):
+            step()
+            n_batches += 1
+            if cuda and n_batches % 8 == 0:
+                torch.cuda.synchronize(dev)
+        if cuda:
+            torch.cuda.synchronize(dev)
+        elapsed = time.perf_counter() - t0
+    rec = {"bench": "model_only", "package": str(pkg_dir), "architecture": pkg.config.architecture,
+           "input_px": _input_px(pkg_dir), "device": str(dev), "precision": {None: "fp32", torch.bfloat16: "bf16",
+                                                                           torch.float16: "fp16"}[amp],
+           "model_format": pkg.format, "model_path": model.path, "batch_size": int(batch_size),
+           "batches": n_batches, "seconds": round(elapsed, 3),
+           "model_patches_per_s": round(n_batches * int(batch_size) / elapsed, 1)}
+    if cuda:
+        rec["gpu_peak_allocated_mib"] = round(torch.cuda.max_memory_allocated(dev) / 2**20, 1)
+        del x, model, pkg
+        torch.cuda.empty_cache()  # the wsi-infer runs after it find the GPU's memory free again
+    return rec
+
+
+def _input_px(pkg_dir: Path) -> int:
+    """The model's input px: the package's Resize size, else its patch size."""
+    cfg = json.loads((pkg_dir / "config.json").read_text())
+    size = cfg["patch_size_pixels"]
+    for step in cfg["transform"]:
+        if step["name"] == "Resize":
+            size = int(step["arguments"]["size"])
+    return size
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("bench_data"))
@@ -126,8 +202,13 @@ def main() -> int:
                     help="patches for the bf16-vs-fp32 probability comparison (part 'precision'; 0 = skip)")
     ap.add_argument("--skip-infer", action="store_true", help="only the decode floor and the reader")
     ap.add_argument("--only", nargs="+", default=None,
-                    choices=["floor", "read", "infer", "wsinfer", "precision", "readers", "infer-readers"],
-                    help="run only these parts (default: all but readers and infer-readers; wsinfer needs --wsinfer)")
+                    choices=["floor", "read", "infer", "wsinfer", "precision", "readers", "infer-readers", "model"],
+                    help="run only these parts (default: all but readers, infer-readers and model; wsinfer needs "
+                         "--wsinfer)")
+    ap.add_argument("--model-seconds", type=float, default=5.0,
+                    help="part model: seconds each package's model runs alone (after warm-up)")
+    ap.add_argument("--model-batches", type=int, default=None,
+                    help="part model: at most this many timed batches (tiny runs on a CPU)")
     ap.add_argument("--reader-designs", nargs="+", choices=list(READER_DESIGNS), default=list(READER_DESIGNS),
                     help="part readers: reader designs compared, alone (--read-workers, --strides), interleaved; "
                          "part infer-readers: one wsi-infer run per design (--strides, --workers)")
@@ -162,10 +243,7 @@ def main() -> int:
         print(json.dumps({"made_slide": str(slide), "seconds": round(time.perf_counter() - t, 1)}), flush=True)
     pkgs = {}
     if args.model is not None:
-        size = json.loads((args.model / "config.json").read_text())["patch_size_pixels"]
-        for step in json.loads((args.model / "config.json").read_text())["transform"]:
-            if step["name"] == "Resize":
-                size = int(step["arguments"]["size"])
+        size = _input_px(args.model)
         args.input_size = [size]
         pkgs[size] = args.model
     for size in args.input_size if args.model is None else []:
@@ -217,6 +295,11 @@ def main() -> int:
         for runtime in ["torch", *(["openvino"] if with_ov else [])]:
             print(json.dumps(precision_diff(slide, args.precision_diff, args.device, args.batch_size, workers,
                                             runtime=runtime, cache_dir=cache_dir)), flush=True)
+    if "model" in parts:
+        for size in args.input_size:
+            for precision in args.precision:
+                print(json.dumps(model_only(pkgs[size], args.device, precision, args.batch_size,
+                                            seconds=args.model_seconds, max_batches=args.model_batches)), flush=True)
     for size, runtime, precision in sorted({(r[0], r[1], r[2]) for r in runs}):
         rec = prepare_runtime(slide, pkgs[size], runtime, precision, args.device, cache_dir)
         if rec is not None:
@@ -301,14 +384,16 @@ def run_wsi_infer(exe: str | None, slide: Path, pkg: Path, data: Path, size: int
            "stride_px": stride, "precision": precision, "runtime": runtime or "auto", "loadavg": loadavg(),
            "runtime_ran": ran.get("runtime"), "precision_ran": ran.get("precision"),
            **({"fallback": ran["fallback"]} if ran.get("fallback") else {}),
-           "device": args.device, "batch_size": args.batch_size,
-           "returncode": m["returncode"], "seconds_wall": round(m["seconds"], 2),
+           "device": args.device, "batch_size": args.batch_size, "batch_size_ran": timings.get("batch_size"),
+           "package": str(pkg), "returncode": m["returncode"], "seconds_wall": round(m["seconds"], 2),
            "peak_rss_mb": m["peak_rss_mb"], "peak_pss_mb": m["peak_pss_mb"], **{k: timings.get(k) for k in (
                "n_patches", "patches_per_s", "seconds_total", "seconds_read_cpu",
                "seconds_wait_for_reads", "seconds_model", "precision", "workers", "model_path")}}
     if timings.get("n_patches"):
         rec["read_ms_per_patch"] = round(1000 * timings["seconds_read_cpu"] / timings["n_patches"], 4)
         rec["end_to_end_patches_per_s"] = round(timings["n_patches"] / m["seconds"], 1)
+        if timings.get("seconds_model"):  # preprocessing + forward, with the copy to the device
+            rec["model_stage_patches_per_s"] = round(timings["n_patches"] / timings["seconds_model"], 1)
     rec.update({k: v for k, v in m.items() if k.startswith("gpu_")})
     if variant:
         rec["variant"] = variant
