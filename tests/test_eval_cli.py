@@ -184,3 +184,19 @@ def test_errors_exit_2(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert eval_main(["--results", str(tmp_path / "empty"), "--annotations", str(tmp_path / "ann")]) == 2
     assert eval_main(["--help"]) == 0
+
+
+def test_slides_csv_guards_formula_names(tmp_path):
+    # a slide named like a spreadsheet formula is text in slides.csv (as in wsi-infer's summary.csv)
+    results, ann = tmp_path / "results", tmp_path / "ann"
+    results.mkdir()
+    ann.mkdir()
+    (results / "=cmd.csv").write_text("0.3,100,100\n")
+    (results / "plain.csv").write_text("0.6,100,100\n")
+    assert eval_main(["--results", str(results), "--annotations", str(ann), "--out", str(tmp_path / "e"),
+                      "--mpp", "0.25"]) == 0
+    text = (tmp_path / "e" / "slides.csv").read_text(encoding="utf-8")
+    with open(tmp_path / "e" / "slides.csv", newline="", encoding="utf-8") as f:
+        slides = [r["slide"] for r in csv.DictReader(f)]
+    assert sorted(slides) == ["'=cmd", "plain"]
+    assert "\n=" not in text and ",=" not in text

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, cast
 
@@ -165,12 +166,29 @@ def grid_settings(package: ModelPackage, config: RunConfig) -> tuple[GridConfig,
     return grid, merge
 
 
+def _with_reader_mpp(settings: RunConfig, reader: SlideReader) -> RunConfig:
+    """``settings`` with the mpp override of a reader opened with one (``mpp_source == "override"``), so
+    every later reader of the slide and ``run.json`` use it; a different ``settings.mpp_override`` is an
+    error rather than a silent choice."""
+    if reader.mpp_source != "override":
+        return settings
+    l0_mpp = float(reader.mpp)
+    if settings.mpp_override is not None and not math.isclose(settings.mpp_override, l0_mpp, rel_tol=1e-9):
+        raise ConfigError(f"{reader.path} was opened with mpp {l0_mpp:g} um/px (open_slide(..., mpp=...)) but "
+                          f"settings.mpp_override is {settings.mpp_override:g}; pass one of them, or the same value")
+    return replace(settings, mpp_override=l0_mpp)
+
+
 def analyse_slide(slide: str | Path | SlideReader, package: ModelPackage | str | Path,
                   settings: RunConfig | None = None) -> SlideAnalysis:
     """Find tissue, classify its patches and stitch the heatmap of one slide; writes nothing.
 
     ``slide``: a slide file, or an open :class:`~wsi_toolkit.slide.SlideReader` (its file is
-    read again by the patch reader). ``package``: a loaded package or its folder.
+    read again by the patch reader). A reader opened with an mpp override
+    (``open_slide(path, mpp=0.25)``) gives the analysis that override: thumbnail, grid, patch reader,
+    INT8 calibration and ``run.json`` all use it, as with ``settings.mpp_override`` (a different
+    ``settings.mpp_override`` is a :class:`~wsi_toolkit.errors.ConfigError`).
+    ``package``: a loaded package or its folder.
     Raises a :class:`~wsi_toolkit.errors.WsiToolkitError` subclass when the slide or package is
     unusable (e.g. :class:`~wsi_toolkit.errors.NoPatchesError` when no tissue is found).
     """
@@ -181,6 +199,7 @@ def analyse_slide(slide: str | Path | SlideReader, package: ModelPackage | str |
     backend: Backend
     if isinstance(slide, SlideReader):
         slide_path, backend = Path(slide.path), cast(Backend, slide.backend)
+        settings = _with_reader_mpp(settings, slide)
     else:
         slide_path, backend = Path(slide), cast(Backend, settings.backend)
     grid_cfg, merge = grid_settings(package, settings)

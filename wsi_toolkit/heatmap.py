@@ -45,7 +45,8 @@ from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.limits import check_number
 from wsi_toolkit.tiling import PatchGrid
 
-__all__ = ["MergeMode", "MERGE_MODES", "Heatmap", "stitch", "uncertainty_summary", "UNCERTAIN_STD", "UNCERTAIN_MARGIN"]
+__all__ = ["MergeMode", "MERGE_MODES", "Heatmap", "stitch", "paint_cells", "uncertainty_summary", "UNCERTAIN_STD",
+           "UNCERTAIN_MARGIN"]
 
 MergeMode = Literal["centre", "mean"]
 
@@ -114,48 +115,70 @@ class Heatmap:
         }
 
 
-def _merge_centre(grid: PatchGrid, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    prob = np.zeros(grid.shape_rc, np.float64)
-    predicted = np.zeros(grid.shape_rc, bool)
-    rr, cc = grid.grid_rc[:, 0], grid.grid_rc[:, 1]
-    prob[rr, cc] = probs
-    predicted[rr, cc] = True
-    return prob, predicted
+def _centre_offsets(patch_px: int, stride_px: int) -> range:
+    """The centre merge: a patch paints only its own cell."""
+    return range(0, 1)
 
 
 def _mean_offsets(patch_px: int, stride_px: int) -> range:
-    """Integer cell offsets d with ``-P/(2S) <= d < P/(2S)`` (exact integer arithmetic)."""
+    """The mean merge: integer cell offsets d with ``-P/(2S) <= d < P/(2S)`` (exact integer arithmetic)."""
     two_s = 2 * int(stride_px)
     d_min = -(int(patch_px) // two_s)  # ceil(-P / 2S)
     d_max = -((-int(patch_px)) // two_s) - 1  # ceil(P / 2S) - 1
     return range(d_min, d_max + 1)
 
 
-def _merge_mean(grid: PatchGrid, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    n_rows, n_cols = grid.shape_rc
-    total = np.zeros(grid.shape_rc, np.float64)
-    count = np.zeros(grid.shape_rc, np.int64)
-    offsets = _mean_offsets(grid.config.patch_px, grid.config.stride_px)
-    rr, cc = grid.grid_rc[:, 0], grid.grid_rc[:, 1]
+#: Merge-mode registry: name -> function(patch_px, stride_px) -> the cell offsets (along rows and
+#: columns alike) a patch paints around its own cell (module docstring); :func:`paint_cells` paints them.
+MERGE_MODES: dict[str, Callable[[int, int], range]] = {
+    "centre": _centre_offsets,
+    "mean": _mean_offsets,
+}
+
+
+def paint_cells(cells_rc: np.ndarray, values: np.ndarray, shape_rc: tuple[int, int], *, merge: MergeMode,
+                patch_px: int, stride_px: int) -> tuple[np.ndarray, np.ndarray]:
+    """Paint one value per patch onto the cells ``merge`` gives it: the one painter of heatmaps.
+
+    :func:`stitch` averages with it; a reader of a results folder (``wsi-view``) finds the predicted
+    cells with it from ``tiles.csv``, so both agree by construction.
+
+    Parameters
+    ----------
+    cells_rc : array-like, int, (N, 2)
+        Each patch's own cell ``[row, col]`` (``PatchGrid.grid_rc``).
+    values : array-like, float, (N,)
+        What each patch paints (its probability; ones to count).
+    shape_rc : (rows, cols)
+        The heatmap's shape (``PatchGrid.shape_rc``); paint outside it is dropped.
+    merge, patch_px, stride_px
+        The merge mode and the grid's patch size and stride (model px) it paints by.
+
+    Returns
+    -------
+    total : ndarray, float64, (rows, cols)
+        Sum of the values painted on each cell.
+    count : ndarray, int64, (rows, cols)
+        Number of patches painting each cell (0: not predicted).
+    """
+    if merge not in MERGE_MODES:
+        raise ConfigError(f"merge must be one of {sorted(MERGE_MODES)}; got {merge!r}")
+    n_rows, n_cols = (int(v) for v in shape_rc)
+    total = np.zeros((n_rows, n_cols), np.float64)
+    count = np.zeros((n_rows, n_cols), np.int64)
+    cells = np.asarray(cells_rc, dtype=np.int64).reshape(-1, 2)
+    vals = np.asarray(values, dtype=np.float64)
+    offsets = MERGE_MODES[merge](patch_px, stride_px)
+    rr, cc = cells[:, 0], cells[:, 1]
     for dr in offsets:
         r = rr + dr
         ok_r = (r >= 0) & (r < n_rows)
         for dc in offsets:
             c = cc + dc
             ok = ok_r & (c >= 0) & (c < n_cols)
-            np.add.at(total, (r[ok], c[ok]), probs[ok])
+            np.add.at(total, (r[ok], c[ok]), vals[ok])
             np.add.at(count, (r[ok], c[ok]), 1)
-    predicted = count > 0
-    prob = np.zeros(grid.shape_rc, np.float64)
-    np.divide(total, count, out=prob, where=predicted)
-    return prob, predicted
-
-
-#: Merge-mode registry: name -> function(grid, probs float64 (N,)) -> (prob, predicted).
-MERGE_MODES: dict[str, Callable[[PatchGrid, np.ndarray], tuple[np.ndarray, np.ndarray]]] = {
-    "centre": _merge_centre,
-    "mean": _merge_mean,
-}
+    return total, count
 
 
 def stitch(grid: PatchGrid, probs: np.ndarray, *, merge: MergeMode = "centre") -> Heatmap:
@@ -168,8 +191,8 @@ def stitch(grid: PatchGrid, probs: np.ndarray, *, merge: MergeMode = "centre") -
     probs : array-like, float, (len(grid),)
         Tumour probability of each kept cell's patch, in grid order; finite, in [0, 1].
     merge : {"centre", "mean"}
-        How patches paint cells (module docstring). Memory is O(grid cells); "mean" loops
-        only over the few cell offsets a patch covers (3x3 for PCam), vectorised over patches.
+        How patches paint cells (module docstring; :func:`paint_cells`). Memory is O(grid cells); "mean"
+        loops only over the few cell offsets a patch covers (3x3 for PCam), vectorised over patches.
 
     Raises
     ------
@@ -196,7 +219,11 @@ def stitch(grid: PatchGrid, probs: np.ndarray, *, merge: MergeMode = "centre") -
                 f"probs must be probabilities in [0, 1]; probs[{bad}] = {p[bad]!r} "
                 "(apply softmax/sigmoid to the model's logits first)"
             )
-    prob, predicted = MERGE_MODES[merge](grid, p)
+    total, count = paint_cells(grid.grid_rc, p, grid.shape_rc, merge=merge, patch_px=grid.config.patch_px,
+                               stride_px=grid.config.stride_px)
+    predicted = count > 0
+    prob = np.zeros(grid.shape_rc, np.float64)
+    np.divide(total, count, out=prob, where=predicted)
     return Heatmap(prob=prob.astype(np.float32), predicted=predicted, cell_l0=grid.cell_l0,
                    l0_mpp=grid.l0_mpp, merge=merge)
 

@@ -49,8 +49,8 @@ class _BatchSize(click.ParamType):
               help="Patches per forward pass; auto: 64 on CPU, on CUDA what fills half the free GPU memory "
                    "(at most 1024).")
 @click.option("--workers", type=int, default=None,
-              help="Reader processes [default: 1 on CPU (the network is the bottleneck there), min(4, cpus - 1) "
-                   "on a GPU].")
+              help="Reader threads (sharing one slide handle; 0 = read between forward passes) [default: 1 on "
+                   "CPU (the network is the bottleneck there), min(4, cpus - 1) on a GPU].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps")
 @click.option("--runtime", type=click.Choice(["auto", "torch", "openvino"]), default="auto", show_default=True,
               help="auto: OpenVINO on a CPU where installed (wsi-toolkit[openvino]; its fp32 agrees with torch "

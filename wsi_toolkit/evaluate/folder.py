@@ -35,6 +35,7 @@ from wsi_toolkit.evaluate.scoring import (
     slide_auc,
 )
 from wsi_toolkit.evaluate.truth import ANNOTATION_PATTERNS, find_annotation, slide_truth
+from wsi_toolkit.export import csv_text
 from wsi_toolkit.limits import MPP_RANGE_UM, check_int, check_number, in_range, range_text
 from wsi_toolkit.records import RunRecord
 
@@ -212,7 +213,7 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[Sequence[Any]]
     def cell(v: Any) -> str:
         if isinstance(v, (float, np.floating)):
             return "" if not math.isfinite(v) else f"{float(v):.6g}"
-        return str(v)
+        return csv_text(v) if isinstance(v, str) else str(v)  # slide names: no spreadsheet formulas
 
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")

@@ -35,7 +35,14 @@ from wsi_toolkit.export.regions import (
     write_regions_asap,
     write_regions_geojson,
 )
-from wsi_toolkit.export.tables import SUMMARY_COLUMNS, csv_text, write_json_atomic, write_summary_csv, write_tiles_csv
+from wsi_toolkit.export.tables import (
+    SUMMARY_COLUMNS,
+    csv_text,
+    csv_untext,
+    write_json_atomic,
+    write_summary_csv,
+    write_tiles_csv,
+)
 
 __all__ = [
     "atomic_path",
@@ -61,6 +68,7 @@ __all__ = [
     "write_regions_asap",
     "SUMMARY_COLUMNS",
     "csv_text",
+    "csv_untext",
     "write_tiles_csv",
     "write_summary_csv",
     "write_json_atomic",

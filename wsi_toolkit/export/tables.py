@@ -18,7 +18,8 @@ from wsi_toolkit.atomic import to_jsonable, write_json_atomic, write_text_atomic
 from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.tiling import PatchGrid
 
-__all__ = ["SUMMARY_COLUMNS", "csv_text", "write_tiles_csv", "write_summary_csv", "write_json_atomic", "to_jsonable"]
+__all__ = ["SUMMARY_COLUMNS", "csv_text", "csv_untext", "write_tiles_csv", "write_summary_csv", "write_json_atomic",
+           "to_jsonable"]
 
 #: Columns of ``summary.csv``, in order; extra keys of the rows follow them.
 SUMMARY_COLUMNS: tuple[str, ...] = ("slide", "status", "error", "slide_score", "tumor_area_mm2", "n_patches", "seconds")
@@ -27,6 +28,8 @@ SUMMARY_COLUMNS: tuple[str, ...] = ("slide", "status", "error", "slide_score", "
 #: First characters that make a spreadsheet (Excel, LibreOffice, Google Sheets) read a cell as a
 #: formula or command (OWASP "CSV injection").
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+#: ... and a leading quote itself, so that the guard's quote is told from one the value had.
+_GUARDED_START = (*_FORMULA_START, "'")
 
 
 def csv_text(value: str) -> str:
@@ -34,9 +37,18 @@ def csv_text(value: str) -> str:
 
     A cell starting with ``= + - @``, tab or carriage return is opened by spreadsheets as a
     formula; such a value gets a leading single quote (OWASP's CSV-injection advice), which
-    spreadsheets show as text. Other strings are returned unchanged.
+    spreadsheets show as text; so does a value starting with a quote, so that :func:`csv_untext`
+    gives every value back exactly. Other strings are returned unchanged. Every CSV the toolkit writes
+    guards its text cells with it (``summary.csv``, ``tiles.csv``'s header, ``wsi-eval``'s
+    ``slides.csv``); readers undo it with :func:`csv_untext`.
     """
-    return "'" + value if value.startswith(_FORMULA_START) else value
+    return "'" + value if value.startswith(_GUARDED_START) else value
+
+
+def csv_untext(value: str) -> str:
+    """Undo :func:`csv_text`: a cell read back from a CSV it wrote (``summary.csv``, ``slides.csv``) as
+    the original string; ``csv_untext(csv_text(s)) == s`` for every ``s``."""
+    return value[1:] if value.startswith("'") and value[1:].startswith(_GUARDED_START) else value
 
 
 def write_tiles_csv(path: str | os.PathLike[str], grid: PatchGrid, probs_by_class: Mapping[str, np.ndarray], *,

@@ -24,8 +24,7 @@ log = logging.getLogger(__name__)
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
-#: ``batch_size="auto"`` off CUDA: ResNet50 at 96 px on a 2-core AVX2 CPU runs 64 p/s at 32,
-#: 80 at 64 and 61 at 128 (larger batches leave the caches), see BENCHMARKS.md.
+#: ``batch_size="auto"`` off CUDA; why this size: BENCHMARKS.md ("Batch size, by measurement").
 CPU_BATCH_SIZE = 64
 
 
@@ -72,13 +71,13 @@ class CpuGraph:
     """A TorchScript model on the CPU, run through the fastest graph path that works.
 
     fp32: the frozen graph with oneDNN Graph fusion (``torch.jit.enable_onednn_fusion``): conv +
-    batchnorm + add + relu fused into oneDNN partitions, ~15% faster than
-    ``optimize_for_inference`` for a ResNet50 on an AVX2 CPU (BENCHMARKS.md). The profiling
+    batchnorm + add + relu fused into oneDNN partitions, faster than ``optimize_for_inference``
+    for a ResNet50 on a CPU (measured in BENCHMARKS.md). The profiling
     executor compiles the fused graph during the first calls; if that fails (not every graph is
     supported), the model falls back to ``freeze`` + ``optimize_for_inference``, then to the model as
     loaded, and says so in the log. bf16/fp16 autocast: ``optimize_for_inference`` (the fuser does
     not take autocast graphs). The fusion switch is process-wide: :meth:`__exit__` restores it.
-    The fused graph is compiled per input shape (~1-2 s each on 2 cores): a batch smaller than the
+    The fused graph is compiled per input shape (seconds each): a batch smaller than the
     largest seen runs padded to that size (patches are independent in eval mode).
     """
 

@@ -54,8 +54,8 @@ class InferenceConfig:
 
     ``workers`` is the number of reader threads (0 = read in the calling thread, between forward
     passes); ``None`` picks ``min(4, cpu_count - 1)`` on a GPU and on the CPU one (none on a
-    1-core machine): one reader delivers thousands of patches/s, far above what the network does
-    on a CPU, and more readers would only take cores from the model's threads (BENCHMARKS.md).
+    1-core machine): one reader keeps ahead of the network on a CPU, and more readers would only
+    take cores from the model's threads (measured in BENCHMARKS.md, "Patch reader").
     ``precision="auto"``: on CUDA bf16 autocast where supported, else fp16 (mixed precision, as
     everyone runs a GPU); fp32 on a CPU and on MPS, so the same slide, package and settings give
     the same heatmap on every CPU (AVX2-only or AVX512-BF16/AMX alike). ``bf16`` on a CPU is

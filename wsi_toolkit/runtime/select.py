@@ -8,6 +8,8 @@ precision, what that changes, and why torch ran when OpenVINO was asked for.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,9 +51,19 @@ def resolve_runtime(runtime: str, device: torch.device) -> str:
     return "openvino" if openvino_available() else "torch"
 
 
-#: The OpenVINO model compiled last, by its settings: the next slide of a batch runs it again
-#: instead of compiling it anew (which costs seconds per slide).
+#: The OpenVINO model compiled last, by what it was compiled from (:func:`_memo_key`): the next slide of a
+#: batch runs it again instead of compiling it anew (which costs seconds per slide). One entry; keyed by
+#: content, not by the package object's ``id()`` (which a later package may reuse once one is collected),
+#: so a package loaded again from the same folder reuses it too. The one-runner-per-batch design (issue
+#: 30) replaces this module-global memo.
 _LOADED: dict[tuple, OpenVinoModel] = {}
+
+
+def _memo_key(package: ModelPackage, *settings: Any) -> tuple:
+    """What a compiled model depends on: the weights (sha256), ``config.json``'s content (the
+    preprocessing compiled into the graph, the tumour column) and the compile settings."""
+    config = json.dumps(package.config.to_dict(), sort_keys=True, ensure_ascii=True, default=str)
+    return (package.sha256, hashlib.sha256(config.encode("utf-8")).hexdigest(), *settings)
 
 
 @dataclass
@@ -106,10 +118,10 @@ def select_runtime(package: ModelPackage, *, runtime: str = "auto", precision: s
     ov_precision = "fp32" if precision == "auto" else precision
     cal_key = None if ov_precision != "int8" else (
         calibration.fingerprint if isinstance(calibration, CalibrationSet) else "auto")
-    memo_key = (id(package), package.sha256, ov_precision, None if cache_dir is None else str(cache_dir),
-                cal_key, force_bf16, torch.get_num_threads(), requests, preprocess)
+    memo_key = _memo_key(package, ov_precision, None if cache_dir is None else str(cache_dir), cal_key, force_bf16,
+                         torch.get_num_threads(), requests, preprocess)
     loaded = _LOADED.get(memo_key)
-    if loaded is not None and loaded.package is package:
+    if loaded is not None:
         # The next slide of a batch: the model compiled for the last one (no cache lookup, no compile).
         return RuntimeChoice(loaded, ov_precision, {**loaded.info, "requested": requested},
                              {"cache": "memory", "cache_entry": loaded.stats.get("cache_entry"), "seconds_load": 0.0,

@@ -22,13 +22,13 @@ import math
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from PIL import Image
 
 from wsi_toolkit.errors import ConfigError, WsiToolkitError, one_line
-from wsi_toolkit.heatmap import Heatmap
+from wsi_toolkit.heatmap import MERGE_MODES, Heatmap, MergeMode, paint_cells
 from wsi_toolkit.records import RunRecord, RunRecordError
 from wsi_toolkit.view.tiles import DeepZoomGeometry, OpenSlideTiles, ReaderTiles, TileSource
 
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 #: Largest tumor.geojson read (bytes): wsi-infer writes a few kB per region.
 MAX_GEOJSON_BYTES = 64 * 2**20
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 class ViewerError(WsiToolkitError, ValueError):
@@ -62,11 +61,6 @@ def _results_file(results_dir: Path, name: str) -> Path:
     if not inside(path, results_dir) or not path.is_file():
         raise ViewerError(f"{path} is not a file inside {results_dir} (a link out of the results folder is not served)")
     return path
-
-
-def _uncsv(value: str) -> str:
-    """Undo :func:`wsi_toolkit.export.csv_text` (a leading quote before a formula character)."""
-    return value[1:] if value.startswith("'") and value[1:].startswith(_FORMULA_START) else value
 
 
 def _float(value: Any) -> float | None:
@@ -268,6 +262,8 @@ class Catalogue:
                 folders[sub.name] = (sub, RunRecord.read(_results_file(sub, "run.json")), None)
             except (RunRecordError, ViewerError) as exc:
                 folders[sub.name] = (sub, None, str(exc))
+        from wsi_toolkit.export import csv_untext  # summary.csv's cells as the batch wrote them
+
         entries: list[SlideEntry] = []
         summary = out / "summary.csv"
         if summary.is_file() and inside(summary, out):
@@ -276,14 +272,14 @@ class Catalogue:
                 rows = list(csv.DictReader(fh))
             used: set[str] = set()
             for i, row in enumerate(rows):
-                slide = _uncsv(row.get("slide") or "")
+                slide = csv_untext(row.get("slide") or "")
                 status = row.get("status") or ""
                 name = by_path.get(slide)
                 if status in ("ok", "skipped") and name is not None and name not in used:
                     used.add(name)
                     entries.append(_entry(name, *folders[name], slides_dir=slides_dir))
                 else:
-                    error = _uncsv(row.get("error") or "") or (
+                    error = csv_untext(row.get("error") or "") or (
                         f"no results folder in {out} holds a run.json of this slide" if status in ("ok", "skipped")
                         else f"status {status or 'unknown'}")
                     entries.append(SlideEntry(id=f"row{i + 1}", name=Path(slide).name or f"row {i + 1}",
@@ -373,22 +369,17 @@ def _predicted_from_tiles(path: Path, record: RunRecord, shape_rc: tuple[int, in
         if header[:2] != ["minx", "miny"]:
             raise ViewerError(f"{path}: not a wsi-infer tiles.csv")
         xy = np.loadtxt(fh, delimiter=",", usecols=(0, 1), ndmin=2) if path.stat().st_size > 0 else np.zeros((0, 2))
-    cells = np.rint((xy + grid.offset_l0) / grid.cell_l0).astype(np.int64)
+    cells_xy = np.rint((xy + grid.offset_l0) / grid.cell_l0).astype(np.int64)  # (col, row) of each patch's cell
     if [int(v) for v in grid.shape_rc] != list(shape_rc):
         raise ViewerError(f"{path}: run.json's grid is {grid.shape_rc}, heatmap.tif {shape_rc}")
-    offsets = [0]
-    if record.heatmap.get("merge") == "mean":
-        run_grid = record.settings.get("grid") or {}
-        patch, stride = int(run_grid["patch_px"]), int(run_grid["stride_px"])
-        offsets = list(range(-(patch // (2 * stride)), -((-patch) // (2 * stride))))  # as heatmap.stitch paints
-    rows, cols = shape_rc
-    predicted = np.zeros(shape_rc, bool)
-    for dr in offsets:
-        for dc in offsets:
-            r, c = cells[:, 1] + dr, cells[:, 0] + dc
-            ok = (r >= 0) & (r < rows) & (c >= 0) & (c < cols)
-            predicted[r[ok], c[ok]] = True
-    return predicted
+    merge = record.heatmap.get("merge") or "centre"
+    run_grid = record.settings.get("grid") or {}
+    if merge not in MERGE_MODES or (merge != "centre" and not {"patch_px", "stride_px"} <= run_grid.keys()):
+        raise ViewerError(f"{path}: run.json does not say how the heatmap was painted (merge {merge!r}, grid "
+                          f"{run_grid})")
+    _, count = paint_cells(cells_xy[:, ::-1], np.zeros(len(cells_xy)), shape_rc, merge=cast(MergeMode, merge),
+                           patch_px=int(run_grid.get("patch_px", 1)), stride_px=int(run_grid.get("stride_px", 1)))
+    return count > 0
 
 
 def open_tiles(path: Path, *, mpp: float | None = None, backend: str = "auto") -> tuple[TileSource, dict[str, Any]]:
