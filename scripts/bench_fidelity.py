@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
                 p = cell_probs_wsi_infer(out / slide.stem / "tiles.csv", len(patches), form, prob_col)
                 tim = run["timings"]
                 row.update(score(p, labels, direct), n_patches_run=tim.get("n_patches"),
-                           patches_per_s=tim.get("patches_per_s"), runtime=run.get("runtime", {}).get("name"))
+                           patches_per_s=tim.get("patches_per_s"), runtime=f'{run.get("runtime", {}).get("runtime")} {run.get("runtime", {}).get("precision")}')
             else:
                 row["output_tail"] = m["output_tail"][-800:]
             done[level] = row

@@ -239,10 +239,10 @@ def test_reader_errors_reach_the_caller_as_they_are(synthetic_slides, monkeypatc
         blocks = plan_blocks(_grid(slide), block_cells=2)[:20]
     real = SlideReader.read_at_mpp
 
-    def fail_on_the_7th(self, l0_xy, size_px, mpp):
+    def fail_on_the_7th(self, l0_xy, size_px, mpp, **kw):
         if tuple(l0_xy) == blocks[6].region_l0_xy:
             raise SlideReadError(f"{self.path}: tile 7 could not be decoded (simulated)")
-        return real(self, l0_xy, size_px, mpp)
+        return real(self, l0_xy, size_px, mpp, **kw)
 
     monkeypatch.setattr(SlideReader, "read_at_mpp", fail_on_the_7th)
     reader = PatchBlocks(s.path, blocks, patch_px=96, spacing_um_px=0.972)
