@@ -291,9 +291,9 @@ def main(argv: list[str] | None = None) -> int:
             if m["returncode"] == 0 and run_json.exists():
                 run = json.loads(run_json.read_text())
                 p = cell_probs_wsi_infer(out / slide.stem / "tiles.csv", len(patches), form, prob_col)
-                tim = run["timings"]
+                tim, rt = run["timings"], run.get("runtime", {})
                 row.update(score(p, labels, direct), n_patches_run=tim.get("n_patches"),
-                           patches_per_s=tim.get("patches_per_s"), runtime=f'{run.get("runtime", {}).get("runtime")} {run.get("runtime", {}).get("precision")}')
+                           patches_per_s=tim.get("patches_per_s"), runtime=f"{rt.get('runtime')} {rt.get('precision')}")
             else:
                 row["output_tail"] = m["output_tail"][-800:]
             done[level] = row
