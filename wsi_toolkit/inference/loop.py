@@ -3,7 +3,8 @@
 Batches go to the device as uint8 (4x less than float), pinned on CUDA; resizing and
 normalisation run on the device (:class:`wsi_toolkit.model_package.Preprocess`). The model is the
 package's torch model or, on a CPU, OpenVINO's compilation of it (:mod:`wsi_toolkit.runtime`).
-Logits become probabilities by :func:`wsi_toolkit.model_package.logits.probabilities`, re-exported here.
+Logits become probabilities by :func:`wsi_toolkit.model_package.logits.probabilities`, re-exported here,
+at the package's temperature (:attr:`~wsi_toolkit.model_package.ModelConfig.temperature`).
 """
 
 from __future__ import annotations
@@ -217,7 +218,8 @@ def run_inference(
 
     Patches are ``package.config.patch_size_pixels`` px at ``package.config.spacing_um_px``
     (a grid must have been made with that patch size and spacing). Returns class probabilities
-    (:func:`probabilities`) in the patches' order; the reader thread count does not change them.
+    (:func:`probabilities`, at the package's temperature) in the patches' order; the reader thread
+    count does not change them.
     """
     t_start = time.perf_counter()
     device = resolve_device(config.device)
@@ -268,6 +270,7 @@ def run_inference(
     reader = PatchBlocks(slide_path, blocks, patch_px=cfg.patch_size_pixels, spacing_um_px=cfg.spacing_um_px,
                          mpp=mpp, backend=backend)
     probs = np.zeros((n, cfg.num_classes if cfg.num_classes > 1 else 1), np.float32)
+    temperature = cfg.temperature  # 1.0 unless the package carries a fitted calibration
     read_s = wait_s = model_s = 0.0
     bar = tqdm(total=n, desc=desc, unit="patch", disable=not config.progress or None, leave=False)
 
@@ -293,7 +296,7 @@ def run_inference(
                 "real pixels, or try --batch-size 1",
                 source=package.path) from None
         _check_logits(logits, len(index), cfg.num_classes, package.path)
-        p = probabilities(logits).cpu().numpy()
+        p = probabilities(logits, temperature).cpu().numpy()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         probs[index.numpy()] = p
@@ -306,7 +309,7 @@ def run_inference(
 
         def on_logits(logits: torch.Tensor, index: torch.Tensor) -> None:  # OpenVINO's threads
             _check_logits(logits, len(index), cfg.num_classes, package.path)
-            p = probabilities(logits).numpy()
+            p = probabilities(logits, temperature).numpy()
             with lock:
                 probs[index.numpy()] = p
                 bar.update(len(index))
