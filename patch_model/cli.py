@@ -69,11 +69,14 @@ def _fmt(v) -> str:
               help="auto: mixed precision (bf16, else fp16) on CUDA, fp32 elsewhere.")
 @click.option("--top-losses", type=int, default=9, help="Patches in top_losses_gradcam.png.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT/model if it exists.")
+@click.option("--calibrate/--no-calibrate", default=True,
+              help="Fit a temperature on the valid split's logits after training (minimum NLL) and record it in "
+                   "the package; every inference path divides the logits by it.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", count=True)
 def _train_command(data, out, arch, size, pretrained, weights, epochs_frozen, epochs, batch_size, lr, lr_unfrozen, wd,
                    seed, valid_fraction, test_fraction, augment, monitor, lr_find_iters, workers, device, precision,
-                   top_losses, overwrite, no_progress, verbose) -> int:
+                   top_losses, overwrite, calibrate, no_progress, verbose) -> int:
     """Train the PCam patch classifier with the article's fastai recipe and export a model package.
 
     Defaults: ResNet50 with ImageNet weights, 96 px patches upsampled to 224, dihedral
@@ -94,6 +97,7 @@ def _train_command(data, out, arch, size, pretrained, weights, epochs_frozen, ep
         seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction, augment=augment, monitor=monitor,
         lr_find_iters=lr_find_iters, workers=workers,
         device=device, precision=precision, top_losses=top_losses, overwrite=overwrite, progress=not no_progress,
+        calibrate=calibrate,
     )
     result = train_model(config)
     if not result.metrics:  # a non-zero rank under torchrun: rank 0 reports
@@ -105,6 +109,11 @@ def _train_command(data, out, arch, size, pretrained, weights, epochs_frozen, ep
     if m.get("test"):
         t = m["test"]
         click.echo(f"test: accuracy {_fmt(t['accuracy'])}, ROC AUC {_fmt(t['roc_auc'])} ({t['n']} patches)")
+    if m.get("calibration"):
+        c = m["calibration"]
+        click.echo(f"calibration: temperature {c['temperature']:.4g} fitted on valid, ECE ({c['ece_bins']} bins) "
+                   f"{_fmt(c['ece_before'])} -> {_fmt(c['ece_after'])}, NLL {_fmt(c['nll_before'])} -> "
+                   f"{_fmt(c['nll_after'])}")
     click.echo(f"model package: {result.package}  (wsi-infer SLIDES --model {result.package} --out DIR)")
     click.echo(f"metrics, plots, settings, log: {result.out}  [{result.seconds:.0f} s]")
     return 0
