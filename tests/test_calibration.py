@@ -18,6 +18,8 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from wsi_toolkit.analysis import RunConfig, analyse_slide, output_key, write_outputs
 from wsi_toolkit.errors import ModelPackageError
@@ -95,6 +97,22 @@ def test_config_temperature_is_one_without_calibration_and_T_with_it():
 def test_bad_calibration_is_refused_naming_the_field(bad, needle):
     with pytest.raises(ModelPackageError, match=needle):
         pcam_config().with_extra(calibration=bad)
+
+
+_CAL_VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(), st.text(max_size=4),
+                        st.just("temperature"), st.lists(st.floats(), max_size=2))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(_CAL_VALUES, st.dictionaries(st.sampled_from(["method", "temperature", "fitted_on", "other"]),
+                                               _CAL_VALUES, max_size=4)))
+def test_any_calibration_is_refused_cleanly_or_gives_a_temperature_in_range(cal):
+    try:
+        cfg = pcam_config().with_extra(calibration=cal)
+    except ModelPackageError:
+        return
+    assert 0.01 <= cfg.temperature <= 100 or cal is None
+    assert cfg.temperature == (1.0 if cal is None else float(cal["temperature"]))
 
 
 def test_calibrated_config_is_still_a_wsinfer_config(calibrated):
