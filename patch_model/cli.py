@@ -70,11 +70,14 @@ def _fmt(v) -> str:
               help="auto: mixed precision (bf16, else fp16) on CUDA, fp32 elsewhere.")
 @click.option("--top-losses", type=int, default=9, help="Patches in top_losses_gradcam.png.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT/model if it exists.")
+@click.option("--calibrate/--no-calibrate", default=True,
+              help="Fit a temperature on the valid split's logits after training (minimum NLL) and record it in "
+                   "the package; every inference path divides the logits by it.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", count=True)
 def _train_command(data, out, arch, size, pretrained, weights, epochs_frozen, epochs, batch_size, lr, lr_unfrozen, wd,
                    seed, valid_fraction, test_fraction, augment, monitor, lr_find_iters, workers, device, precision,
-                   top_losses, overwrite, no_progress, verbose) -> int:
+                   top_losses, overwrite, calibrate, no_progress, verbose) -> int:
     """Train the PCam patch classifier with the article's fastai recipe and export a model package.
 
     Defaults: ResNet50 with ImageNet weights, 96 px patches upsampled to 224, dihedral
@@ -95,6 +98,7 @@ def _train_command(data, out, arch, size, pretrained, weights, epochs_frozen, ep
         seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction, augment=augment, monitor=monitor,
         lr_find_iters=lr_find_iters, workers=workers,
         device=device, precision=precision, top_losses=top_losses, overwrite=overwrite, progress=not no_progress,
+        calibrate=calibrate,
     )
     result = train_model(config)
     if not result.metrics:  # a non-zero rank under torchrun: rank 0 reports
@@ -106,6 +110,11 @@ def _train_command(data, out, arch, size, pretrained, weights, epochs_frozen, ep
     if m.get("test"):
         t = m["test"]
         click.echo(f"test: accuracy {_fmt(t['accuracy'])}, ROC AUC {_fmt(t['roc_auc'])} ({t['n']} patches)")
+    if m.get("calibration"):
+        c = m["calibration"]
+        click.echo(f"calibration: temperature {c['temperature']:.4g} fitted on valid, ECE ({c['ece_bins']} bins) "
+                   f"{_fmt(c['ece_before'])} -> {_fmt(c['ece_after'])}, NLL {_fmt(c['nll_before'])} -> "
+                   f"{_fmt(c['nll_after'])}")
     click.echo(f"model package: {result.package}  (wsi-infer SLIDES --model {result.package} --out DIR)")
     click.echo(f"metrics, plots, settings, log: {result.out}  [{result.seconds:.0f} s]")
     return 0
@@ -144,18 +153,26 @@ def train_main(argv: list[str] | None = None) -> int:
               help="int8: calibrate on this PCam folder (HDF5 or Kaggle layout) [default: the train split of --data].")
 @click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Converted models [default: $WSI_TOOLKIT_CACHE or ~/.cache/wsi-toolkit].")
+@click.option("--fit-temperature", is_flag=True,
+              help="Fit the package's temperature (minimum NLL) on this split's single-view logits and write it "
+                   "into PACKAGE/config.json (wsi_toolkit.calibration) before evaluating; fit on valid, then "
+                   "evaluate test.")
 @click.option("--no-progress", is_flag=True)
 @click.option("-v", "--verbose", count=True)
 def _eval_command(package, data, split, tta, out, batch_size, device, workers, valid_fraction, seed, runtime,
-                  precision, calibration, cache_dir, no_progress, verbose) -> int:
+                  precision, calibration, cache_dir, fit_temperature, no_progress, verbose) -> int:
     """Accuracy, ROC AUC, confusion matrix and ROC plot of model PACKAGE on a split of a patch set,
-    through the same preprocessing as wsi-infer; optionally with 8-view dihedral TTA."""
+    through the same preprocessing as wsi-infer; optionally with 8-view dihedral TTA. Also the
+    calibration (ECE, reliability diagram, before and after the package's temperature) and
+    selective prediction (accuracy when the most uncertain patches are referred, risk-coverage curve,
+    error-detection AUROC)."""
     from patch_model.patch_eval import evaluate_package
 
     setup_logging(verbose)
     r = evaluate_package(package, data, split=split, tta=tta, batch_size=batch_size, device=device, workers=workers,
                          valid_fraction=valid_fraction, seed=seed, out=out, progress=not no_progress,
-                         runtime=runtime, precision=precision, calibration=calibration, cache_dir=cache_dir)
+                         runtime=runtime, precision=precision, calibration=calibration, cache_dir=cache_dir,
+                         fit_temperature=fit_temperature)
     m = r.metrics
     leaky = " LEAKY (random split without slide ids; optimistic)" if r.leaky else ""
     cm = m["confusion_matrix"]
@@ -166,7 +183,18 @@ def _eval_command(package, data, split, tta, out, batch_size, device, workers, v
                f"ROC AUC {_fmt(m['roc_auc'])}, "
                f"sensitivity {_fmt(m['sensitivity'])}, specificity {_fmt(m['specificity'])} ({m['n']} patches)")
     click.echo(f"confusion matrix (rows true {m['class_names']}, cols predicted): {cm}")
-    click.echo(f"written: {r.out / 'eval.json'}, {r.out / 'roc.png'}")
+    c = r.calibration
+    fitted = " (fitted now on this split: optimistic)" if fit_temperature else ""
+    before = f"{_fmt(c['ece_uncalibrated'])} at T = 1 -> " if "ece_uncalibrated" in c else ""
+    click.echo(f"calibration: temperature {c['temperature']:.4g}{fitted}; ECE ({c['ece_bins']} bins) {before}"
+               f"{_fmt(c['ece'])}")
+    for sel in r.selective.values():
+        acc = sel["accuracy_referring"]
+        refer = ", ".join(f"{float(k):.0%} {_fmt(v)}" for k, v in acc.items() if float(k) > 0)
+        click.echo(f"uncertainty {sel['uncertainty']}: error AUROC {_fmt(sel['error_auroc'])}; accuracy when "
+                   f"referring the most uncertain {refer} (none referred: {_fmt(acc['0'])})")
+    click.echo(f"written: {r.out / 'eval.json'}, {r.out / 'roc.png'}, {r.out / 'reliability.png'}, "
+               f"{r.out / 'risk_coverage.png'}")
     return 0
 
 

@@ -11,8 +11,24 @@ numbers are the numbers of the model that runs on slides, not of a training-time
 ``precision`` fp32, bf16 or int8: the accuracy of the model as that runtime computes it. INT8 is
 calibrated on patches of the ``train`` split of the same data, or of ``calibration`` (a PCam folder).
 
+Probabilities are the package's: its logits divided by its fitted temperature
+(``wsi_toolkit.calibration`` in ``config.json``; 1 when it has none), per view before the TTA mean.
+``fit_temperature=True`` first fits the temperature on the split's single-view (identity) logits
+(:func:`wsi_toolkit.reliability.temperature_calibration`) and records it in the package's
+``config.json`` (:func:`wsi_toolkit.model_package.set_calibration`): fit on ``valid``, then evaluate
+``test``, or the "after" numbers are measured on the patches the temperature was fitted to.
+
+Calibration and selective prediction (:mod:`wsi_toolkit.reliability`): the ECE of P(tumour) over
+15 equal-width bins of [0, 1] (and Guo et al.'s top-label ECE), with and without the temperature;
+the accuracy when the 5, 10 and 20 % most uncertain patches are referred, the risk-coverage curve
+and the ROC AUC of the uncertainty for telling errors from right answers. The uncertainty is
+``1 - |2p - 1|`` of the evaluated P(tumour); with TTA also the spread of the views (the standard
+deviation of P(tumour) over the 8 views).
+
 Outputs (``out``, default ``PACKAGE/eval_<split>/``): ``eval.json`` (accuracy, ROC AUC,
-confusion matrix, counts, leaky flag) and ``roc.png``.
+confusion matrix, counts, leaky flag, ``calibration``, ``selective``), ``roc.png``,
+``reliability.png`` (reliability diagram, before and after the temperature when the package has
+one) and ``risk_coverage.png``.
 """
 
 from __future__ import annotations
@@ -29,12 +45,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from wsi_toolkit import plots
+from wsi_toolkit import plots, reliability
 from wsi_toolkit.atomic import write_json_atomic
 from wsi_toolkit.errors import ConfigError
-from wsi_toolkit.inference import resolve_device
+from wsi_toolkit.inference import probabilities, resolve_device
 from wsi_toolkit.limits import check_int
-from wsi_toolkit.model_package import ModelConfig, load_model_package
+from wsi_toolkit.model_package import ModelConfig, load_model_package, set_calibration
 
 __all__ = [
     "LEAKY_NOTE",
@@ -43,7 +59,10 @@ __all__ = [
     "EvalResult",
     "evaluate_package",
     "plot_confusion_matrix",
+    "plot_reliability",
+    "plot_risk_coverage",
     "plot_roc",
+    "uncertainty_report",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,6 +131,65 @@ def dihedral_views(patches: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+def uncertainty_report(view_probs: np.ndarray, labels: np.ndarray, *, tumor_index: int = 1,
+                       uncalibrated_view_probs: np.ndarray | None = None, temperature: float = 1.0,
+                       n_bins: int = reliability.ECE_BINS) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(calibration, selective)`` sections of ``eval.json`` from per-view class probabilities.
+
+    ``view_probs``: float ``(N, V, C)``, the package's probabilities of each of ``V`` views (``V = 1``
+    without TTA; the prediction is their mean over views); ``uncalibrated_view_probs`` the same at
+    temperature 1 when the package has another (for the "before" ECE). The uncertainty
+    ``"margin"`` is ``1 - |2p - 1|`` of the mean P(tumour); with ``V > 1`` also ``"tta_spread"``, the
+    standard deviation of P(tumour) over the views.
+    """
+    labels = np.asarray(labels, np.int64).reshape(-1)
+    vp = np.asarray(view_probs, np.float64)
+    probs = vp.mean(1)
+    p = probs[:, tumor_index]
+    is_tumor = labels == tumor_index
+    binning = (f"{n_bins} equal-width bins of P(tumour) over [0, 1] (bin k: k/{n_bins} < p <= (k+1)/{n_bins}); "
+               "top_label: the same bins of max(p, 1 - p) against accuracy")
+    calibration: dict[str, Any] = {
+        "temperature": float(temperature),
+        "ece": _finite(reliability.expected_calibration_error(p, is_tumor, n_bins=n_bins)),
+        "ece_top_label": _finite(reliability.expected_calibration_error(p, is_tumor, n_bins=n_bins,
+                                                                        confidence="top_label")),
+        "nll": _nll(probs, labels),
+        "ece_bins": n_bins,
+        "binning": binning,
+    }
+    if uncalibrated_view_probs is not None:
+        raw = np.asarray(uncalibrated_view_probs, np.float64).mean(1)
+        calibration.update({
+            "ece_uncalibrated": _finite(reliability.expected_calibration_error(raw[:, tumor_index], is_tumor,
+                                                                               n_bins=n_bins)),
+            "ece_top_label_uncalibrated": _finite(reliability.expected_calibration_error(
+                raw[:, tumor_index], is_tumor, n_bins=n_bins, confidence="top_label")),
+            "nll_uncalibrated": _nll(raw, labels),
+        })
+    correct = probs.argmax(1) == labels
+    selective: dict[str, Any] = {
+        "margin": {"uncertainty": "1 - |2p - 1| of P(tumour)" + (" (the TTA mean)" if vp.shape[1] > 1 else ""),
+                   **reliability.selective_report(correct, reliability.binary_uncertainty(np.clip(p, 0, 1)))},
+    }
+    if vp.shape[1] > 1:
+        spread = vp[:, :, tumor_index].std(1)
+        selective["tta_spread"] = {"uncertainty": f"standard deviation of P(tumour) over the {vp.shape[1]} views",
+                                   **reliability.selective_report(correct, spread)}
+    return calibration, selective
+
+
+def _finite(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
+def _nll(probs: np.ndarray, labels: np.ndarray) -> float | None:
+    """Mean -ln P(true class) (probabilities clipped at 1e-12)."""
+    if not len(labels):
+        return None
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, 1.0)).mean())
+
+
 # --------------------------------------------------------------------------------------------
 # Plots (wsi_toolkit.plots: matplotlib's object API on the Agg canvas, written atomically)
 
@@ -144,6 +222,60 @@ def plot_roc(scores: np.ndarray, is_tumor: np.ndarray, path: str | os.PathLike, 
                           one_class_note="one class only: no ROC", auc_digits=4, figsize=(4.6, 4.4))
 
 
+def plot_reliability(p_tumor: dict[str, np.ndarray], is_tumor: np.ndarray, path: str | os.PathLike, *,
+                     n_bins: int = reliability.ECE_BINS, title: str = "") -> Path:
+    """Reliability diagram: per bin of P(tumour) (``n_bins`` equal-width over [0, 1]), the fraction
+    of tumour patches against the mean P(tumour), one curve per entry of ``p_tumor`` (e.g.
+    ``{"T = 1": ..., "T = 1.8": ...}``), with its ECE in the legend and the bins' counts below."""
+    t = np.asarray(is_tumor, bool)
+    fig = plots.new_figure((4.8, 5.4), layout="constrained")
+    ax, ax_n = fig.subplots(2, 1, height_ratios=[3, 1], sharex=True)
+    ax.plot([0, 1], [0, 1], ":", color="grey", lw=1, label="perfect calibration")
+    width = 1.0 / n_bins
+    for i, (name, p) in enumerate(p_tumor.items()):
+        bins = reliability.reliability_bins(p, t, n_bins=n_bins)
+        used = bins["count"] > 0
+        ece = reliability.expected_calibration_error(p, t, n_bins=n_bins)
+        ax.plot(bins["mean_p"][used], bins["frac_true"][used], "o-", ms=3, lw=1.3, label=f"{name}: ECE {ece:.4f}")
+        centres = bins["edges"][:-1] + width / 2
+        k = len(p_tumor)
+        ax_n.bar(centres - width / 2 + (i + 0.5) * width / k, bins["count"], width=width / k, alpha=0.7, label=name)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("fraction of tumour patches")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title or "reliability", fontsize=9)
+    ax_n.set_yscale("log")
+    ax_n.set_xlabel(f"P(tumour), {n_bins} equal-width bins")
+    ax_n.set_ylabel("patches")
+    return plots.save_figure(fig, path)
+
+
+def plot_risk_coverage(correct: np.ndarray, uncertainties: dict[str, np.ndarray], path: str | os.PathLike, *,
+                       title: str = "") -> Path:
+    """Accuracy of the patches kept against the share kept, most certain first, one curve per
+    uncertainty (with its error-detection AUROC in the legend); marks at 95, 90 and 80 % kept."""
+    fig = plots.new_figure((4.8, 4.2), layout="constrained")
+    ax = fig.add_subplot()
+    c = np.asarray(correct, bool)
+    for name, u in uncertainties.items():
+        cov, acc = reliability.risk_coverage(c, u)
+        auc = reliability.error_detection_auroc(c, u)
+        ax.plot(cov, acc, lw=1.3, label=f"{name}: error AUROC {'n/a' if auc is None else f'{auc:.3f}'}")
+    for f in reliability.REFERRAL_FRACTIONS:
+        ax.axvline(1 - f, color="grey", lw=0.7, ls=":")
+    if len(c):
+        ax.axhline(float(c.mean()), color="grey", lw=0.7, ls="--", label=f"all kept: {c.mean():.4f}")
+    ax.set_xlim(0, 1.01)
+    ax.set_xlabel("coverage (share of patches kept, most certain first)")
+    ax.set_ylabel("accuracy of the patches kept")
+    ax.legend(loc="lower left", fontsize=8)
+    ax.grid(True, alpha=0.3)
+    ax.set_title(title or "risk-coverage", fontsize=9)
+    return plots.save_figure(fig, path)
+
+
 # --------------------------------------------------------------------------------------------
 # The job
 
@@ -163,13 +295,16 @@ class EvalResult:
     seconds: float = 0.0
     out: Path | None = None
     runtime: dict = field(default_factory=lambda: {"runtime": "torch"})
+    calibration: dict = field(default_factory=dict)
+    selective: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
             "package": str(self.package), "data": str(self.data), "split": self.split, "tta": self.tta,
             "tta_views": 8 if self.tta else 1, "leaky": self.leaky,
             "leaky_note": LEAKY_NOTE if self.leaky else None,
-            **self.metrics, "seconds": round(self.seconds, 3), "runtime": self.runtime,
+            **self.metrics, "calibration": self.calibration, "selective": self.selective,
+            "seconds": round(self.seconds, 3), "runtime": self.runtime,
         }
 
 
@@ -209,6 +344,7 @@ def evaluate_package(
     cache_dir: str | os.PathLike | None = None,
     calibration: str | os.PathLike | None = None,
     ov_preprocess: Literal["graph", "torch"] = "graph",
+    fit_temperature: bool = False,
 ) -> EvalResult:
     """Evaluate the model package at ``package`` on ``split`` of the patch set at ``data``.
 
@@ -218,6 +354,8 @@ def evaluate_package(
     trained with, from its config) and its numbers are labelled leaky.
     ``runtime``/``precision``: see the module docstring (torch runs fp32 here: ``auto`` or ``fp32``).
     ``ov_preprocess``: OpenVINO with the preprocessing in its graph (``graph``) or in torch (``torch``).
+    ``calibration`` is INT8's calibration patches; ``fit_temperature`` fits the package's temperature
+    on this split and writes it into its ``config.json`` before the metrics are computed (module docstring).
     """
     from wsi_toolkit.runtime import calibration_from_dataset, calibration_from_pcam, select_runtime
 
@@ -249,30 +387,63 @@ def evaluate_package(
                             preprocess=ov_preprocess)
     if choice.model is None and choice.precision not in ("auto", "fp32"):
         raise ConfigError(f"pcam-eval runs torch in fp32; precision {choice.precision} needs --runtime openvino")
-    predict = choice.model.predict_class_proba if choice.model is not None else pkg.predict_class_proba
+    predict_logits = choice.model.predict_logits if choice.model is not None else pkg.predict_logits
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=int(workers),
                                          collate_fn=_collate)
-    probs, labels = [], []
+    logits, labels = [], []
     with tqdm(total=len(ds), desc=f"pcam-eval {split}{' +TTA' if tta else ''}", unit="patch",
               disable=not progress or None, leave=False) as bar:
         for x, y in loader:
             views = dihedral_views(x) if tta else [x]
-            p = torch.stack([torch.as_tensor(np.asarray(predict(v))) for v in views]).mean(0)
-            probs.append(p.numpy())
+            # (B, V, C): the logits of every view; view 0 is the patch as it is
+            logits.append(np.stack([np.asarray(predict_logits(v), np.float32) for v in views], axis=1))
             labels.append(y.numpy())
             bar.update(len(y))
-    probs_a = np.concatenate(probs) if probs else np.zeros((0, cfg.num_classes), np.float32)
+    n_views = 8 if tta else 1
+    logits_a = np.concatenate(logits) if logits else np.zeros((0, n_views, cfg.num_classes), np.float32)
     labels_a = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+    if fit_temperature:
+        note = " (LEAKY random split)" if leaky else ""
+        fitted = reliability.temperature_calibration(
+            logits_a[:, 0], labels_a, tumor_index=tumor,
+            fitted_on=f"{split} split{note} of {Path(data).name}, n={len(labels_a)}, single view (pcam-eval)")
+        cfg = set_calibration(package, fitted)
+        logger.info("temperature %.4g fitted on %s (NLL %.4f -> %.4f, ECE %.4f -> %.4f), written to %s",
+                    fitted["temperature"], fitted["fitted_on"], fitted["nll_before"], fitted["nll_after"],
+                    fitted["ece_before"], fitted["ece_after"], Path(package) / "config.json")
+    temperature = cfg.temperature
+
+    def view_probs(t: float) -> np.ndarray:
+        flat = torch.from_numpy(logits_a.reshape(-1, logits_a.shape[-1]))
+        return probabilities(flat, t).numpy().reshape(logits_a.shape)
+
+    vp = view_probs(temperature)
+    raw = view_probs(1.0) if temperature != 1.0 else None
+    probs_a = vp.mean(1).astype(np.float32)
     metrics = binary_metrics(probs_a, labels_a, tumor_index=tumor, class_names=cfg.class_names)
+    cal, selective = uncertainty_report(vp, labels_a, tumor_index=tumor, uncalibrated_view_probs=raw,
+                                        temperature=temperature)
+    cal["package"] = cfg.to_dict()["wsi_toolkit"].get("calibration")
     result = EvalResult(package=Path(package), data=Path(data), split=split, tta=tta, leaky=leaky, metrics=metrics,
-                        probs=probs_a.astype(np.float32), labels=labels_a, seconds=time.perf_counter() - t0,
-                        runtime=choice.info)
+                        probs=probs_a, labels=labels_a, seconds=time.perf_counter() - t0,
+                        runtime=choice.info, calibration=cal, selective=selective)
     out_dir = Path(out) if out is not None else Path(package) / f"eval_{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     label = f"{split}{' (LEAKY)' if leaky else ''}{', 8-view TTA' if tta else ''}"
     acc = metrics["accuracy"]
-    plot_roc(probs_a[:, tumor] if len(probs_a) else np.zeros(0), labels_a == tumor, out_dir / "roc.png",
+    p_tumor = probs_a[:, tumor] if len(probs_a) else np.zeros(0)
+    is_tumor = labels_a == tumor
+    plot_roc(p_tumor, is_tumor, out_dir / "roc.png",
              title=f"{Path(package).name} on {label}: accuracy {acc:.4f}" if acc is not None else label)
+    curves = {} if raw is None else {"T = 1 (uncalibrated)": raw.mean(1)[:, tumor]}
+    curves[f"T = {temperature:.3g}" + (" (package)" if raw is not None else "")] = p_tumor
+    plot_reliability(curves, is_tumor, out_dir / "reliability.png", title=f"{Path(package).name} on {label}")
+    correct = probs_a.argmax(1) == labels_a if len(labels_a) else np.zeros(0, bool)
+    uncertainties = {"1 - |2p - 1|": reliability.binary_uncertainty(np.clip(p_tumor, 0, 1))}
+    if tta:
+        uncertainties["TTA spread (std of 8 views)"] = vp[:, :, tumor].std(1)
+    plot_risk_coverage(correct, uncertainties, out_dir / "risk_coverage.png",
+                       title=f"{Path(package).name} on {label}: referring the most uncertain")
     write_json_atomic(out_dir / "eval.json", result.to_dict())
     result.out = out_dir
     return result

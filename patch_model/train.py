@@ -69,6 +69,7 @@ from wsi_toolkit.atomic import file_sha256, write_json_atomic
 from wsi_toolkit.errors import ConfigError, WsiToolkitError
 from wsi_toolkit.inference import resolve_device
 from wsi_toolkit.limits import check_int, check_number
+from wsi_toolkit.reliability import temperature_calibration
 
 __all__ = [
     "CLASS_NAMES",
@@ -118,7 +119,9 @@ class TrainConfig:
     when that is fewer (tiny data sets); ``0`` skips lr_find (then ``lr`` is needed; ``lr_unfrozen`` defaults to
     ``lr / 10``). ``valid_fraction``/``seed`` also make the (leaky) random split of a Kaggle folder.
     ``workers=None``: ``min(8, cpus - 1)`` loader processes. ``precision="auto"``: mixed precision
-    (bf16 where supported, else fp16) on CUDA, fp32 elsewhere.
+    (bf16 where supported, else fp16) on CUDA, fp32 elsewhere. ``calibrate``: after training, fit a
+    temperature on the kept epoch's valid logits (minimum NLL) and record it in the package
+    (``wsi_toolkit.calibration``), which every inference path then applies.
     """
 
     data: Path
@@ -145,6 +148,7 @@ class TrainConfig:
     top_losses: int = 9
     overwrite: bool = False
     progress: bool = True
+    calibrate: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
@@ -377,13 +381,14 @@ class _Fit:
 
 @dataclass
 class _Eval:
-    """The kept epoch's predictions on valid (probabilities, targets, losses) and the metrics."""
+    """The kept epoch's predictions on valid (probabilities, targets, losses, logits) and the metrics."""
 
     probs: np.ndarray
     targs: np.ndarray
     losses: np.ndarray
     valid: dict[str, Any]
     test: dict[str, Any] | None
+    logits: np.ndarray | None = None
 
 
 def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_start: float) -> TrainResult:
@@ -410,6 +415,8 @@ def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_star
     ev = _evaluate(learn, data, bar_ctx)
     rows = _diagnostic_plots(run, learn, data, fit, ev)
     settings, metrics, extra = _records(run, learn, data, fit, ev, rows)
+    if config.calibrate:
+        extra["calibration"] = metrics["calibration"] = _fit_calibration(data, ev)
     package_dir = run.out / "model"
     cfg = learner_config(learn, arch=spec.name, size=config.size, mean=spec.mean, std=spec.std, extra=extra)
     export_learner(learn, package_dir, config=cfg, overwrite=config.overwrite)
@@ -552,19 +559,21 @@ def _evaluate(learn: Learner, data: _Data, bar_ctx: Callable[[], Any]) -> _Eval:
     """The kept (best) epoch on valid, and on test when there is one."""
 
     def predict(split: str):
-        with bar_ctx():
-            probs, targs, losses = learn.get_preds(dl=data.loaders.dl(split), with_loss=True)
-        return probs.float().numpy(), targs.numpy().astype(np.int64), losses.float().numpy()
+        with bar_ctx():  # act=identity: the logits (the loss is computed on them either way)
+            logits, targs, losses = learn.get_preds(dl=data.loaders.dl(split), with_loss=True, act=lambda x: x)
+        logits = logits.float()
+        return (torch.softmax(logits, dim=1).numpy(), targs.numpy().astype(np.int64), losses.float().numpy(),
+                logits.numpy())
 
-    v_probs, v_targs, v_losses = predict("valid")
+    v_probs, v_targs, v_losses, v_logits = predict("valid")
     valid_metrics = binary_metrics(v_probs, v_targs, tumor_index=TUMOR_INDEX, class_names=CLASS_NAMES)
     valid_metrics["leaky"] = data.leaky
     test_metrics = None
     if "test" in data.loaders.items:
-        t_probs, t_targs, _ = predict("test")
+        t_probs, t_targs, _, _ = predict("test")
         test_metrics = binary_metrics(t_probs, t_targs, tumor_index=TUMOR_INDEX, class_names=CLASS_NAMES)
         test_metrics["leaky"] = bool(getattr(data.splits["test"], "leaky", False))
-    return _Eval(v_probs, v_targs, v_losses, valid_metrics, test_metrics)
+    return _Eval(v_probs, v_targs, v_losses, valid_metrics, test_metrics, v_logits)
 
 
 def _diagnostic_plots(run: _Run, learn: Learner, data: _Data, fit: _Fit, ev: _Eval) -> list[dict[str, Any]]:
@@ -655,16 +664,31 @@ def _records(run: _Run, learn: Learner, data: _Data, fit: _Fit, ev: _Eval,
     return settings, metrics, extra
 
 
+def _fit_calibration(data: _Data, ev: _Eval) -> dict[str, Any]:
+    """The temperature minimising the NLL of the kept epoch's valid logits, as the package records it
+    (:func:`wsi_toolkit.reliability.temperature_calibration`)."""
+    assert ev.logits is not None
+    leaky = " (LEAKY random split)" if data.leaky else ""
+    cal = temperature_calibration(ev.logits, ev.targs, tumor_index=TUMOR_INDEX,
+                                  fitted_on=f"valid split{leaky}, n={len(ev.targs)}, after training (pcam-train)")
+    logger.info("temperature %.4g fitted on valid (NLL %.4f -> %.4f, ECE %.4f -> %.4f)%s", cal["temperature"],
+                cal["nll_before"], cal["nll_after"], cal["ece_before"], cal["ece_after"],
+                "; at its bound: valid is separated perfectly or nearly" if cal.get("at_bound") else "")
+    return cal
+
+
 def _check_export(run: _Run, package_dir: Path, data: _Data, ev: _Eval) -> float:
     """The exported package through the inference path against the learner on valid patches: max |dp|
-    (a warning above the precision's tolerance)."""
-    from wsi_toolkit.model_package import load_model_package
+    (a warning above the precision's tolerance). Both at the package's temperature."""
+    from wsi_toolkit.model_package import load_model_package, probabilities
 
     pkg = load_model_package(package_dir)
     valid_ds = data.loaders.datasets["valid"]
     n_chk = min(64, len(valid_ds))
     chk = np.stack([np.asarray(valid_ds[i][0]) for i in range(n_chk)])
-    diff = float(np.abs(pkg.predict_class_proba(torch.from_numpy(chk)).numpy() - ev.probs[:n_chk]).max())
+    want = (ev.probs[:n_chk] if ev.logits is None
+            else probabilities(torch.from_numpy(ev.logits[:n_chk]), pkg.temperature).numpy())
+    diff = float(np.abs(pkg.predict_class_proba(torch.from_numpy(chk)).numpy() - want).max())
     tol = 1e-4 if run.precision == "fp32" else 2e-2
     if diff > tol:
         logger.warning("exported package and learner disagree by %.3g on valid patches (tolerance %g)", diff, tol)

@@ -244,7 +244,8 @@ def test_schema_checker_rejects_broken_configs():
 
 def test_package_loads_and_matches_the_learner(trained, tiny_pcam):
     """Probabilities through wsi_toolkit's inference path (load_model_package + Preprocess + model +
-    softmax) equal the learner's get_preds on the same patches, to 1e-4."""
+    softmax at the package's temperature) equal the learner's get_preds logits, divided by that
+    temperature, on the same patches, to 1e-4."""
     _, out, _ = trained
     pkg = load_model_package(out / "model")
     assert pkg.config.class_names == CLASS_NAMES and pkg.config.tumor_index() == 1 and pkg.config.is_synthetic
@@ -254,10 +255,33 @@ def test_package_loads_and_matches_the_learner(trained, tiny_pcam):
     learn.load("best", with_opt=False, weights_only=False)  # the kept epoch, which the package was exported from
     for split in ("valid", "test"):
         with learn.no_bar():
-            probs_learner = learn.get_preds(dl=data.dl(split))[0].numpy()
+            logits_learner = learn.get_preds(dl=data.dl(split), act=lambda z: z)[0].float()
+        probs_learner = torch.softmax(logits_learner / pkg.temperature, dim=1).numpy()
         x, _ = _valid_patches(tiny_pcam, split)
         probs_pkg = pkg.predict_class_proba(torch.from_numpy(x)).numpy()
         assert np.abs(probs_pkg - probs_learner).max() <= 1e-4, split
+
+
+def test_package_records_a_temperature_fitted_on_valid(trained, tiny_pcam, capsys):
+    """pcam-train fits the temperature on the kept epoch's valid logits: it minimises their NLL
+    (checked here from the package's own logits, by hand), and the package records it."""
+    _, out, _ = trained
+    cal = json.loads((out / "model" / "config.json").read_text())["wsi_toolkit"]["calibration"]
+    assert cal == json.loads((out / "metrics.json").read_text())["calibration"]
+    assert cal["method"] == "temperature" and cal["n"] == 64 and cal["fitted_on"].startswith("valid split, n=64")
+    pkg = load_model_package(out / "model")
+    assert pkg.temperature == cal["temperature"]
+    x, y = _valid_patches(tiny_pcam)
+    z = pkg.predict_logits(torch.from_numpy(x)).double()
+
+    def nll(t: float) -> float:
+        return float(-torch.log_softmax(z / t, dim=1)[torch.arange(len(y)), torch.as_tensor(y).long()].mean())
+
+    t = cal["temperature"]
+    assert cal["nll_before"] == pytest.approx(nll(1.0), abs=1e-4)
+    assert cal["nll_after"] == pytest.approx(nll(t), abs=1e-4)
+    assert nll(t) <= nll(t * 1.1) + 1e-9
+    assert nll(t) <= nll(t / 1.1) + 1e-9 or t == pytest.approx(0.05)  # 0.05: the lower bound (separable valid)
 
 
 def test_run_inference_on_a_synthetic_slide_uses_the_package(trained, synthetic_slides):

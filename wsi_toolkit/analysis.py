@@ -151,7 +151,8 @@ class SlideAnalysis:
         return ModelInfo(path=str(self.package.path), sha256=self.package.sha256, architecture=cfg.architecture,
                          class_names=self.class_names, tumor_class=self.class_names[cfg.tumor_index()],
                          patch_size_pixels=cfg.patch_size_pixels, spacing_um_px=cfg.spacing_um_px,
-                         label_semantics=cfg.label_semantics, synthetic=bool(cfg.extra.get("synthetic")))
+                         label_semantics=cfg.label_semantics, synthetic=bool(cfg.extra.get("synthetic")),
+                         calibration=cfg.to_dict()["wsi_toolkit"].get("calibration"))
 
 
 def grid_settings(package: ModelPackage, config: RunConfig) -> tuple[GridConfig, MergeMode]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,9 @@ class SlideInfo:
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The model package: ``spacing_um_px`` and ``patch_size_pixels`` as in its config.json."""
+    """The model package: ``spacing_um_px`` and ``patch_size_pixels`` as in its config.json;
+    ``calibration`` the temperature calibration applied to its logits (its config.json's
+    ``wsi_toolkit.calibration``; None, absent from older records: none, i.e. temperature 1)."""
 
     path: str
     sha256: str
@@ -64,6 +66,7 @@ class ModelInfo:
     spacing_um_px: float
     label_semantics: str
     synthetic: bool
+    calibration: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -182,7 +185,8 @@ def _typed(kind: type, value: Any, key: str, source: str | os.PathLike[str]) -> 
     if not isinstance(value, dict):
         raise RunRecordError(f"{source}: {key} must be an object")
     names = {f.name for f in fields(kind)}
-    missing = sorted(names - set(value))
+    required = {f.name for f in fields(kind) if f.default is MISSING and f.default_factory is MISSING}
+    missing = sorted(required - set(value))
     if missing:
         raise RunRecordError(f"{source}: {key} is missing {missing}")
     return kind(**{k: v for k, v in value.items() if k in names})

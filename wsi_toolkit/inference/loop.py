@@ -3,7 +3,8 @@
 Batches go to the device as uint8 (4x less than float), pinned on CUDA; resizing and
 normalisation run on the device (:class:`wsi_toolkit.model_package.Preprocess`). The model is the
 package's torch model or, on a CPU, OpenVINO's compilation of it (:mod:`wsi_toolkit.runtime`).
-Logits become probabilities by :func:`wsi_toolkit.model_package.logits.probabilities`, re-exported here.
+Logits become probabilities by :func:`wsi_toolkit.model_package.logits.probabilities`, re-exported here,
+at the package's temperature (:attr:`~wsi_toolkit.model_package.ModelConfig.temperature`).
 """
 
 from __future__ import annotations
@@ -237,8 +238,9 @@ def run_inference(
 
     Patches are ``package.config.patch_size_pixels`` px at ``package.config.spacing_um_px``
     (a grid must have been made with that patch size and spacing). Returns class probabilities
-    (:func:`probabilities`) in the patches' order; the reader thread count does not change them.
-    With ``config.tta`` each patch is predicted in every view (:mod:`~.tta`), read once.
+    (:func:`probabilities`, at the package's temperature) in the patches' order; the reader thread
+    count does not change them. With ``config.tta`` each patch is predicted in every view (:mod:`~.tta`),
+    read once.
     """
     t_start = time.perf_counter()
     device = resolve_device(config.device)
@@ -300,6 +302,7 @@ def run_inference(
         probs[i] = mean
         if probs_std is not None:
             probs_std[i] = std
+    temperature = cfg.temperature  # 1.0 unless the package carries a fitted calibration
     read_s = wait_s = model_s = 0.0
     bar = tqdm(total=n, desc=desc, unit="patch", disable=not config.progress or None, leave=False)
 
@@ -326,7 +329,7 @@ def run_inference(
                 "real pixels, or try --batch-size 1",
                 source=package.path) from None
         _check_logits(logits, len(index) * views, cfg.num_classes, package.path)
-        p = probabilities(logits).cpu().numpy()
+        p = probabilities(logits, temperature).cpu().numpy()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         store(p, index)
@@ -339,7 +342,7 @@ def run_inference(
 
         def on_logits(logits: torch.Tensor, index: torch.Tensor) -> None:  # OpenVINO's threads
             _check_logits(logits, len(index) * views, cfg.num_classes, package.path)
-            p = probabilities(logits).numpy()
+            p = probabilities(logits, temperature).numpy()
             with lock:
                 store(p, index)
                 bar.update(len(index))

@@ -16,7 +16,8 @@ here. Modules:
 - :mod:`.schema`: the validation, a JSON Schema (``model_config.schema.json``) plus cross-field rules;
 - :mod:`.preprocess`: :class:`Preprocess`, the one interpretation of the ``transform`` list, on uint8
   patches already on the device;
-- :mod:`.io`: :class:`ModelPackage`, :func:`load_model_package`, :func:`save_model_package`;
+- :mod:`.io`: :class:`ModelPackage`, :func:`load_model_package`, :func:`save_model_package`,
+  :func:`set_calibration` (a fitted temperature into ``config.json``);
 - :mod:`.logits`: :func:`probabilities`, the one logits -> probabilities rule;
 - :mod:`.torchscript`: :func:`quiet_torchscript_deprecation`, the one TorchScript-warning guard.
 
@@ -58,6 +59,7 @@ if TYPE_CHECKING:
         ModelPackage,
         load_model_package,
         save_model_package,
+        set_calibration,
     )
     from wsi_toolkit.model_package.logits import probabilities  # noqa: F401
     from wsi_toolkit.model_package.preprocess import Preprocess  # noqa: F401
@@ -70,6 +72,7 @@ _LAZY = {
     "ExportedModel": "wsi_toolkit.model_package.io",
     "load_model_package": "wsi_toolkit.model_package.io",
     "save_model_package": "wsi_toolkit.model_package.io",
+    "set_calibration": "wsi_toolkit.model_package.io",
     "probabilities": "wsi_toolkit.model_package.logits",
     "quiet_torchscript_deprecation": "wsi_toolkit.model_package.torchscript",
 }

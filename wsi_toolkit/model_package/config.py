@@ -294,6 +294,16 @@ class ModelConfig:
         return int(sizes[-1]) if sizes else int(self.patch_size_pixels)
 
     @property
+    def temperature(self) -> float:
+        """The fitted temperature the logits are divided by before the softmax
+        (``wsi_toolkit.calibration``, ``{"method": "temperature", "temperature": T, ...}``, written by
+        ``pcam-train`` or ``pcam-eval --fit-temperature``); 1.0 for a package without calibration."""
+        cal = self.extra.get("calibration")
+        if isinstance(cal, Mapping) and cal.get("method") == "temperature":
+            return float(cal["temperature"])
+        return 1.0
+
+    @property
     def is_synthetic(self) -> bool:
         return bool(self.extra.get("synthetic", False))
 

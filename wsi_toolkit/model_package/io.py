@@ -36,13 +36,14 @@ import shutil
 import tempfile
 import time
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from wsi_toolkit.atomic import file_sha256
+from wsi_toolkit.atomic import file_sha256, write_text_atomic
 from wsi_toolkit.errors import ModelPackageError
 from wsi_toolkit.limits import PATCH_PX_RANGE, check_int
 from wsi_toolkit.model_package.config import (
@@ -57,7 +58,8 @@ from wsi_toolkit.model_package.preprocess import Preprocess
 from wsi_toolkit.model_package.torchscript import quiet_torchscript_deprecation
 
 # quiet_torchscript_deprecation is defined in .torchscript; listed here too, as before.
-__all__ = ["ModelPackage", "load_model_package", "save_model_package", "quiet_torchscript_deprecation"]
+__all__ = ["ModelPackage", "load_model_package", "save_model_package", "set_calibration",
+           "quiet_torchscript_deprecation"]
 
 logger = logging.getLogger(__name__)
 
@@ -109,14 +111,29 @@ class ModelPackage:
         self.device = torch.device(self.device)
         self.preprocess = Preprocess(self.config)
 
+    @property
+    def temperature(self) -> float:
+        """The package's fitted temperature (:attr:`ModelConfig.temperature`; 1.0 without calibration)."""
+        return self.config.temperature
+
     @torch.inference_mode()
-    def predict_class_proba(self, patches_uint8: torch.Tensor) -> torch.Tensor:
-        """``(N, H, W, 3)`` uint8 patches -> ``(N, num_classes)`` float32 probabilities on the CPU
-        (softmax over classes; sigmoid for a one-output model)."""
+    def predict_logits(self, patches_uint8: torch.Tensor) -> torch.Tensor:
+        """``(N, H, W, 3)`` uint8 patches -> ``(N, num_classes)`` float32 logits on the CPU, as the
+        model returns them (no temperature)."""
         if not isinstance(patches_uint8, torch.Tensor):
             patches_uint8 = torch.as_tensor(patches_uint8)
         x = self.preprocess(patches_uint8.to(self.device, non_blocking=True))
-        return probabilities(_as_logits(self.model(x), self.config)).cpu()
+        return _as_logits(self.model(x), self.config).float().cpu()
+
+    @torch.inference_mode()
+    def predict_class_proba(self, patches_uint8: torch.Tensor) -> torch.Tensor:
+        """``(N, H, W, 3)`` uint8 patches -> ``(N, num_classes)`` float32 probabilities on the CPU
+        (softmax over classes; sigmoid for a one-output model) of the logits divided by the
+        package's :attr:`temperature`."""
+        if not isinstance(patches_uint8, torch.Tensor):
+            patches_uint8 = torch.as_tensor(patches_uint8)
+        x = self.preprocess(patches_uint8.to(self.device, non_blocking=True))
+        return probabilities(_as_logits(self.model(x), self.config), self.temperature).cpu()
 
     def predict_proba(self, patches_uint8: torch.Tensor) -> torch.Tensor:
         """``(N, H, W, 3)`` uint8 patches -> ``(N,)`` float32 tumour probability on the CPU."""
@@ -408,3 +425,26 @@ def save_model_package(
     logger.info("saved model package %s (%s%s, sha256 %s)", dest, method,
                 f" + {EXPORT_NAME}" if program is not None else "", hashes["sha256"][:12])
     return dest
+
+
+def set_calibration(path: str | os.PathLike, calibration: Mapping[str, Any] | None) -> ModelConfig:
+    """Record ``calibration`` (``{"method": "temperature", "temperature": T, ...}``, e.g. from
+    :func:`wsi_toolkit.reliability.temperature_calibration`; None removes it) in the package's
+    ``config.json`` as ``wsi_toolkit.calibration``, checked by the schema and written atomically;
+    returns the new config. The weights are untouched, so the package's sha256 (and any converted
+    OpenVINO graph) stays; the sha256 of ``config.json`` changes, so ``wsi-infer`` redoes slides
+    made at the old temperature."""
+    cfg_path = Path(path) / CONFIG_NAME
+    if not cfg_path.is_file():
+        raise ModelPackageError(f"missing; a model package holds {CONFIG_NAME} and {TORCHSCRIPT_NAME}",
+                                source=cfg_path)
+    config = ModelConfig.from_dict(read_config_json(cfg_path), source=cfg_path)
+    try:
+        new = (config.without_extra("calibration") if calibration is None
+               else config.with_extra(calibration=dict(calibration)))
+    except ModelPackageError as e:
+        raise e._located(source=cfg_path) from None
+    write_text_atomic(cfg_path, new.to_json())
+    logger.info("%s: calibration %s", cfg_path, "removed" if calibration is None
+                else f"temperature {new.temperature:.4g}")
+    return new

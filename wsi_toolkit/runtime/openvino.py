@@ -106,8 +106,12 @@ def _quiet() -> Iterator[None]:
         cpp_log.setLevel(level)
 
 
-def _probabilities(logits: np.ndarray | torch.Tensor) -> np.ndarray:
-    return probabilities(torch.as_tensor(logits)).numpy()
+def _probabilities(logits: np.ndarray | torch.Tensor, temperature: float = 1.0) -> np.ndarray:
+    """Probabilities of logits. The conversion and quantization checks compare the network's own
+    outputs (``temperature`` 1): the graph and its cache entry are keyed by the weights, not by the
+    package's calibration, which is applied after the graph (:meth:`OpenVinoModel.predict_class_proba`,
+    the inference loop)."""
+    return probabilities(torch.as_tensor(logits), temperature).numpy()
 
 
 def _tumor_column(package: ModelPackage, probs: np.ndarray) -> np.ndarray:
@@ -385,11 +389,15 @@ class OpenVinoModel:
         self._request.infer({0: self._array(x)}, share_inputs=True)
         return torch.from_numpy(np.array(self._request.get_output_tensor(0).data, np.float32, copy=True))
 
-    def predict_class_proba(self, patches_uint8: np.ndarray | torch.Tensor) -> np.ndarray:
-        """``(N, H, W, 3)`` uint8 patches -> ``(N, num_classes)`` float32 probabilities (as
-        :meth:`wsi_toolkit.model_package.ModelPackage.predict_class_proba`)."""
+    def predict_logits(self, patches_uint8: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``(N, H, W, 3)`` uint8 patches -> ``(N, num_classes)`` float32 logits (no temperature)."""
         x = np.asarray(patches_uint8, np.uint8)
-        return _probabilities(_infer(self._compiled, x if self.takes_uint8 else _preprocessed(self.package, x)))
+        return _infer(self._compiled, x if self.takes_uint8 else _preprocessed(self.package, x))
+
+    def predict_class_proba(self, patches_uint8: np.ndarray | torch.Tensor) -> np.ndarray:
+        """``(N, H, W, 3)`` uint8 patches -> ``(N, num_classes)`` float32 probabilities at the package's
+        temperature (as :meth:`wsi_toolkit.model_package.ModelPackage.predict_class_proba`)."""
+        return _probabilities(self.predict_logits(patches_uint8), self.package.config.temperature)
 
     def predict_proba(self, patches_uint8: np.ndarray | torch.Tensor) -> np.ndarray:
         return _tumor_column(self.package, self.predict_class_proba(patches_uint8))
