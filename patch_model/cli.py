@@ -248,9 +248,10 @@ def _parse_assignments(items: tuple[str, ...]) -> dict[str, str]:
 @click.option("--seed", type=int, default=0)
 @click.option("--mpp", type=float, default=None, callback=check_mpp_option,
               help="Level-0 um/px for slides without resolution metadata.")
-@click.option("--read-from", type=click.Choice(list(READ_FROM)), default="nearest", show_default=True,
-              help="Pyramid level the patches are read from, as wsi-infer --read-from: cut training patches the way "
-                   "the model will be run (docs/frames.md).")
+@click.option("--read-from", type=click.Choice(list(READ_FROM)), default="finer", show_default=True,
+              help="Pyramid level the patches are read from, as wsi-infer --read-from (the same default): nearest, "
+                   "the level nearest 0.972 um/px; finer, a level at least 2x finer area-averaged to 96 px; level0 "
+                   "(docs/frames.md).")
 @click.option("-v", "--verbose", count=True)
 def _patches_command(slides, annotations, out, per_slide, split_fractions, assign, no_balance, min_tissue, seed, mpp,
                      read_from, verbose) -> int:

@@ -308,7 +308,7 @@ def cut_pcam_patches(
     mpp: float | None = None,
     min_tissue_fraction: float = 0.5,
     splits: Mapping[str, str] | None = None,
-    read_from: ReadFrom = "nearest",
+    read_from: ReadFrom = "finer",
 ) -> dict:
     """Cut a PCam-style, slide-split patch set from annotated slides; returns the summary.
 
@@ -410,7 +410,7 @@ def cut_pcam_patches(
 
 
 def _write_split(out: Path, split: str, members: list[_SlidePlan], *, seed: int, mpp: float | None, bar,
-                 failed: dict, read_from: ReadFrom = "nearest") -> dict[str, int]:
+                 failed: dict, read_from: ReadFrom = "finer") -> dict[str, int]:
     """Read and write one split; a slide whose patches cannot be read is dropped and recorded. Patches are
     read by ``wsi-infer``'s reader (one block per patch), from the level ``read_from`` picks."""
     writer = _PCamWriter(out, split, expected=sum(p.take_pos + p.take_neg for p in members))

@@ -246,17 +246,21 @@ def test_batch_size_option(align_slides, model_dir, tmp_path, capsys, value, ok)
 
 
 def test_read_from_is_recorded_and_a_change_redoes_the_slide(align_slides, model_dir, tmp_path, caplog):
-    """--read-from finer reads level 1 of the 40x slide: recorded in run.json's settings and output_key, the
-    heatmap differs from a nearest run's, and going back to nearest redoes the slide, saying why."""
+    """The default (finer) reads level 1 of the 40x slide at twice the pixels: recorded in run.json's settings,
+    timings and output_key; the heatmap differs from a nearest run's; going to nearest redoes the slide,
+    saying why."""
     a = align_slides[0.243].path
-    assert infer([a], model_dir, tmp_path / "near") == 0
-    assert infer([a], model_dir, tmp_path, "--read-from", "finer") == 0
+    assert infer([a], model_dir, tmp_path / "near", "--read-from", "nearest") == 0
+    assert infer([a], model_dir, tmp_path) == 0
     run = json.loads((tmp_path / a.stem / "run.json").read_text())
     assert run["settings"]["run"]["inference"]["read_from"] == "finer"
     assert run["output_key"]["read_from"] == "finer"
+    assert (run["timings"]["read_level"], run["timings"]["read_oversample"]) == (1, 2)
+    near_run = json.loads((tmp_path / "near" / a.stem / "run.json").read_text())
+    assert (near_run["timings"]["read_level"], near_run["timings"]["read_oversample"]) == (2, 1)
     near = [float(r["prob_tumor"]) for r in read_tiles(tmp_path / "near" / a.stem / "tiles.csv")]
     finer = [float(r["prob_tumor"]) for r in read_tiles(tmp_path / a.stem / "tiles.csv")]
     assert len(near) == len(finer) and near != finer
     with caplog.at_level("INFO", logger="wsi_toolkit.pipeline"):
-        assert infer([a], model_dir, tmp_path) == 0
+        assert infer([a], model_dir, tmp_path, "--read-from", "nearest") == 0
     assert [r for r in caplog.records if "read_from finer -> nearest" in r.getMessage()]

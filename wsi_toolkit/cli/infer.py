@@ -76,9 +76,9 @@ class _BatchSize(click.ParamType):
                    "Same fp32 probabilities within 1e-4; a Resize that shrinks the patch always runs in torch.")
 @click.option("--read-from", type=click.Choice(list(READ_FROM)), default=InferenceConfig.read_from, show_default=True,
               help="Pyramid level the patches are read from: nearest, the level nearest the model's um/px (fewest "
-                   "pixels to decode); finer, a level at least 2x finer shrunk with an antialiasing filter (averages "
-                   "out the coarse level's JPEG artefacts; ~4x the pixels on a 2x pyramid); level0, level 0 "
-                   "(as WSInfer). It changes outputs: recorded in run.json. docs/frames.md says which to use.")
+                   "pixels, ~20% faster; hands the model that level's own JPEG artefacts); finer, a level at least "
+                   "2x finer, handed to a resizing model at twice the pixels so its Resize makes the input in one "
+                   "step; level0, level 0 (as WSInfer). Changes outputs: recorded in run.json. docs/frames.md.")
 @click.option("--tta", type=click.Choice(["none", "flips", "dihedral"]), default="none", show_default=True,
               help="Test-time augmentation: each patch predicted in several orientations (flips: identity, "
                    "horizontal, vertical and both flips, 4 views; dihedral: the 8 rotations and reflections), the "

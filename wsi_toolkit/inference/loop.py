@@ -89,8 +89,11 @@ class InferenceConfig:
     fp32 probabilities agree within 1e-4 (3e-5 measured on real patches).
     ``read_from``: which pyramid level the patches are read from (:data:`wsi_toolkit.slide.ReadFrom`):
     ``nearest`` the level nearest the model's um/px, ``finer`` a level at least 2x finer shrunk with an
-    antialiasing filter, ``level0`` level 0 (as WSInfer). It changes the pixels the model sees; the
-    default was chosen by measurement on real-tissue mosaic slides (docs/frames.md, BENCHMARKS.md).
+    area-averaging filter, ``level0`` level 0 (as WSInfer); ``finer`` and ``level0`` hand a model whose
+    package resizes its input twice the pixels from a finer level, so its Resize makes the input in one
+    step. It changes the pixels the model sees. The default, ``finer``, was chosen by measurement on
+    real-tissue mosaic slides (at least as accurate as WSInfer on every one; ``nearest`` 2-3 points
+    less accurate on 40x and 20x JPEG slides) at ~20% of the speed (docs/frames.md, BENCHMARKS.md).
     ``tta``: test-time augmentation (:mod:`~.tta`): ``"none"``, ``"flips"`` (4 views) or
     ``"dihedral"`` (8 views); each patch's probabilities are the mean over its views and
     :attr:`InferenceResult.probs_std` their spread. The slide is read once: each batch of
@@ -112,7 +115,7 @@ class InferenceConfig:
     calibration: str | None = None
     ov_requests: int | None = 1
     ov_preprocess: Literal["graph", "torch"] = "graph"
-    read_from: ReadFrom = "nearest"
+    read_from: ReadFrom = "finer"
     tta: TtaMode = "none"
 
     def __post_init__(self) -> None:
@@ -271,9 +274,13 @@ def run_inference(
         from wsi_toolkit.runtime import load_calibration
 
         given = load_calibration(config.calibration)
+    # read_from finer/level0 hands a resizing model twice the pixels from a finer level (PatchBlocks): its
+    # Resize then runs in torch (an OpenVINO graph with the preprocessing inside takes patch_px patches).
+    oversample_ok = any(step.name == "Resize" and step.size is not None for step in cfg.transform)
+    ov_preprocess = "torch" if oversample_ok and config.read_from != "nearest" else config.ov_preprocess
     choice = select_runtime(package, runtime=runtime, precision=config.precision, device=device,
                             cache_dir=config.cache_dir, calibration=calibration if given is None else given,
-                            requests=config.ov_requests, preprocess=config.ov_preprocess)
+                            requests=config.ov_requests, preprocess=ov_preprocess)
     model: Any
     if choice.model is not None:
         model, amp_dtype, precision = choice.model, None, choice.precision
@@ -291,7 +298,7 @@ def run_inference(
     workers = config.n_workers(device) if n * views > config.nominal_batch_size() else 0
     read_batch = max(1, batch_size // views)  # patches per forward pass, each in all its views
     reader = PatchBlocks(slide_path, blocks, patch_px=cfg.patch_size_pixels, spacing_um_px=cfg.spacing_um_px,
-                         mpp=mpp, backend=backend, read_from=config.read_from)
+                         mpp=mpp, backend=backend, read_from=config.read_from, oversample_ok=oversample_ok)
     probs = np.zeros((n, cfg.num_classes if cfg.num_classes > 1 else 1), np.float32)
     probs_std = np.zeros_like(probs) if views > 1 else None
 
@@ -384,7 +391,8 @@ def run_inference(
         probs=probs, device=str(device), precision=precision, n_patches=n,
         seconds_total=time.perf_counter() - t_start, seconds_read=read_s, seconds_wait=wait_s,
         seconds_model=model_s, workers=workers, batch_size=read_batch * views,
-        extra={"n_regions": len(blocks), **({"tta": config.tta, "tta_views": views} if views > 1 else {}),
+        extra={"n_regions": len(blocks), "read_level": reader.level, "read_oversample": reader.oversample,
+               **({"tta": config.tta, "tta_views": views} if views > 1 else {}),
                "model_path": model.path, "seconds_model_setup": round(seconds_setup, 4),
                **{f"runtime_{k}": v for k, v in choice.stats.items()}},
         runtime={**choice.info, "precision": precision}, probs_std=probs_std,

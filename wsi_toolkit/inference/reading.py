@@ -97,11 +97,16 @@ class PatchBlocks:
     (:meth:`~wsi_toolkit.slide.SlideReader.reserve_tile_cache`). A read that fails raises its own
     exception in the caller, as without threads. ``read_from`` picks the pyramid level the regions
     are read from and shrunk (:meth:`~wsi_toolkit.slide.SlideReader.read_at_mpp`), in the reader
-    threads: the model gets uint8 patches at ``spacing_um_px`` whichever level was decoded.
+    threads: the model gets uint8 patches at ``spacing_um_px`` whichever level was decoded. With
+    ``oversample_ok`` (the model's package resizes its input) and ``read_from`` other than ``nearest``,
+    a level finer than ``spacing_um_px`` is handed on at twice the pixels (``2 * patch_px`` at half the
+    um/px, :attr:`oversample` = 2), so the package's Resize makes the model's input from it in one
+    step instead of through ``patch_px`` first (docs/frames.md says why).
     """
 
     def __init__(self, slide_path: str | Path, blocks: list[Block], *, patch_px: int, spacing_um_px: float,
-                 mpp: float | None = None, backend: str = "auto", read_from: ReadFrom = "nearest"):
+                 mpp: float | None = None, backend: str = "auto", read_from: ReadFrom = "nearest",
+                 oversample_ok: bool = False):
         self.slide_path = str(slide_path)
         self.blocks = blocks
         self.patch_px = int(patch_px)
@@ -109,6 +114,10 @@ class PatchBlocks:
         self.mpp = mpp
         self.backend = backend
         self.read_from = read_from
+        self.oversample_ok = oversample_ok
+        #: set when :meth:`read` opens the slide: the level read and the oversampling factor used
+        self.level: int | None = None
+        self.oversample = 1
 
     def __len__(self) -> int:
         return len(self.blocks)
@@ -118,6 +127,9 @@ class PatchBlocks:
         if not self.blocks:
             return
         with open_slide(self.slide_path, mpp=self.mpp, backend=self.backend) as slide:  # type: ignore[arg-type]
+            self.level = slide.read_level_for(self.spacing_um_px, self.read_from)
+            finer = slide.level_mpp(self.level) < self.spacing_um_px * (1 - 1e-6)
+            self.oversample = 2 if self.oversample_ok and self.read_from != "nearest" and finer else 1
             slide.reserve_tile_cache(self.spacing_um_px, read_from=self.read_from)
             if threads <= 0:
                 for b in self.blocks:
@@ -144,6 +156,8 @@ class PatchBlocks:
 
     def _read_block(self, slide: SlideReader, b: Block) -> tuple[np.ndarray, np.ndarray, float]:
         t0 = time.perf_counter()
-        region = slide.read_at_mpp(b.region_l0_xy, b.region_px, self.spacing_um_px, read_from=self.read_from)
-        patches = cut_patches(region, b.offsets_px, self.patch_px)
+        k = self.oversample
+        region = slide.read_at_mpp(b.region_l0_xy, b.region_px, self.spacing_um_px, read_from=self.read_from,
+                                   oversample=k)
+        patches = cut_patches(region, b.offsets_px * k, self.patch_px * k)
         return patches, b.index, time.perf_counter() - t0

@@ -265,7 +265,7 @@ class SlideReader(ABC):
         return out
 
     def read_at_mpp(self, l0_xy: Sequence[float], size_px: Sequence[int], mpp: float, *,
-                    read_from: ReadFrom = "nearest") -> np.ndarray:
+                    read_from: ReadFrom = "nearest", oversample: int = 1) -> np.ndarray:
         """Read a box at a physical resolution.
 
         The box starts at ``l0_xy`` (level-0 px, may be fractional) and is ``size_px`` (w, h)
@@ -279,13 +279,25 @@ class SlideReader(ABC):
         as a pyramid level is made), which averages out the coarse level's own JPEG artefacts at ~4x
         (finer, 2x pyramid) or ~16x (level0, 40x slide) the pixels decoded. Returns RGB uint8 (h, w, 3).
 
+        ``oversample`` k > 1: the same box from the same level, returned at ``mpp / k`` um/px
+        (``size_px * k`` pixels), area-averaged where that level is finer still, enlarged (bilinear)
+        where it is not: what ``wsi-infer --read-from finer`` hands a model whose package resizes
+        its input, so the coarse picture is made once, by the model's own Resize (docs/frames.md).
+
         Example: on a 0.226 um/px slide, ``read_at_mpp((0, 0), (96, 96), 0.972)`` reads level 2
         (0.904 um/px) and shrinks 104.2 level-2 px to 96, giving a true PCam-scale patch; with
         ``read_from="finer"`` it reads level 1 (0.452 um/px) and shrinks 208.4 px to 96.
         """
+        if not (isinstance(oversample, int) and oversample >= 1):
+            raise ConfigError(f"oversample must be a whole number >= 1; got {oversample!r}")
         level = self.read_level_for(mpp, read_from)
-        resample = Image.Resampling.BILINEAR if read_from == "nearest" else Image.Resampling.BOX
-        return self._read_at_mpp(l0_xy, size_px, mpp, level=level, resample=resample)
+        out_mpp = mpp / oversample
+        w, h = (int(v) for v in _as_pair(size_px, "size_px"))
+        if read_from == "nearest" or self.level_mpp(level) >= out_mpp * (1 - _EXACT_TOL):
+            resample = Image.Resampling.BILINEAR
+        else:
+            resample = Image.Resampling.BOX
+        return self._read_at_mpp(l0_xy, (w * oversample, h * oversample), out_mpp, level=level, resample=resample)
 
     def _read_at_mpp(self, l0_xy: Sequence[float], size_px: Sequence[int], mpp: float, *,
                      reducing_gap: float | None = None, level: int | None = None,
