@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(args.out / "robustness.json", record)
     write_text_atomic(args.out / "robustness.md", table(rows))
     plot(rows, args.out / "robustness.png",
-         title=f"{args.package.name}: {len(patches)} held-back patches ({note}accuracy vs perturbation strength)")
+         title=f"{args.package}: {len(patches)} held-back patches ({note}accuracy vs perturbation strength)")
     print(table(rows))
     return 0
 
