@@ -1,21 +1,27 @@
-"""Batch transforms of the training DataLoaders: dihedral symmetries, H&E stain jitter, resize.
+"""Transforms of the training DataLoaders: dihedral symmetries, H&E stain jitter, resize, scanner.
 
-All run on the device, on whole batches. :class:`DihedralBatch` and :class:`HedJitterBatch`
-touch training batches only; :class:`ResizeBatch` is the same op as inference's ``Resize``.
+The batch transforms run on the device, on whole batches: :class:`DihedralBatch` and
+:class:`HedJitterBatch` touch training batches only; :class:`ResizeBatch` is the same op as
+inference's ``Resize``. :class:`ScannerItem` (``+scanner``) is an item transform: it runs per
+uint8 patch on the CPU, in the DataLoader's workers, training items only, and applies
+:class:`patch_model.scanner.ScannerAugment` (JPEG, blur, resampling, stain, brightness/contrast).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from patch_model._fastai import RandTransform, TensorImage, Transform
+from patch_model.scanner import ScannerAugment
 from wsi_toolkit.errors import ConfigError
 
-__all__ = ["SYMMETRIES", "AUGMENTS", "parse_augment", "describe_augment", "DihedralBatch", "HedJitterBatch",
-           "hed_jitter", "ResizeBatch"]
+__all__ = ["SYMMETRIES", "AUGMENTS", "AugmentSpec", "parse_augment", "describe_augment", "DihedralBatch",
+           "HedJitterBatch", "hed_jitter", "ResizeBatch", "ScannerItem"]
 
 #: The symmetries of the square each augmentation draws from, as fastai ``TensorImage.dihedral``
 #: indices: ``flips`` = the article's horizontal and vertical flips (identity, left-right,
@@ -23,29 +29,50 @@ __all__ = ["SYMMETRIES", "AUGMENTS", "parse_augment", "describe_augment", "Dihed
 #: transposes (all 8). Tissue has no up or left, so every one is a valid view of a patch.
 SYMMETRIES: Mapping[str, tuple[int, ...]] = {"none": (0,), "flips": (0, 1, 2, 4), "dihedral": tuple(range(8))}
 
-#: ``TrainConfig.augment`` values: a geometric set from :data:`SYMMETRIES`, optionally ``+hed``.
-AUGMENTS = ("none", "flips", "dihedral", "flips+hed", "dihedral+hed")
+#: The additions a geometric set takes after ``+``: ``hed`` = :class:`HedJitterBatch` (Tellez's
+#: HED-light, on the device); ``scanner`` = :class:`ScannerItem` (the slide path's JPEG, blur,
+#: resampling, stronger stain jitter, brightness/contrast; per item on the CPU).
+EXTRAS = ("hed", "scanner")
+
+#: ``TrainConfig.augment`` values: a geometric set from :data:`SYMMETRIES`, optionally ``+`` one of :data:`EXTRAS`.
+AUGMENTS = ("none", "flips", "dihedral", "flips+hed", "dihedral+hed", "flips+scanner", "dihedral+scanner")
 
 #: Half-width of the HED jitter (Tellez et al.'s "HED-light"), in natural-log optical density.
 HED_SIGMA = 0.05
 
+#: The ``+scanner`` augmentation's settings.
+SCANNER = ScannerAugment()
 
-def parse_augment(augment: str) -> tuple[str, bool]:
-    """``"dihedral+hed"`` -> ``("dihedral", True)``; :class:`ConfigError` for anything else than
-    :data:`AUGMENTS`."""
+
+@dataclass(frozen=True)
+class AugmentSpec:
+    """An ``augment`` value taken apart: the geometric set and which extras are on."""
+
+    geometric: str
+    hed: bool = False
+    scanner: bool = False
+
+
+def parse_augment(augment: str) -> AugmentSpec:
+    """``"dihedral+hed"`` -> ``AugmentSpec("dihedral", hed=True)``; :class:`ConfigError` for anything
+    else than :data:`AUGMENTS`."""
     if augment not in AUGMENTS:
         raise ConfigError(f"augment must be one of {', '.join(AUGMENTS)}; got {augment!r}")
-    geometric, _, hed = augment.partition("+")
-    return geometric, hed == "hed"
+    geometric, _, extra = augment.partition("+")
+    return AugmentSpec(geometric, hed=extra == "hed", scanner=extra == "scanner")
 
 
 def describe_augment(augment: str) -> str:
     """One line of plain words for ``settings.json``."""
-    geometric, hed = parse_augment(augment)
+    spec = parse_augment(augment)
     text = {"none": "no geometric augmentation",
             "flips": "horizontal and vertical flips (the article's), each with p=0.5",
-            "dihedral": "dihedral (8 symmetries of the square: flips and 90-degree rotations)"}[geometric]
-    return text + (f" + H&E stain jitter (HED, sigma {HED_SIGMA:g})" if hed else "") + ", train only"
+            "dihedral": "dihedral (8 symmetries of the square: flips and 90-degree rotations)"}[spec.geometric]
+    if spec.hed:
+        text += f" + H&E stain jitter (HED, sigma {HED_SIGMA:g})"
+    if spec.scanner:
+        text += f" + {SCANNER.describe()}"
+    return text + ", train only"
 
 
 class DihedralBatch(RandTransform):
@@ -139,3 +166,24 @@ class ResizeBatch(Transform):
             return x
         return TensorImage(F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False,
                                          antialias=True))
+
+
+class ScannerItem(Transform):
+    """Item transform ``+scanner``: each training patch (uint8 ``TensorImage`` ``(3, H, W)``, on the
+    CPU, in the DataLoader's workers) through ``augment`` (:class:`~patch_model.scanner.ScannerAugment`:
+    the slide path's JPEG, blur, resampling, stain, brightness and contrast at random strengths).
+    Labels pass untouched; validation and test items too (``split_idx=0``). The randomness is
+    drawn from torch's generator (one seed per item), which fastai and torch seed per worker, so a
+    run is repeatable under ``set_seed``."""
+
+    order, split_idx = 10, 0
+
+    def __init__(self, augment: ScannerAugment = SCANNER):
+        super().__init__()
+        self.augment = augment
+
+    def encodes(self, x: TensorImage):
+        rng = np.random.default_rng(int(torch.randint(0, 2**62, ())))
+        hwc = np.ascontiguousarray(x.permute(1, 2, 0).numpy())
+        out = self.augment(hwc, rng)
+        return TensorImage(torch.from_numpy(out).permute(2, 0, 1).contiguous())

@@ -56,10 +56,12 @@ def _fmt(v) -> str:
               help="Kaggle layout only: share of the random (LEAKY) validation split.")
 @click.option("--test-fraction", type=float, default=0.0,
               help="Kaggle layout only: share held back as a random (LEAKY) test split, outside the best-epoch choice.")
-@click.option("--augment", type=click.Choice(["none", "flips", "dihedral", "flips+hed", "dihedral+hed"]),
+@click.option("--augment", type=click.Choice(["none", "flips", "dihedral", "flips+hed", "dihedral+hed",
+                                              "flips+scanner", "dihedral+scanner"]),
               default="dihedral",
               help="Training augmentation: flips = the article's horizontal + vertical flips; dihedral adds the "
-                   "90-degree rotations; +hed adds H&E stain jitter (Tellez et al.).")
+                   "90-degree rotations; +hed adds H&E stain jitter (Tellez et al.); +scanner adds what slides do "
+                   "(JPEG, blur, resampling, stronger stain jitter, brightness/contrast; per patch on the CPU).")
 @click.option("--monitor", type=click.Choice(["roc_auc_score", "valid_loss", "accuracy"]), default="roc_auc_score",
               help="Validation value that picks the kept (best) epoch.")
 @click.option("--lr-find-iters", type=int, default=None,

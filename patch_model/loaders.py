@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from patch_model._fastai import Categorize, DataLoaders, Datasets, IntToFloatTensor, Normalize, TensorImage, Transform
-from patch_model.augment import SYMMETRIES, DihedralBatch, HedJitterBatch, ResizeBatch, parse_augment
+from patch_model.augment import SYMMETRIES, DihedralBatch, HedJitterBatch, ResizeBatch, ScannerItem, parse_augment
 from patch_model.data import CLASS_NAMES
 from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.model_package import IMAGENET_MEAN, IMAGENET_STD
@@ -104,7 +104,8 @@ def build_dataloaders(
     """fastai ``DataLoaders`` over torch datasets of ``(uint8 (96, 96, 3) patch, int label)``.
 
     Items become a uint8 ``TensorImage`` (CHW) and a ``TensorCategory`` (vocab ``class_names``
-    in label order: index 1 = PCam label 1 = tumour). Batch transforms run on ``device``:
+    in label order: index 1 = PCam label 1 = tumour). With ``+scanner``, training items first go
+    through :class:`ScannerItem` (uint8, CPU, in the workers). Batch transforms run on ``device``:
     ``IntToFloatTensor`` (/255), the training augmentation ``augment`` (one of
     :data:`~patch_model.augment.AUGMENTS`: :class:`HedJitterBatch` for ``+hed``, then
     :class:`DihedralBatch` over the ``flips`` or all ``dihedral`` symmetries; ``True`` =
@@ -112,7 +113,7 @@ def build_dataloaders(
     ``Normalize(mean, std)``; i.e. on validation batches, the inference ``Preprocess`` of
     ``pcam_config(input_size=size, mean=mean, std=std)``.
     """
-    geometric, hed = parse_augment({True: "dihedral", False: "none"}.get(augment, augment))
+    spec = parse_augment({True: "dihedral", False: "none"}.get(augment, augment))
     if "train" not in splits or "valid" not in splits:
         raise ConfigError(f"need 'train' and 'valid' splits; got {sorted(splits)}")
     order = ["train", "valid"] + sorted(s for s in splits if s not in ("train", "valid"))
@@ -137,13 +138,14 @@ def build_dataloaders(
         splits=[list(items["train"]), list(items["valid"])],
     )
     batch_tfms = [IntToFloatTensor()]
-    if hed:
+    if spec.hed:
         batch_tfms.append(HedJitterBatch())
-    if geometric != "none":
-        batch_tfms.append(DihedralBatch(SYMMETRIES[geometric]))
+    if spec.geometric != "none":
+        batch_tfms.append(DihedralBatch(SYMMETRIES[spec.geometric]))
     batch_tfms += [ResizeBatch(size), Normalize.from_stats(list(mean), list(std), cuda=False)]
     dev = torch.device(device)
-    dls = dsets.dataloaders(bs=batch_size, after_batch=batch_tfms, device=dev, num_workers=int(workers),
-                            pin_memory=dev.type == "cuda")
+    item_tfms = [ScannerItem()] if spec.scanner else None
+    dls = dsets.dataloaders(bs=batch_size, after_item=item_tfms, after_batch=batch_tfms, device=dev,
+                            num_workers=int(workers), pin_memory=dev.type == "cuda")
     return PatchData(dls=dls, datasets=dict(zip(order, parts)), items=items, size=int(size),
                      mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
