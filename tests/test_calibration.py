@@ -176,6 +176,23 @@ def test_inference_loop_applies_the_packages_temperature(model_dir, calibrated, 
     assert np.abs(pt - p1).max() > 0.05  # the temperature did change them
 
 
+def test_tta_averages_the_views_at_temperature_one(model_dir, calibrated, synthetic_slides):
+    """The single-view temperature is not applied to TTA views (it over-softens their mean, which averaging
+    already calibrates): a calibrated package under --tta flips gives the uncalibrated package's TTA."""
+    slide = synthetic_slides(0.243, "tiff").path
+    with open_slide(slide) as s:
+        grid = make_grid(l0_size=s.dimensions, l0_mpp=s.mpp, config=GridConfig(stride_px=96),
+                         tissue_mask=np.ones((40, 40), bool), mask_l0_per_px=max(s.dimensions) / 40)
+    cfg = InferenceConfig(device="cpu", runtime="torch", progress=False, tta="flips")
+    plain = run_inference(slide, grid, load_model_package(model_dir), config=cfg)
+    cal = run_inference(slide, grid, load_model_package(calibrated), config=cfg)
+    assert np.abs(cal.probs - plain.probs).max() < 1e-6
+    assert cal.extra["temperature_applied"] == 1.0
+    single = run_inference(slide, grid, load_model_package(calibrated),
+                           config=InferenceConfig(device="cpu", runtime="torch", progress=False))
+    assert single.extra["temperature_applied"] == T
+
+
 def test_run_json_records_the_calibration_and_the_resume_key_sees_it(model_dir, calibrated, synthetic_slides,
                                                                      tmp_path):
     slide = synthetic_slides(0.243, "tiff").path
