@@ -370,13 +370,14 @@ def test_sigkill_mid_batch_then_resume_gives_byte_identical_outputs(tiny, model_
 # ------------------------------------------------------------------------------------------------
 
 
-def garble_model_level_tile(src: Path, dst: Path) -> None:
-    """Copy ``src`` with the middle tile of the 0.972 um/px level (page 2 of a 0.243 um/px slide,
-    the level the model reads) overwritten by garbage: not decodable JPEG."""
+def garble_model_level_tile(src: Path, dst: Path, level: int = 1) -> None:
+    """Copy ``src`` with the middle tile of ``level`` overwritten by garbage: not decodable JPEG. Level 1
+    (0.486 um/px of a 0.243 um/px slide) is the level the default ``--read-from finer`` reads for a
+    0.972 um/px model; level 2 (0.972 um/px) the one ``nearest`` reads."""
     data = bytearray(src.read_bytes())
     with tifffile.TiffFile(src) as tif:
-        page = tif.pages[2]
-        assert abs(page.shape[1] * 4 - tif.pages[0].shape[1]) <= 4
+        page = tif.pages[level]
+        assert abs(page.shape[1] * 2**level - tif.pages[0].shape[1]) <= 2**level
         i = len(page.dataoffsets) // 2
         offset, count = page.dataoffsets[i], page.databytecounts[i]
     data[offset: offset + count] = np.random.default_rng(7).integers(0, 256, count, dtype=np.uint8).tobytes()
@@ -386,7 +387,7 @@ def garble_model_level_tile(src: Path, dst: Path) -> None:
 @pytest.mark.parametrize("workers", [None, "0"], ids=["default-workers", "workers-0"])
 def test_undecodable_tile_is_one_clean_line_with_any_reader_count(tiny, model_dir, tmp_path, capsys, workers):
     bad = tmp_path / "garbled.tif"
-    garble_model_level_tile(tiny, bad)
+    garble_model_level_tile(tiny, bad)  # the level the default read_from (finer) reads
     good = copy_as(tiny, tmp_path, "good.tif")
     out = tmp_path / "out"
     # --batch-size 8: the slide has more patches than a batch, so the default (1 reader) really
@@ -406,11 +407,11 @@ def test_undecodable_tile_is_one_clean_line_with_any_reader_count(tiny, model_di
 
 def test_default_and_zero_workers_give_the_same_error(tiny, model_dir, tmp_path):
     bad = tmp_path / "garbled.tif"
-    garble_model_level_tile(tiny, bad)
+    garble_model_level_tile(tiny, bad, level=2)  # the level --read-from nearest reads
     errors = []
     for workers in (None, "0"):
         out = tmp_path / f"out_{workers}"
-        assert infer([bad], model_dir, out, "--batch-size", "8", workers=workers) == 1
+        assert infer([bad], model_dir, out, "--batch-size", "8", "--read-from", "nearest", workers=workers) == 1
         errors.append(summary(out)[str(bad)]["error"])
     assert errors[0] == errors[1]
 

@@ -174,19 +174,35 @@ def test_block_reads_equal_single_patch_reads(pyramid_2x, read_from):
         assert np.abs(patch[0].astype(int) - together[i].astype(int)).max() <= 1
 
 
-def test_output_key_records_read_from_and_an_old_key_means_nearest(tmp_path):
+def test_output_key_records_read_from_and_an_old_key_means_nearest(tmp_path, model_dir):
     from wsi_toolkit.analysis import RunConfig, output_key
+    from wsi_toolkit.model_package import load_model_package
     from wsi_toolkit.pipeline.resume import _key_differences
     from wsi_toolkit.records import upgrade_output_key
-    from wsi_toolkit.synthetic_model import make_colour_rule_package
 
-    pkg = make_colour_rule_package(tmp_path / "pkg")
+    pkg = load_model_package(model_dir)
     slide = tmp_path / "s.tif"
     slide.write_bytes(b"x")
-    near = output_key(slide, pkg, RunConfig())
-    finer = output_key(slide, pkg, RunConfig(inference=InferenceConfig(read_from="finer")))
-    assert near["read_from"] == "nearest" and finer["read_from"] == "finer"
-    assert _key_differences(near, finer) == ["read_from nearest -> finer"]
+    default = output_key(slide, pkg, RunConfig())
+    near = output_key(slide, pkg, RunConfig(inference=InferenceConfig(read_from="nearest")))
+    assert default["read_from"] == "finer" and near["read_from"] == "nearest"
+    assert _key_differences(near, default) == ["read_from nearest -> finer"]
     old = {k: v for k, v in json.loads(json.dumps(near)).items() if k != "read_from"}  # made before the option
     assert _key_differences(upgrade_output_key(old), near) == []
-    assert _key_differences(upgrade_output_key(old), finer) == ["read_from nearest -> finer"]
+    assert _key_differences(upgrade_output_key(old), default) == ["read_from nearest -> finer"]
+
+
+def test_oversampled_read_is_the_box_at_twice_the_pixels(pyramid_2x, pyramid_4x):
+    """oversample=2: the same box at half the um/px; from the 2x pyramid's level 1 (exactly 0.486 um/px)
+    its stored pixels untouched, from the 4x pyramid's level 0 (0.243) the 2x box average of level 0."""
+    path, levels = pyramid_2x
+    with open_slide(path, backend="tifffile") as slide:
+        got = slide.read_at_mpp((256, 384), (96, 96), PCAM_MPP, read_from="finer", oversample=2)
+        with pytest.raises(ConfigError, match="oversample"):
+            slide.read_at_mpp((256, 384), (96, 96), PCAM_MPP, oversample=0)
+    assert got.shape == (192, 192, 3) and np.array_equal(got, levels[1][192:384, 128:320])
+    path, levels = pyramid_4x
+    with open_slide(path, backend="tifffile") as slide:
+        got = slide.read_at_mpp((256, 384), (96, 96), PCAM_MPP, read_from="finer", oversample=2).astype(float)
+    want = _box(levels[0][384:768, 256:640], 2)
+    assert got.shape == (192, 192, 3) and np.abs(got - want).max() <= 1.0

@@ -452,11 +452,14 @@ def test_run_inference_with_preprocessing_in_the_graph_or_in_torch(r18_package, 
     slide = synthetic_slides().path
     grid = _grid(slide, r18_package)
     base = InferenceConfig(workers=0, progress=False, device="cpu", batch_size=16, cache_dir=str(r18_cache),
-                           runtime="openvino")
+                           runtime="openvino", read_from="nearest")
     graph = run_inference(slide, grid, r18_package, config=base)
     plain = run_inference(slide, grid, r18_package, config=dataclasses.replace(base, ov_preprocess="torch"))
     assert graph.runtime["preprocessing"].startswith("in the graph") and plain.runtime["preprocessing"] == "torch"
     assert np.abs(graph.probs - plain.probs).max() <= 5e-5
+    # read_from finer hands the model 192 px patches of level 1: its Resize runs in torch, whatever was asked
+    finer = run_inference(slide, grid, r18_package, config=dataclasses.replace(base, read_from="finer"))
+    assert finer.runtime["preprocessing"] == "torch" and finer.extra["read_oversample"] == 2
     with pytest.raises(ConfigError, match="ov_preprocess"):
         InferenceConfig(ov_preprocess="numpy")
 
@@ -541,7 +544,10 @@ def test_wsi_infer_int8_second_batch_calibrates_nothing(model_dir, synthetic_sli
     second = json.loads(next((tmp_path / "b").glob("*/run.json")).read_text())
     assert second["runtime"]["precision"] == "int8"
     assert second["runtime"]["calibration"] == first["runtime"]["calibration"]
-    assert second["timings"]["runtime_cache"] == "hit" and second["timings"]["runtime_calibration"] == "cached"
+    # "memory": this process compiled it for the first batch; either way nothing was converted or quantized
+    assert second["timings"]["runtime_cache"] in ("hit", "memory")
+    if second["timings"]["runtime_cache"] == "hit":
+        assert second["timings"]["runtime_calibration"] == "cached"
 
 
 def test_wsi_infer_check_precision(model_dir, synthetic_slides, tmp_path):

@@ -74,12 +74,14 @@ def test_views_are_the_flip_group_and_the_dihedral_group():
 def test_tta_is_the_mean_of_explicitly_rotated_patches(align_slide, asym_model_dir, mode):
     package = load_model_package(asym_model_dir)
     grid, idx, patches = _grid_and_patches(align_slide.path)
+    # read_from nearest: the patches as _grid_and_patches reads them (read_at_mpp's default level)
     plain = run_inference(align_slide.path, grid, package,
-                          config=InferenceConfig(workers=0, progress=False, runtime="torch", device="cpu"))
+                          config=InferenceConfig(workers=0, progress=False, runtime="torch", device="cpu",
+                                                 read_from="nearest"))
     # batch 20: 5 patches x 4 flips or 2 x 8 dihedral views per forward pass; the last one is partial
     tta = run_inference(align_slide.path, grid, package,
                         config=InferenceConfig(workers=0, progress=False, runtime="torch", batch_size=20, tta=mode,
-                                               device="cpu"))
+                                               device="cpu", read_from="nearest"))
     per_view = np.stack([_tumor_probs(package, np.stack([_numpy_views(p, mode)[v] for p in patches]))
                          for v in range(len(_numpy_views(patches[0], mode)))])
     t = package.config.tumor_index()
