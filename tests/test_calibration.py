@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from pathlib import Path
 
 import jsonschema
 import numpy as np
@@ -32,28 +33,10 @@ from wsi_toolkit.tiling import GridConfig, make_grid
 T = 2.5
 CALIBRATION = {"method": "temperature", "temperature": T, "fitted_on": "test: set by hand"}
 
-# WSInfer-zoo's model-config JSON schema (spec 1.0; SBU-BMI/wsinfer-zoo
-# wsinfer_zoo/schemas/model-config.schema.json): no additionalProperties at the top level, so our
-# "wsi_toolkit" object (calibration included) is allowed and ignored.
-WSINFER_SCHEMA = {
-    "$schema": "http://json-schema.org/draft-04/schema",
-    "type": "object",
-    "properties": {
-        "spec_version": {"type": "string", "enum": ["1.0"]},
-        "architecture": {"type": "string"},
-        "num_classes": {"type": "integer", "minimum": 1},
-        "patch_size_pixels": {"type": "integer", "minimum": 1},
-        "spacing_um_px": {"type": "number", "minimum": 0},
-        "class_names": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
-        "transform": {"type": "array", "items": {
-            "type": "object",
-            "properties": {"name": {"type": "string", "enum": ["Resize", "ToTensor", "Normalize"]},
-                           "arguments": {"type": "object"}},
-            "additionalProperties": False, "required": ["name"]}},
-    },
-    "required": ["spec_version", "architecture", "num_classes", "patch_size_pixels", "spacing_um_px",
-                 "class_names", "transform"],
-}
+# WSInfer-zoo's model-config JSON schema (spec 1.0), as published in SBU-BMI/wsinfer-zoo
+# wsinfer_zoo/schemas/model-config.schema.json, copied to tests/data. No "additionalProperties" at the
+# top level: extra keys (our "wsi_toolkit" object, calibration included) are allowed and ignored.
+WSINFER_SCHEMA = json.loads((Path(__file__).parent / "data" / "wsinfer_model_config.schema.json").read_text())
 
 
 def _sigmoid(x: float) -> float:

@@ -46,35 +46,10 @@ FAST = ["--arch", "resnet18", "--size", "96", "--epochs-frozen", "1", "--epochs"
         "--batch-size", "64"]
 QUICK = ["--lr-find-iters", "10", "--workers", "0", "--no-progress"]
 
-# WSInfer-zoo's model-config JSON schema (spec 1.0), as published in
-# SBU-BMI/wsinfer-zoo wsinfer_zoo/schemas/model-config.schema.json. No "additionalProperties"
-# at the top level: extra keys (our "wsi_toolkit" object) are allowed.
-WSINFER_SCHEMA = {
-    "$schema": "http://json-schema.org/draft-04/schema",
-    "type": "object",
-    "properties": {
-        "spec_version": {"type": "string", "enum": ["1.0"]},
-        "architecture": {"type": "string"},
-        "num_classes": {"type": "integer", "minimum": 1},
-        "patch_size_pixels": {"type": "integer", "minimum": 1},
-        "spacing_um_px": {"type": "number", "minimum": 0},
-        "class_names": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
-        "transform": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "name": {"type": "string", "enum": ["Resize", "ToTensor", "Normalize"]},
-                    "arguments": {"type": "object"},
-                },
-                "additionalProperties": False,
-                "required": ["name"],
-            },
-        },
-    },
-    "required": ["spec_version", "architecture", "num_classes", "patch_size_pixels", "spacing_um_px",
-                 "class_names", "transform"],
-}
+# WSInfer-zoo's model-config JSON schema (spec 1.0), as published in SBU-BMI/wsinfer-zoo
+# wsinfer_zoo/schemas/model-config.schema.json, copied to tests/data. No "additionalProperties" at the
+# top level: extra keys (our "wsi_toolkit" object, calibration included) are allowed and ignored.
+WSINFER_SCHEMA = json.loads((Path(__file__).parent / "data" / "wsinfer_model_config.schema.json").read_text())
 
 
 def schema_errors(value, schema, where="$") -> list[str]:
