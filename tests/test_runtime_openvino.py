@@ -606,3 +606,34 @@ def test_openvino_and_nncf_telemetry_is_declined(tmp_path):
     declined, files = results["declined"]
     assert declined == {"consent": False, "sender_threads": []}
     assert files == []
+
+
+def test_run_batch_api_calibrates_int8_on_the_batch_like_wsi_infer(model_dir, synthetic_slides, tmp_path, monkeypatch):
+    """The library's run_batch owns the INT8 calibration policy, as wsi-infer does: one automatic
+    calibration before any slide runs, drawn from the batch's slides (all of them here, up to 8), not
+    from whichever slide happens to run first (the defect: the API calibrated on the first slide only,
+    and cached it under the same "auto" key as wsi-infer's batch calibration)."""
+    import wsi_toolkit.runtime as runtime_pkg
+    from wsi_toolkit.analysis import RunConfig
+    from wsi_toolkit.inference import InferenceConfig
+    from wsi_toolkit.pipeline import run_batch
+
+    real = runtime_pkg.calibration_from_slides
+    calls: list[list[str]] = []
+
+    def recording(paths, *a, **k):
+        calls.append([Path(p).name for p in paths])
+        return real(paths, *a, **k)
+
+    monkeypatch.setattr(runtime_pkg, "calibration_from_slides", recording)
+    monkeypatch.setattr("wsi_toolkit.runtime.calibration.calibration_from_slides", recording)
+    slides = [synthetic_slides().path, synthetic_slides(mpp=0.5).path]
+    config = RunConfig(stride_px=96, inference=InferenceConfig(precision="int8", cache_dir=str(tmp_path / "cache"),
+                                                                workers=0, progress=False))
+    got: list = []
+    results = run_batch(slides, model_dir, tmp_path / "out", config, on_int8=got.append)
+    assert [r.status for r in results] == ["ok", "ok"]
+    assert calls == [[Path(s).name for s in slides]]
+    assert len(got) == 1 and got[0].calibration == "drawn"
+    for s in slides:
+        assert Path(s).name in (got[0].source or "")

@@ -10,7 +10,6 @@ import click
 
 from wsi_toolkit.cli._common import check_mpp_option, console, run_click, setup_logging
 from wsi_toolkit.inference import InferenceConfig
-from wsi_toolkit.model_package import ModelPackage, load_model_package
 from wsi_toolkit.pipeline import RunConfig, run_batch
 from wsi_toolkit.slide import READ_FROM, find_slides
 
@@ -147,23 +146,17 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
         mpp_override=mpp, stride_px=stride_px, merge=merge, threshold=threshold, min_tissue_fraction=min_tissue,
         overwrite=overwrite, backend=backend, inference=inference,
     )
-    model: Path | ModelPackage = model_dir
-    if precision == "int8" and calibration is None and paths:
-        t = time.perf_counter()
-        model = load_model_package(model_dir)  # loaded once: the INT8 step and the batch share it
-        batch_timings["seconds_package_load"] = time.perf_counter() - t
-        t = time.perf_counter()
-        _prepare_int8(paths, model, config)
-        batch_timings["seconds_int8_prepare"] = time.perf_counter() - t
     if check_precision:
         return _check_precision(paths, model_dir, out_dir, config)
     if ray_address is not None:
         from wsi_toolkit.scale import RaySettings, run_batch_ray
 
         settings = RaySettings(address=ray_address, cpus_per_worker=cpus_per_worker)
-        results = run_batch_ray(paths, model_dir, out_dir, config, settings=settings, failures=failures)
+        results = run_batch_ray(paths, model_dir, out_dir, config, settings=settings, failures=failures,
+                                on_int8=lambda graph: click.echo(graph.describe(), err=True))
     else:
-        results = run_batch(paths, model, out_dir, config, failures=failures, timings=batch_timings)
+        results = run_batch(paths, model_dir, out_dir, config, failures=failures, timings=batch_timings,
+                            on_int8=lambda graph: click.echo(graph.describe(), err=True))
     for r in results:
         if r.status == "failed":
             click.echo(f"FAILED   {r.slide}\n  {r.error}", err=True)
@@ -204,37 +197,6 @@ def _write_profile(out_dir: Path, results: list, batch_timings: dict) -> None:
     write_json_atomic(out_dir / "profile.json", {
         "batch": batch_timings, "rows": [{"stage": k, "seconds": round(v, 4)} for k, v in
                                          profile_rows(slides, batch_timings)], "slides": slides})
-
-
-def _prepare_int8(paths: list[Path], package: ModelPackage, config: RunConfig) -> None:
-    """The package's automatically calibrated INT8 graph, made before the batch runs when the cache has
-    none: calibrated on tissue of the batch's slides (up to 8 of them), once per package. Every slide of
-    this batch, and of later batches on any slides, then runs that same cached graph."""
-    from wsi_toolkit.runtime import ConversionError, calibration_from_slides, openvino_available
-    from wsi_toolkit.runtime.openvino import prepare_openvino_graph
-
-    if not openvino_available():
-        raise click.UsageError("--precision int8 needs OpenVINO: pip install 'wsi-toolkit[openvino]'")
-
-    def draw():
-        return calibration_from_slides(paths, package, mpp=config.mpp_override, backend=config.backend,
-                                       read_from=config.inference.read_from,
-                                       min_tissue_fraction=config.min_tissue_fraction, thumb_mpp=config.thumb_mpp)
-
-    try:
-        _, info, stats = prepare_openvino_graph(package, precision="int8", cache_dir=config.inference.cache_dir,
-                                                calibration=draw)
-    except ConversionError as exc:  # each slide falls back to torch fp32 and says so
-        click.echo(f"int8: {exc}", err=True)
-        return
-    source = info.get("calibration", {}).get("source")
-    if stats["calibration"] == "drawn":
-        click.echo(f"int8: calibrated now on {source} ({stats.get('seconds_calibration', 0):.1f} s to draw, "
-                   f"{stats.get('seconds_quantize', 0):.1f} s to quantize); cached for later runs: "
-                   f"{stats['cache_entry']}", err=True)
-    else:
-        click.echo(f"int8: quantized graph from the cache, calibrated once on {source}; nothing calibrated now "
-                   f"(--calibration DIR calibrates on other patches): {stats['cache_entry']}", err=True)
 
 
 def _check_precision(paths: list[Path], model_dir: Path, out_dir: Path, config: RunConfig) -> int:

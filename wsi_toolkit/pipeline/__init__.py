@@ -23,11 +23,21 @@ the others go on.
 """
 
 from wsi_toolkit.analysis import OUTPUT_FILES, RunConfig, output_key
-from wsi_toolkit.pipeline.batch import SlideTask, place_slide, prepare_out, run_batch, run_slide, run_slide_task
+from wsi_toolkit.pipeline.batch import (
+    Int8Graph,
+    SlideTask,
+    place_slide,
+    prepare_int8,
+    prepare_out,
+    run_batch,
+    run_slide,
+    run_slide_task,
+)
 from wsi_toolkit.pipeline.folders import safe_dir_name, slide_out_dir
 from wsi_toolkit.pipeline.results import FAILED_FILE, RESERVED_NAMES, SlideResult, record_failed
 from wsi_toolkit.pipeline.summary import summary_rows, write_summary
 
 __all__ = ["RunConfig", "SlideResult", "SlideTask", "run_slide", "run_batch", "place_slide", "run_slide_task",
+           "prepare_int8", "Int8Graph",
            "OUTPUT_FILES", "RESERVED_NAMES", "safe_dir_name", "slide_out_dir", "output_key", "summary_rows",
            "write_summary", "record_failed", "prepare_out", "FAILED_FILE"]

@@ -140,9 +140,66 @@ def prepare_out(out: Path) -> None:
     clean_stale_partials(out)
 
 
+@dataclass(frozen=True)
+class Int8Graph:
+    """The package's automatically calibrated INT8 graph as :func:`prepare_int8` found or made it.
+
+    ``calibration``: ``"drawn"`` (calibrated now, on ``source``) or ``"cached"`` (made by an earlier
+    batch, calibrated then on ``source``); ``cache_entry``: its folder in the runtime cache."""
+
+    calibration: str
+    source: str | None
+    cache_entry: str
+    seconds_calibration: float = 0.0
+    seconds_quantize: float = 0.0
+
+    def describe(self) -> str:
+        if self.calibration == "drawn":
+            return (f"int8: calibrated now on {self.source} ({self.seconds_calibration:.1f} s to draw, "
+                    f"{self.seconds_quantize:.1f} s to quantize); cached for later runs: {self.cache_entry}")
+        return (f"int8: quantized graph from the cache, calibrated once on {self.source}; nothing calibrated now "
+                f"(--calibration DIR calibrates on other patches): {self.cache_entry}")
+
+
+def prepare_int8(slide_paths: Sequence[str | Path], package: ModelPackage, config: RunConfig) -> Int8Graph | None:
+    """The batch's INT8 calibration policy, one for every entry point (``wsi-infer``, :func:`run_batch`,
+    :func:`wsi_toolkit.scale.run_batch_ray`): with ``precision="int8"`` and no ``calibration`` given,
+    the package's graph is quantized once, before any slide runs, calibrated on tissue of the batch's
+    slides (up to 8 of them, spread over the list), and cached; every slide of this batch, and of later
+    batches on any slides, then runs that graph (cache key ``"auto"``). A lone slide
+    (:func:`~wsi_toolkit.analysis.analyse_slide`) is a batch of one. Returns None when there is
+    nothing to prepare (another precision, a given calibration, no slides) or when the conversion
+    fails (logged; each slide then falls back to torch fp32 and records why)."""
+    inf = config.inference
+    if inf.precision != "int8" or inf.calibration is not None or not slide_paths:
+        return None
+    from wsi_toolkit.errors import ConfigError
+    from wsi_toolkit.runtime import ConversionError, calibration_from_slides, openvino_available
+    from wsi_toolkit.runtime.openvino import prepare_openvino_graph
+
+    if not openvino_available():
+        raise ConfigError("precision int8 needs OpenVINO: pip install 'wsi-toolkit[openvino]'")
+
+    def draw():
+        return calibration_from_slides(list(slide_paths), package, mpp=config.mpp_override, backend=config.backend,
+                                       read_from=inf.read_from, min_tissue_fraction=config.min_tissue_fraction,
+                                       thumb_mpp=config.thumb_mpp)
+
+    try:
+        _, info, stats = prepare_openvino_graph(package, precision="int8", cache_dir=inf.cache_dir, calibration=draw)
+    except ConversionError as exc:
+        log.warning("int8: %s", exc)
+        return None
+    return Int8Graph(calibration=str(stats["calibration"]), source=info.get("calibration", {}).get("source"),
+                     cache_entry=str(stats["cache_entry"]),
+                     seconds_calibration=float(stats.get("seconds_calibration", 0.0)),
+                     seconds_quantize=float(stats.get("seconds_quantize", 0.0)))
+
+
 def run_batch(slide_paths: list[Path], model_dir: str | Path | ModelPackage, out: str | Path,
               config: RunConfig = RunConfig(),
-              *, failures: Sequence[tuple[str | Path, str]] = (), timings: dict | None = None) -> list[SlideResult]:
+              *, failures: Sequence[tuple[str | Path, str]] = (), timings: dict | None = None,
+              on_int8: Callable[[Int8Graph], None] | None = None) -> list[SlideResult]:
     """Run every slide; a failure is recorded and the batch goes on. Writes ``OUT/summary.csv``.
 
     A finished slide is skipped when its output key (:func:`output_key`) is unchanged, and redone
@@ -150,9 +207,10 @@ def run_batch(slide_paths: list[Path], model_dir: str | Path | ModelPackage, out
     A slide another process holds the lock of is left to it (status ``busy``). ``failures``:
     (argument, error) pairs found before the batch (e.g. an unreadable folder), recorded as failed
     slides. ``model_dir``: the package's folder, or the package already loaded. ``timings``, when
-    given, receives ``seconds_package_load``. The model is loaded once; an
-    unloadable model raises before any slide runs. The same
-    batch on a Ray cluster: :func:`wsi_toolkit.scale.run_batch_ray`.
+    given, receives ``seconds_package_load`` and ``seconds_int8_prepare``. The model is loaded once; an
+    unloadable model raises before any slide runs. INT8 without a given calibration is calibrated
+    once for the whole batch (:func:`prepare_int8`); ``on_int8`` receives what was found or made
+    (default: logged). The same batch on a Ray cluster: :func:`wsi_toolkit.scale.run_batch_ray`.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,6 +221,12 @@ def run_batch(slide_paths: list[Path], model_dir: str | Path | ModelPackage, out
         package = load_model_package(model_dir)
         if timings is not None:
             timings["seconds_package_load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    int8 = prepare_int8(slide_paths, package, config)
+    if int8 is not None:
+        if timings is not None:
+            timings["seconds_int8_prepare"] = time.perf_counter() - t0
+        (on_int8 or (lambda g: log.info("%s", g.describe())))(int8)
     prepare_out(out)
     results: list[SlideResult] = [
         SlideResult(slide=str(arg), status="failed", error=error) for arg, error in failures]

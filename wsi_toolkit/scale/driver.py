@@ -22,15 +22,17 @@ import collections
 import logging
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from wsi_toolkit.errors import ConfigError, WsiToolkitError
 from wsi_toolkit.pipeline import (
+    Int8Graph,
     RunConfig,
     SlideResult,
     SlideTask,
     place_slide,
+    prepare_int8,
     prepare_out,
     record_failed,
     write_summary,
@@ -57,19 +59,30 @@ SUMMARY_EVERY_S = 10.0
 def run_batch_ray(slide_paths: Sequence[str | Path], model_dir: str | Path, out: str | Path,
                   config: RunConfig = RunConfig(), *, settings: RaySettings = RaySettings(),
                   failures: Sequence[tuple[str | Path, str]] = (), progress: bool | None = None,
-                  on_event: EventHook | None = None) -> list[SlideResult]:
+                  on_event: EventHook | None = None,
+                  on_int8: Callable[[Int8Graph], None] | None = None) -> list[SlideResult]:
     """:func:`wsi_toolkit.pipeline.run_batch` on Ray: same outputs, skips, failures and summary.csv.
 
     Paths are made absolute (the workers run elsewhere); ``OUT`` must be a filesystem every node
     sees at the same path (checked at start: :class:`OutNotSharedError`). ``progress``: a bar (True),
     one line per change on stderr (False); None follows ``config.inference.progress``. Returns one
     :class:`~wsi_toolkit.pipeline.SlideResult` per slide, in the order given (``failures`` first).
+    INT8 without a given calibration: :func:`~wsi_toolkit.pipeline.prepare_int8` here, before any
+    worker starts (``on_int8`` as in :func:`~wsi_toolkit.pipeline.run_batch`).
     """
     ray = ray_module()
     out = Path(out).absolute()
     model_dir = Path(model_dir).absolute()
     if not model_dir.is_dir():
         raise ConfigError(f"model package folder {model_dir} does not exist")
+    if config.inference.precision == "int8" and config.inference.calibration is None and slide_paths:
+        from wsi_toolkit.model_package import load_model_package
+
+        # the batch's INT8 policy, as run_batch: calibrated once here, on the batch's slides, before
+        # any worker starts; the workers find the graph in the shared cache
+        int8 = prepare_int8(slide_paths, load_model_package(model_dir), config)
+        if int8 is not None:
+            (on_int8 or (lambda g: log.info("%s", g.describe())))(int8)
     prepare_out(out)
     results: list[SlideResult | None] = [
         SlideResult(slide=str(arg), status="failed", error=error) for arg, error in failures]
