@@ -85,7 +85,18 @@ def test_override_is_recorded_next_to_metadata(synthetic_slides, capsys):
     code, (r,) = run_json([str(s.path), "--mpp", "0.25"], capsys)
     assert code == 0
     assert r["mpp"] == pytest.approx(0.25) and r["mpp_source"] == "override"
-    assert r["mpp_metadata"] == pytest.approx(0.243)
+    assert r["mpp_metadata"] == pytest.approx([0.243, 0.243])
+
+
+def test_mpp_metadata_has_run_json_shape(synthetic_slides, model_dir, capsys):
+    """wsi-inspect --json and run.json give mpp_metadata the same shape: the file's (x, y) um/px pair
+    (issue 30: inspect gave x alone, a float)."""
+    from wsi_toolkit.analysis import analyse_slide
+
+    s = synthetic_slides(0.243, "tiff")
+    _, (r,) = run_json([str(s.path)], capsys)
+    run = analyse_slide(s.path, model_dir).slide_info.mpp_metadata
+    assert isinstance(r["mpp_metadata"], list) and r["mpp_metadata"] == pytest.approx(run)
 
 
 def test_folder_input_and_qc_picture(synthetic_slides, tmp_path, capsys):

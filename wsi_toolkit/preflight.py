@@ -40,7 +40,7 @@ class SlideReport:
     synthetic: bool = False
     mpp: float | None = None
     mpp_source: str | None = None
-    mpp_metadata: float | None = None
+    mpp_metadata: list[float] | None = None  # (x, y) um/px the file says, as run.json's slide.mpp_metadata
     level0_size: list[int] | None = None
     level_count: int | None = None
     level_dimensions: list[list[int]] = field(default_factory=list)
@@ -90,7 +90,7 @@ def inspect_slide(
             report.backend, report.vendor = slide.backend, slide.vendor
             report.synthetic = slide.is_synthetic
             report.mpp, report.mpp_source = slide.mpp, slide.mpp_source
-            report.mpp_metadata = slide.mpp_metadata[0] if slide.mpp_metadata else None
+            report.mpp_metadata = None if slide.mpp_metadata is None else [float(v) for v in slide.mpp_metadata]
             report.level0_size = list(slide.dimensions)
             report.level_count = slide.level_count
             report.level_dimensions = [list(d) for d in slide.level_dimensions]

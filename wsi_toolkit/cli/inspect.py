@@ -25,7 +25,7 @@ def _human(r: SlideReport) -> str:
         f"ok      {r.path}" + ("   [SYNTHETIC]" if r.synthetic else ""),
         f"  format      {r.vendor} via {r.backend}; level 0 {w} x {h} px; {r.level_count} levels",
         f"  mpp         {r.mpp:.4f} um/px ({r.mpp_source})"
-        + (f"; metadata said {r.mpp_metadata:.4f}" if r.mpp_source == "override" and r.mpp_metadata else ""),
+        + (f"; metadata said {r.mpp_metadata[0]:.4f}" if r.mpp_source == "override" and r.mpp_metadata else ""),
         "  levels      " + ", ".join(f"{i}: {d[0]}x{d[1]} @ {m:.3f}" for i, (d, m) in
                                      enumerate(zip(r.level_dimensions, r.level_mpp))),
         f"  tissue      {r.tissue_mm2:.2f} mm^2 (saturation threshold {r.tissue_threshold:.3f})",
