@@ -5,8 +5,10 @@ concurrent saves). The page itself: test_view_browser.py."""
 from __future__ import annotations
 
 import json
+import re
 import threading
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -238,3 +240,283 @@ def test_import_refuses_another_slides_file(tmp_path):
     with pytest.raises(AnnotationError, match="outside"):
         import_review(tmp_path, src, l0_size=SLIDE_L0, author="me")
 
+
+
+# ------------------------------------------------------------------------------------------------
+# The review queue
+# ------------------------------------------------------------------------------------------------
+
+
+def heat(prob, predicted=None, *, cell_l0: float = 64.0, l0_mpp: float = 0.5):
+    from wsi_toolkit.heatmap import Heatmap
+
+    prob = np.asarray(prob, dtype=np.float32)
+    return Heatmap(prob=prob, predicted=np.ones(prob.shape, bool) if predicted is None else predicted,
+                   cell_l0=cell_l0, l0_mpp=l0_mpp, merge="centre")
+
+
+def test_queue_ranks_uncertain_areas_by_mean_std():
+    from wsi_toolkit.view.queue import review_queue
+
+    p = np.full((6, 8), 0.9)
+    std = np.zeros((6, 8))
+    std[0:2, 0:2] = 0.15  # a 2x2 area, mean std 0.15
+    std[4, 6] = 0.3  # one cell, std 0.3: reviewed first
+    std[4, 0] = 0.05  # below 0.1: not queued
+    items = review_queue(heat(p), threshold=0.5, uncertainty=heat(std))
+    assert [it.rule for it in items] == ["uncertainty", "uncertainty"]
+    assert items[0].bbox_l0 == (6 * 64, 4 * 64, 7 * 64, 5 * 64) and items[0].n_cells == 1
+    assert items[1].bbox_l0 == (0, 0, 128, 128) and items[1].n_cells == 4
+    assert items[0].score == pytest.approx(0.3) and items[1].score == pytest.approx(0.15)
+    assert items[1].area_mm2 == pytest.approx(4 * (64 * 0.5) ** 2 / 1e6)
+    assert items[1].mean_prob == pytest.approx(0.9) and "0.15" in items[1].reason
+
+
+def test_queue_without_uncertainty_ranks_by_closeness_to_the_threshold():
+    from wsi_toolkit.view.queue import review_queue
+
+    p = np.array([[0.52, 0.0, 0.0, 0.45],
+                  [0.0, 0.0, 0.0, 0.0],
+                  [0.9, 0.58, 0.0, 0.1]])
+    predicted = np.ones(p.shape, bool)
+    predicted[1, 1] = False
+    items = review_queue(heat(p, predicted), threshold=0.5)
+    # |p - 0.5|: 0.02 (cell [0,0]), 0.05 ([0,3]), 0.08 ([2,1]); the rest are > 0.1 away
+    assert [it.bbox_l0[:2] for it in items] == [(0, 0), (192, 0), (64, 128)]
+    assert [it.score for it in items] == pytest.approx([0.8, 0.5, 0.2])
+    assert all(it.rule == "threshold" and it.mean_std is None for it in items)
+
+
+def test_queue_skips_cells_without_a_prediction_and_can_be_empty():
+    from wsi_toolkit.view.queue import review_queue
+
+    p = np.full((3, 3), 0.5)
+    assert review_queue(heat(p, np.zeros((3, 3), bool)), threshold=0.5) == []
+    assert review_queue(heat(np.full((3, 3), 0.99)), threshold=0.5) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# The server's write path
+# ------------------------------------------------------------------------------------------------
+
+TOKEN = "t" * 8 + "-per-start-token-of-the-test"
+
+
+@pytest.fixture(scope="module")
+def review_results(model_dir, tmp_path_factory):
+    """A SYNTHETIC slide's wsi-infer results folder (small, few tiles)."""
+    from wsi_toolkit.inference import InferenceConfig
+    from wsi_toolkit.pipeline import RunConfig, run_batch
+    from wsi_toolkit.synthetic import make_spec, write_synthetic_slide
+
+    root = tmp_path_factory.mktemp("review")
+    slide = write_synthetic_slide(root / "small.tif", make_spec(tissue_mm2=0.1, n_tumors=1, faint=False, pen=False,
+                                                                seed=4), mpp=0.5, tile=256)
+    run_batch([slide.path], model_dir, root / "out", RunConfig(inference=InferenceConfig(progress=False)))
+    return root / "out"
+
+
+@pytest.fixture
+def out(review_results, tmp_path) -> Path:
+    """A private copy of the results (each test saves its own reviews), inside a folder that must stay
+    untouched apart from it."""
+    import shutil
+
+    pytest.importorskip("fastapi", reason="the wsi-view server needs the view extra: pip install 'wsi-toolkit[view]'")
+    dst = tmp_path / "site" / "out"
+    shutil.copytree(review_results, dst)
+    return dst
+
+
+def client_for(out: Path, *, review: bool = True, max_body_bytes: int = 16 * 2**20):
+    from fastapi.testclient import TestClient
+
+    from wsi_toolkit.view import Catalogue, ReviewSettings, create_app
+
+    settings = ReviewSettings(token=TOKEN, author="dr test", max_body_bytes=max_body_bytes) if review else None
+    app = create_app(Catalogue.from_results(out), workers=1, review=settings)
+    return TestClient(app, base_url="http://127.0.0.1:8123")
+
+
+def body(*features, base_version: int = 0) -> dict:
+    return {**collection(*features), "base_version": base_version}
+
+
+def put(client, doc, *, slide: str = "small", token: str | None = TOKEN, **headers):
+    hdrs = {"Content-Type": "application/json", **headers}
+    if token is not None:
+        hdrs["X-WSI-Token"] = token
+    return client.put(f"/data/{slide}/review", content=json.dumps(doc).encode(), headers=hdrs)
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def test_a_write_with_the_token_saves_and_reads_back(out):
+    client = client_for(out)
+    r = put(client, body(feature(square(10, 10), "Tumor")))
+    assert r.status_code == 200 and r.json() == {"version": 1}, r.text
+    got = client.get("/data/small/review.json").json()
+    assert got["wsi_toolkit"]["version"] == 1 and got["features"][0]["properties"]["author"] == "dr test"
+    assert read_review(out / "small" / "review.geojson").features[0].classification == "Tumor"
+
+
+def test_the_review_of_a_slide_without_one_is_version_zero(out):
+    got = client_for(out).get("/data/small/review.json").json()
+    assert got["features"] == [] and got["wsi_toolkit"]["version"] == 0
+
+
+@pytest.mark.parametrize("token", [None, "", "wrong-token-wrong-token", TOKEN[:-1], TOKEN + "x"])
+def test_a_write_without_the_right_token_is_refused(out, token):
+    before = files_under(out.parent)
+    r = put(client_for(out), body(feature(square(10, 10))), token=token)
+    assert r.status_code == 403 and "token" in r.json()["detail"]
+    assert files_under(out.parent) == before
+
+
+@pytest.mark.parametrize("headers", [{"Origin": "http://evil.example"}, {"Origin": "null"},
+                                     {"Origin": "http://127.0.0.1:9999"}, {"Sec-Fetch-Site": "cross-site"}])
+def test_a_cross_origin_write_is_refused_even_with_the_token(out, headers):
+    r = put(client_for(out), body(feature(square(10, 10))), **headers)
+    assert r.status_code == 403
+    assert not (out / "small" / "review.geojson").exists()
+
+
+def test_a_same_origin_write_is_accepted(out):
+    r = put(client_for(out), body(feature(square(10, 10))), Origin="http://127.0.0.1:8123",
+            **{"Sec-Fetch-Site": "same-origin"})
+    assert r.status_code == 200
+
+
+def test_an_oversized_body_is_refused(out):
+    client = client_for(out, max_body_bytes=4096)
+    big = body(feature(square(10, 10), note="n" * 5000))
+    assert put(client, big).status_code == 413  # by its Content-Length
+
+    def chunks():  # no Content-Length: refused by the bytes read
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 1000):
+            yield data[i:i + 1000]
+
+    r = client.put("/data/small/review", content=chunks(),
+                   headers={"Content-Type": "application/json", "X-WSI-Token": TOKEN})
+    assert r.status_code == 413
+    assert not (out / "small" / "review.geojson").exists()
+
+
+@pytest.mark.parametrize("doc, match", [
+    (b"{not json", "not JSON"),
+    (b'{"type": "FeatureCollection", "features": [], "base_version": NaN}', "not JSON"),
+    (json.dumps(collection(feature(square(10, 10)))).encode(), "base_version"),
+    (json.dumps(body(feature(square(10, 10), "Stroma"))).encode(), "not one of"),
+    (json.dumps(body(feature(square(10, 10, 50_000)))).encode(), "outside"),
+    (json.dumps(body(feature([[[0, 0], [100, 100], [100, 0], [0, 100], [0, 0]]]))).encode(), "valid polygon"),
+])
+def test_an_invalid_review_is_refused_with_a_message(out, doc, match):
+    r = client_for(out).put("/data/small/review", content=doc,
+                            headers={"Content-Type": "application/json", "X-WSI-Token": TOKEN})
+    assert r.status_code == 422 and re.search(match, r.json()["detail"])
+    assert not (out / "small" / "review.geojson").exists()
+
+
+def test_a_body_that_is_not_json_typed_is_refused(out):
+    r = put(client_for(out), body(feature(square(10, 10))), **{"Content-Type": "text/plain"})
+    assert r.status_code == 415
+
+
+@pytest.mark.parametrize("slide", ["..", "%2e%2e", "a/../../x", "..%2f..%2fout", "%2e%2e%2f%2e%2e", "nope",
+                                   "small%2f..%2f..", "/etc/passwd"])
+def test_traversal_ids_reach_nothing_and_write_nothing(out, slide):
+    before = files_under(out.parent)
+    r = put(client_for(out), body(feature(square(10, 10))), slide=slide)
+    assert r.status_code in (404, 405)
+    assert files_under(out.parent) == before
+
+
+def test_two_tabs_saving_at_once_lose_nothing(out):
+    """Both tabs loaded version 0; the second to save is refused (409, with the current version) and
+    saves again after merging the first tab's features: both outlines are in the file."""
+    client = client_for(out)
+    a, b = feature(square(10, 10), "Tumor"), feature(square(300, 300), "Normal")
+    assert put(client, body(a, base_version=0)).status_code == 200
+    late = put(client, body(b, base_version=0))
+    assert late.status_code == 409 and late.json()["current_version"] == 1
+    current = client.get("/data/small/review.json").json()
+    merged = body(*current["features"], b, base_version=current["wsi_toolkit"]["version"])
+    assert put(client, merged).json() == {"version": 2}
+    assert {f.id for f in read_review(out / "small" / "review.geojson").features} == {a["id"], b["id"]}
+
+
+def test_a_read_only_server_has_no_write_route(out):
+    client = client_for(out, review=False)
+    r = put(client, body(feature(square(10, 10))))
+    assert r.status_code in (404, 405)
+    assert client.get("/data/slides.json").json()["review_mode"] is False
+    assert not (out / "small" / "review.geojson").exists()
+
+
+def test_a_review_server_says_so_and_serves_the_queue(out):
+    client = client_for(out)
+    assert client.get("/data/slides.json").json()["review_mode"] is True
+    queue = client.get("/data/small/queue.json").json()
+    assert queue["error"] is None and isinstance(queue["items"], list)
+    for item in queue["items"]:
+        x0, y0, x1, y1 = item["bbox_l0"]
+        assert 0 <= x0 < x1 and 0 <= y0 < y1 and item["reason"]
+
+
+def test_the_static_export_has_no_token_and_is_read_only(out, tmp_path):
+    from wsi_toolkit.view import Catalogue, export_site
+
+    client = client_for(out)
+    put(client, body(feature(square(10, 10))))
+    site = tmp_path / "export"
+    export_site(Catalogue.from_results(out), site, workers=1)
+    assert json.loads((site / "data" / "slides.json").read_text())["review_mode"] is False
+    assert json.loads((site / "data" / "small" / "review.json").read_text())["wsi_toolkit"]["version"] == 1
+    for path in site.rglob("*"):
+        if path.is_file() and path.suffix in (".js", ".json", ".html"):
+            assert TOKEN not in path.read_text(encoding="utf-8", errors="replace")
+
+
+def test_cli_imports_a_review_file(out, tmp_path, capsys):
+    from wsi_toolkit.cli.view import main
+
+    src = tmp_path / "qupath.geojson"
+    src.write_text(json.dumps(collection(feature(square(10, 10), "tumour"))))
+    assert main([str(out), "--import-review", "small", str(src), "--author", "dr cli"]) == 0
+    review = read_review(out / "small" / "review.geojson")
+    assert review.version == 1 and review.features[0].author == "dr cli"
+    assert main([str(out), "--import-review", "nope", str(src)]) == 1
+    assert "no slide 'nope'" in capsys.readouterr().err
+    src.write_text(json.dumps(collection(feature(square(10, 10), "Stroma"))))
+    assert main([str(out), "--import-review", "small", str(src)]) == 2
+    assert "Stroma" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", ["/data/../review", "/data/%2e%2e/review", "/data/a/../../x/review",
+                                  "/data/small/../../review", "/data/%2e%2e%2f%2e%2e%2fsmall/review"])
+def test_raw_traversal_paths_on_a_live_server_write_nothing(out, path):
+    """The path exactly as sent (no client-side normalisation of ``..`` or escapes)."""
+    import http.client
+
+    from wsi_toolkit.view import Catalogue, ReviewSettings, ViewerServer, create_app
+
+    before = files_under(out.parent)
+    srv = ViewerServer(create_app(Catalogue.from_results(out), workers=1,
+                                  review=ReviewSettings(token=TOKEN, author="x"))).start()
+    try:
+        data = json.dumps(body(feature(square(10, 10)))).encode()
+        conn = http.client.HTTPConnection(srv.host, srv.port, timeout=30)
+        conn.putrequest("PUT", path, skip_host=True, skip_accept_encoding=True)
+        for k, v in (("Host", "127.0.0.1"), ("Content-Type", "application/json"), ("X-WSI-Token", TOKEN),
+                     ("Content-Length", str(len(data)))):
+            conn.putheader(k, v)
+        conn.endheaders(data)
+        status = conn.getresponse().status
+        conn.close()
+    finally:
+        srv.stop()
+    assert status in (404, 405)
+    assert files_under(out.parent) == before

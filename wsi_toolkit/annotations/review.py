@@ -308,9 +308,19 @@ def load_review(results_dir: str | os.PathLike[str]) -> Review:
     """The review of a results folder (``results_dir/review.geojson``); version 0 and no features
     when nothing has been saved yet."""
     path = Path(results_dir) / REVIEW_FILE
+    _refuse_links(Path(results_dir))
     if not path.exists():
         return Review(features=(), version=0)
     return read_review(path)
+
+
+def _refuse_links(results_dir: Path) -> None:
+    """Nothing is read or written through a link: a review file or history folder that is a symbolic
+    link (it could point out of the results folder) is refused."""
+    for name in (REVIEW_FILE, REVIEW_HISTORY_DIR):
+        if (results_dir / name).is_symlink():
+            raise AnnotationError(f"{results_dir / name} is a symbolic link; a review is kept only in the results "
+                                  "folder itself: replace the link by the file or folder")
 
 
 def _stamp(features: Iterable[ReviewFeature], current: Review, author: str, now: str) -> tuple[ReviewFeature, ...]:
