@@ -488,3 +488,72 @@ def test_uncertainty_layer_toggles_and_draws_the_views_spread(browser, results, 
 def test_a_run_without_tta_has_no_uncertainty_control(page):
     assert page.state("wsiView.state.info.uncertainty") is None
     assert not page.page.locator("#uncertainty-control").is_visible()
+
+
+# ------------------------------------------------------------------------------------------------
+# Review mode: draw, label, save, reload; a write without the token
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def review_out(model_dir, tmp_path_factory):
+    """A small SYNTHETIC slide's results, for review mode to save into."""
+    from wsi_toolkit.synthetic import make_spec, write_synthetic_slide
+
+    root = tmp_path_factory.mktemp("view_review")
+    slide = write_synthetic_slide(root / "small.tif", make_spec(tissue_mm2=0.1, n_tumors=1, faint=False, pen=False,
+                                                                seed=4), mpp=0.5, tile=256)
+    run_batch([slide.path], model_dir, root / "out", RunConfig(inference=InferenceConfig(progress=False)))
+    return root / "out"
+
+
+def test_review_mode_draws_labels_saves_and_reloads_an_outline(browser, review_out, shots):
+    from wsi_toolkit.annotations.review import read_review
+    from wsi_toolkit.view import ReviewSettings
+
+    catalogue = Catalogue.from_results(review_out)
+    settings = ReviewSettings.new("dr browser")
+    srv = ViewerServer(create_app(catalogue, workers=2, review=settings)).start()
+    context = browser.new_context(viewport=VIEWPORT, bypass_csp=True)
+    try:
+        p = Page(context.new_page())
+        p.page.goto(f"{srv.url}#token={settings.token}")
+        p.idle()
+        assert p.page.locator("#review-tools").is_visible() and settings.token not in p.page.url
+        size = p.state("[wsiView.state.info.slide.width, wsiView.state.info.slide.height]")
+        corners = [(0.3, 0.3), (0.6, 0.35), (0.55, 0.6), (0.3, 0.55)]
+        l0 = [(fx * size[0], fy * size[1]) for fx, fy in corners]
+        p.page.click("#review-classes button[data-cls=Normal]")  # drawn as Normal ...
+        p.page.click("#review-draw")
+        for xy in l0:
+            p.page.mouse.click(*p.screen_xy(*xy))
+            p.page.wait_for_timeout(350)  # apart in time: single clicks, not a double-click
+        p.page.keyboard.press("Enter")
+        assert p.state("wsiView.review.features.length") == 1
+        p.page.click("#review-classes button[data-cls=Tumor]")  # ... relabelled Tumor while selected
+        p.page.click("#review-save")
+        p.page.wait_for_function("document.getElementById('review-status').textContent.includes('saved version 1')",
+                                 timeout=20_000)
+        p.screenshot(shots / "view_review_saved.png")
+        saved = read_review(review_out / "small" / "review.geojson")
+        assert saved.version == 1 and [f.classification for f in saved.features] == ["Tumor"]
+        assert saved.features[0].author == "dr browser"
+        px_l0 = size[0] / (p.screen_xy(size[0], 0)[0] - p.screen_xy(0, 0)[0])  # level-0 px per screen px
+        got = np.asarray(saved.features[0].polygon.exterior.coords)[:-1]
+        assert np.abs(got - np.asarray(l0)).max() <= 2 * px_l0 + 1, (got, l0)
+
+        p.page.reload()  # the token stays with the tab (sessionStorage), not in the address
+        p.idle()
+        assert p.page.locator("body").get_attribute("data-review-count") == "1"
+        assert p.page.locator("#review-list li").count() == 1 and p.page.locator("#review-group path").count() == 1
+        assert "Tumor" in p.page.locator("#review-list li").first.inner_text()
+        status = p.page.evaluate("""async () => (await fetch('data/small/review', {method: 'PUT',
+            headers: {'Content-Type': 'application/json'}, body: JSON.stringify({type: 'FeatureCollection',
+            features: [], base_version: 1})})).status""")
+        assert status == 403
+        assert read_review(review_out / "small" / "review.geojson").version == 1
+        assert not [e for e in p.errors if "403" not in e], p.errors
+    finally:
+        context.close()
+        srv.stop()
+        catalogue.close()
