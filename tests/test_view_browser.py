@@ -557,3 +557,71 @@ def test_review_mode_draws_labels_saves_and_reloads_an_outline(browser, review_o
         context.close()
         srv.stop()
         catalogue.close()
+
+
+def _get_json(url: str):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return resp.read()
+
+
+def _draw(p: Page, corners_l0, cls: str) -> None:
+    p.page.click(f"#review-classes button[data-cls={cls}]")
+    p.page.click("#review-draw")
+    for xy in corners_l0:
+        p.page.mouse.click(*p.screen_xy(*xy))
+        p.page.wait_for_timeout(350)
+    p.page.keyboard.press("Enter")
+
+
+def test_two_tabs_saving_the_same_slide_lose_nothing(browser, review_out, tmp_path):
+    """Both tabs load the same version; the second save is refused (409), the page merges its outline
+    onto the saved review, and saving again keeps both tabs' outlines."""
+    import shutil
+
+    from wsi_toolkit.annotations.review import read_review
+    from wsi_toolkit.view import ReviewSettings
+
+    out = tmp_path / "out"
+    shutil.copytree(review_out, out)
+    (out / "small" / "review.geojson").unlink(missing_ok=True)
+    shutil.rmtree(out / "small" / "review_history", ignore_errors=True)
+    catalogue = Catalogue.from_results(out)
+    settings = ReviewSettings.new("dr tabs")
+    srv = ViewerServer(create_app(catalogue, workers=2, review=settings)).start()
+    context = browser.new_context(viewport=VIEWPORT, bypass_csp=True)
+    try:
+        a, b = Page(context.new_page()), Page(context.new_page())
+        for p in (a, b):
+            p.page.goto(f"{srv.url}#token={settings.token}")
+            p.idle()
+        w, h = a.state("[wsiView.state.info.slide.width, wsiView.state.info.slide.height]")
+        _draw(a, [(0.1 * w, 0.1 * h), (0.3 * w, 0.1 * h), (0.2 * w, 0.3 * h)], "Tumor")
+        _draw(b, [(0.6 * w, 0.6 * h), (0.8 * w, 0.6 * h), (0.7 * w, 0.8 * h)], "Exclude")
+        status = "document.getElementById('review-status').textContent"
+        a.page.click("#review-save")
+        a.page.wait_for_function(f"{status}.includes('saved version 1')", timeout=20_000)
+        b.page.click("#review-save")
+        b.page.wait_for_function(f"{status}.includes('merged')", timeout=20_000)
+        assert read_review(out / "small" / "review.geojson").version == 1  # the refused save wrote nothing
+        assert b.state("wsiView.review.features.length") == 2 and b.state("wsiView.review.version") == 1
+        b.page.click("#review-save")
+        b.page.wait_for_function(f"{status}.includes('saved version 2')", timeout=20_000)
+        saved = read_review(out / "small" / "review.geojson")
+        assert sorted(f.classification for f in saved.features) == ["Exclude", "Tumor"]
+        # the queue (this slide has cells near the threshold): next zooms to its first area, says why
+        items = b.state("wsiView.queue.items")
+        assert items and items == json.loads(_get_json(srv.url + "data/small/queue.json"))["items"]
+        b.page.keyboard.press("j")
+        b.idle()
+        assert b.state("wsiView.queue.index") == 0
+        assert b.page.locator("#queue-detail").inner_text().startswith(f"1 of {len(items)}: {items[0]['reason']}")
+        x0, y0, x1, y1 = items[0]["bbox_l0"]
+        cx, cy = b.screen_xy((x0 + x1) / 2, (y0 + y1) / 2)
+        box = b.page.locator("#osd").bounding_box()
+        assert abs(cx - (box["x"] + box["width"] / 2)) < 5 and abs(cy - (box["y"] + box["height"] / 2)) < 5
+    finally:
+        context.close()
+        srv.stop()
+        catalogue.close()
