@@ -520,3 +520,52 @@ def test_raw_traversal_paths_on_a_live_server_write_nothing(out, path):
         srv.stop()
     assert status in (404, 405)
     assert files_under(out.parent) == before
+
+
+@pytest.mark.parametrize("name", ["review.geojson", "review_history"])
+def test_a_linked_review_file_or_history_is_refused(tmp_path, name):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    results = tmp_path / "results"
+    results.mkdir()
+    target = elsewhere / "x.geojson" if name.endswith(".geojson") else elsewhere
+    if name.endswith(".geojson"):
+        target.write_text("{}")
+    (results / name).symlink_to(target)
+    feats = validate_review(collection(feature(square(10, 10))), l0_size=SLIDE_L0)
+    with pytest.raises(AnnotationError, match="symbolic link"):
+        save_review(results, feats, base_version=0, author="x")
+    assert sorted(p.name for p in elsewhere.iterdir()) == (["x.geojson"] if name.endswith(".geojson") else [])
+
+
+def test_cli_review_mode_prints_the_url_with_its_token(out):
+    import os
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    proc = subprocess.Popen([sys.executable, "-m", "wsi_toolkit.cli.view", str(out), "--review", "--author", "dr sub"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url = proc.stdout.readline().strip()
+        base, _, fragment = url.partition("#token=")
+        assert base.startswith("http://127.0.0.1:") and len(fragment) >= 32
+        data = json.dumps(body(feature(square(10, 10)))).encode()
+
+        def put_with(token: str | None) -> int:
+            headers = {"Content-Type": "application/json", **({"X-WSI-Token": token} if token else {})}
+            req = urllib.request.Request(base + "data/small/review", data=data, headers=headers, method="PUT")
+            try:
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    return resp.status
+            except urllib.error.HTTPError as exc:
+                return exc.code
+
+        assert put_with(None) == 403
+        assert put_with(fragment) == 200
+        assert read_review(out / "small" / "review.geojson").features[0].author == "dr sub"
+    finally:
+        proc.terminate()
+        proc.wait(10)
