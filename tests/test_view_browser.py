@@ -553,6 +553,15 @@ def test_review_mode_draws_labels_saves_and_reloads_an_outline(browser, review_o
         assert status == 403
         assert read_review(review_out / "small" / "review.geojson").version == 1
         assert not [e for e in p.errors if "403" not in e], p.errors
+
+        site = review_out.parent / "site"  # the static export shows the saved outline, read-only
+        export_site(catalogue, site, workers=2)
+        q = Page(context.new_page())
+        q.page.goto((site / "index.html").as_uri())
+        q.idle()
+        assert q.page.locator("body").get_attribute("data-review-count") == "1"
+        assert q.page.locator("#review-group path").count() == 1 and not q.page.locator("#review-tools").is_visible()
+        assert q.state("wsiView.review.mode") is False and not q.errors, q.errors
     finally:
         context.close()
         srv.stop()
