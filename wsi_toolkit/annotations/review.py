@@ -346,7 +346,7 @@ def save_review(results_dir: str | os.PathLike[str], features: Iterable[ReviewFe
     says which is current. Features unchanged since the stored version (same id, outline, class,
     note) keep their author and time; the others get ``author`` and now. The previous file is kept
     as ``review_history/review.v<N>.geojson``. ``slide``: the slide's file name (default: as the
-    current file records it).
+    current file records it, else the results folder's name).
     """
     from filelock import FileLock, Timeout
 
@@ -367,7 +367,7 @@ def save_review(results_dir: str | os.PathLike[str], features: Iterable[ReviewFe
                     current_version=current.version, base_version=base_version)
             now = utc_now()
             new = Review(features=_stamp(features, current, author, now), version=current.version + 1,
-                         slide=slide if slide is not None else current.slide, saved=now)
+                         slide=slide if slide is not None else current.slide or results_dir.name, saved=now)
             text = json.dumps(new.to_geojson(), indent=1, ensure_ascii=False, allow_nan=False)
             path = results_dir / REVIEW_FILE
             if current.version > 0:
