@@ -255,21 +255,23 @@ def heat(prob, predicted=None, *, cell_l0: float = 64.0, l0_mpp: float = 0.5):
                    cell_l0=cell_l0, l0_mpp=l0_mpp, merge="centre")
 
 
-def test_queue_ranks_uncertain_areas_by_mean_std():
+def test_queue_ranks_uncertain_areas_by_their_summed_std():
     from wsi_toolkit.view.queue import review_queue
 
     p = np.full((6, 8), 0.9)
     std = np.zeros((6, 8))
-    std[0:2, 0:2] = 0.15  # a 2x2 area, mean std 0.15
-    std[4, 6] = 0.3  # one cell, std 0.3: reviewed first
+    std[0:2, 0:2] = 0.15  # a 2x2 area: 4 x 0.15 = 0.6, reviewed first
+    std[5, 3] = 0.3  # one cell: 0.3, reviewed last
+    std[2, 6], std[3, 7] = 0.12, 0.2  # two cells touching at a corner: one area, 0.32, second
     std[4, 0] = 0.05  # below 0.1: not queued
     items = review_queue(heat(p), threshold=0.5, uncertainty=heat(std))
-    assert [it.rule for it in items] == ["uncertainty", "uncertainty"]
-    assert items[0].bbox_l0 == (6 * 64, 4 * 64, 7 * 64, 5 * 64) and items[0].n_cells == 1
-    assert items[1].bbox_l0 == (0, 0, 128, 128) and items[1].n_cells == 4
-    assert items[0].score == pytest.approx(0.3) and items[1].score == pytest.approx(0.15)
-    assert items[1].area_mm2 == pytest.approx(4 * (64 * 0.5) ** 2 / 1e6)
-    assert items[1].mean_prob == pytest.approx(0.9) and "0.15" in items[1].reason
+    assert [it.rule for it in items] == ["uncertainty"] * 3
+    assert [it.bbox_l0 for it in items] == [(0, 0, 128, 128), (384, 128, 512, 256), (192, 320, 256, 384)]
+    assert [it.n_cells for it in items] == [4, 2, 1]
+    assert [it.score for it in items] == pytest.approx([0.6, 0.32, 0.3])
+    assert items[0].area_mm2 == pytest.approx(4 * (64 * 0.5) ** 2 / 1e6)
+    assert items[0].mean_prob == pytest.approx(0.9) and items[0].mean_std == pytest.approx(0.15)
+    assert "mean uncertainty 0.15" in items[0].reason
 
 
 def test_queue_without_uncertainty_ranks_by_closeness_to_the_threshold():
@@ -281,9 +283,10 @@ def test_queue_without_uncertainty_ranks_by_closeness_to_the_threshold():
     predicted = np.ones(p.shape, bool)
     predicted[1, 1] = False
     items = review_queue(heat(p, predicted), threshold=0.5)
-    # |p - 0.5|: 0.02 (cell [0,0]), 0.05 ([0,3]), 0.08 ([2,1]); the rest are > 0.1 away
+    # |p - 0.5|: 0.02 (cell [0,0]), 0.05 ([0,3]), 0.08 ([2,1]); the rest are > 0.1 away; single cells
     assert [it.bbox_l0[:2] for it in items] == [(0, 0), (192, 0), (64, 128)]
     assert [it.score for it in items] == pytest.approx([0.8, 0.5, 0.2])
+    assert "mean p 0.52" in items[0].reason
     assert all(it.rule == "threshold" and it.mean_std is None for it in items)
 
 
