@@ -525,6 +525,7 @@ def test_review_mode_draws_labels_saves_and_reloads_an_outline(browser, review_o
         l0 = [(fx * size[0], fy * size[1]) for fx, fy in corners]
         p.page.click("#review-classes button[data-cls=Normal]")  # drawn as Normal ...
         p.page.click("#review-draw")
+        p.idle()
         for xy in l0:
             p.page.mouse.click(*p.screen_xy(*xy))
             p.page.wait_for_timeout(350)  # apart in time: single clicks, not a double-click
@@ -578,6 +579,7 @@ def _get_json(url: str):
 def _draw(p: Page, corners_l0, cls: str) -> None:
     p.page.click(f"#review-classes button[data-cls={cls}]")
     p.page.click("#review-draw")
+    p.idle()
     for xy in corners_l0:
         p.page.mouse.click(*p.screen_xy(*xy))
         p.page.wait_for_timeout(350)

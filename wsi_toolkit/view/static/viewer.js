@@ -283,7 +283,7 @@
   const TOKEN_KEY = 'wsi-view-token';
   const review = {
     mode: false, token: '', classes: [], features: [], version: 0, dirty: new Set(), deleted: new Set(),
-    selected: null, draft: null, cls: 'Tumor', status: '', saving: false,
+    selected: null, draft: null, cls: 'Tumor', status: '', saving: false, pressAt: null,
   };
   const queue = { items: [], index: -1, rule: null };
 
@@ -318,6 +318,7 @@
   function setReviewStatus(text) {
     review.status = text;
     $('review-status').textContent = text;
+    $('review-status').title = text;
   }
   function drawReview() {
     const g = $('review-group');
@@ -763,9 +764,17 @@
       if (review.draft) { e.preventDefaultAction = true; closeDraft(); }
     });
     viewer.addHandler('update-viewport', () => { updateOutlineTransform(); updateScaleBar(); });
+    viewer.addHandler('canvas-press', (e) => { review.pressAt = e.position; });
     viewer.addHandler('canvas-click', (e) => {
+      if (review.draft && state.slideItem) {
+        // a corner where the button went down and up in one place (a drag pans); not OpenSeadragon's
+        // 'quick', which also needs the release within 300 ms and misses clicks on a busy machine
+        e.preventDefaultAction = true;
+        const a = review.pressAt || e.position;
+        if (Math.hypot(a.x - e.position.x, a.y - e.position.y) < 5) addVertex(e.position);
+        return;
+      }
       if (!e.quick) return;
-      if (review.draft && state.slideItem) { e.preventDefaultAction = true; addVertex(e.position); return; }
       if (state.slideItem && review.features.length) {
         const q = state.slideItem.viewerElementToImageCoordinates(e.position);
         const id = featureAt(q.x, q.y);
