@@ -488,3 +488,151 @@ def test_uncertainty_layer_toggles_and_draws_the_views_spread(browser, results, 
 def test_a_run_without_tta_has_no_uncertainty_control(page):
     assert page.state("wsiView.state.info.uncertainty") is None
     assert not page.page.locator("#uncertainty-control").is_visible()
+
+
+# ------------------------------------------------------------------------------------------------
+# Review mode: draw, label, save, reload; a write without the token
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def review_out(model_dir, tmp_path_factory):
+    """A small SYNTHETIC slide's results, for review mode to save into."""
+    from wsi_toolkit.synthetic import make_spec, write_synthetic_slide
+
+    root = tmp_path_factory.mktemp("view_review")
+    slide = write_synthetic_slide(root / "small.tif", make_spec(tissue_mm2=0.1, n_tumors=1, faint=False, pen=False,
+                                                                seed=4), mpp=0.5, tile=256)
+    run_batch([slide.path], model_dir, root / "out", RunConfig(inference=InferenceConfig(progress=False)))
+    return root / "out"
+
+
+def test_review_mode_draws_labels_saves_and_reloads_an_outline(browser, review_out, shots):
+    from wsi_toolkit.annotations.review import read_review
+    from wsi_toolkit.view import ReviewSettings
+
+    catalogue = Catalogue.from_results(review_out)
+    settings = ReviewSettings.new("dr browser")
+    srv = ViewerServer(create_app(catalogue, workers=2, review=settings)).start()
+    context = browser.new_context(viewport=VIEWPORT, bypass_csp=True)
+    try:
+        p = Page(context.new_page())
+        p.page.goto(f"{srv.url}#token={settings.token}")
+        p.idle()
+        assert p.page.locator("#review-tools").is_visible() and settings.token not in p.page.url
+        size = p.state("[wsiView.state.info.slide.width, wsiView.state.info.slide.height]")
+        corners = [(0.3, 0.3), (0.6, 0.35), (0.55, 0.6), (0.3, 0.55)]
+        l0 = [(fx * size[0], fy * size[1]) for fx, fy in corners]
+        p.page.click("#review-classes button[data-cls=Normal]")  # drawn as Normal ...
+        p.page.click("#review-draw")
+        p.idle()
+        for xy in l0:
+            p.page.mouse.click(*p.screen_xy(*xy))
+            p.page.wait_for_timeout(350)  # apart in time: single clicks, not a double-click
+        p.page.keyboard.press("Enter")
+        assert p.state("wsiView.review.features.length") == 1
+        p.page.click("#review-classes button[data-cls=Tumor]")  # ... relabelled Tumor while selected
+        p.page.click("#review-save")
+        p.page.wait_for_function("document.getElementById('review-status').textContent.includes('saved version 1')",
+                                 timeout=20_000)
+        p.screenshot(shots / "view_review_saved.png")
+        saved = read_review(review_out / "small" / "review.geojson")
+        assert saved.version == 1 and [f.classification for f in saved.features] == ["Tumor"]
+        assert saved.features[0].author == "dr browser"
+        px_l0 = size[0] / (p.screen_xy(size[0], 0)[0] - p.screen_xy(0, 0)[0])  # level-0 px per screen px
+        got = np.asarray(saved.features[0].polygon.exterior.coords)[:-1]
+        assert np.abs(got - np.asarray(l0)).max() <= 2 * px_l0 + 1, (got, l0)
+
+        p.page.reload()  # the token stays with the tab (sessionStorage), not in the address
+        p.idle()
+        assert p.page.locator("body").get_attribute("data-review-count") == "1"
+        assert p.page.locator("#review-list li").count() == 1 and p.page.locator("#review-group path").count() == 1
+        assert "Tumor" in p.page.locator("#review-list li").first.inner_text()
+        status = p.page.evaluate("""async () => (await fetch('data/small/review', {method: 'PUT',
+            headers: {'Content-Type': 'application/json'}, body: JSON.stringify({type: 'FeatureCollection',
+            features: [], base_version: 1})})).status""")
+        assert status == 403
+        assert read_review(review_out / "small" / "review.geojson").version == 1
+        assert not [e for e in p.errors if "403" not in e], p.errors
+
+        site = review_out.parent / "site"  # the static export shows the saved outline, read-only
+        export_site(catalogue, site, workers=2)
+        q = Page(context.new_page())
+        q.page.goto((site / "index.html").as_uri())
+        q.idle()
+        assert q.page.locator("body").get_attribute("data-review-count") == "1"
+        assert q.page.locator("#review-group path").count() == 1 and not q.page.locator("#review-tools").is_visible()
+        assert q.state("wsiView.review.mode") is False and not q.errors, q.errors
+    finally:
+        context.close()
+        srv.stop()
+        catalogue.close()
+
+
+def _get_json(url: str):
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        return resp.read()
+
+
+def _draw(p: Page, corners_l0, cls: str) -> None:
+    p.page.click(f"#review-classes button[data-cls={cls}]")
+    p.page.click("#review-draw")
+    p.idle()
+    for xy in corners_l0:
+        p.page.mouse.click(*p.screen_xy(*xy))
+        p.page.wait_for_timeout(350)
+    p.page.keyboard.press("Enter")
+
+
+def test_two_tabs_saving_the_same_slide_lose_nothing(browser, review_out, tmp_path):
+    """Both tabs load the same version; the second save is refused (409), the page merges its outline
+    onto the saved review, and saving again keeps both tabs' outlines."""
+    import shutil
+
+    from wsi_toolkit.annotations.review import read_review
+    from wsi_toolkit.view import ReviewSettings
+
+    out = tmp_path / "out"
+    shutil.copytree(review_out, out)
+    (out / "small" / "review.geojson").unlink(missing_ok=True)
+    shutil.rmtree(out / "small" / "review_history", ignore_errors=True)
+    catalogue = Catalogue.from_results(out)
+    settings = ReviewSettings.new("dr tabs")
+    srv = ViewerServer(create_app(catalogue, workers=2, review=settings)).start()
+    context = browser.new_context(viewport=VIEWPORT, bypass_csp=True)
+    try:
+        a, b = Page(context.new_page()), Page(context.new_page())
+        for p in (a, b):
+            p.page.goto(f"{srv.url}#token={settings.token}")
+            p.idle()
+        w, h = a.state("[wsiView.state.info.slide.width, wsiView.state.info.slide.height]")
+        _draw(a, [(0.1 * w, 0.1 * h), (0.3 * w, 0.1 * h), (0.2 * w, 0.3 * h)], "Tumor")
+        _draw(b, [(0.6 * w, 0.6 * h), (0.8 * w, 0.6 * h), (0.7 * w, 0.8 * h)], "Exclude")
+        status = "document.getElementById('review-status').textContent"
+        a.page.click("#review-save")
+        a.page.wait_for_function(f"{status}.includes('saved version 1')", timeout=20_000)
+        b.page.click("#review-save")
+        b.page.wait_for_function(f"{status}.includes('merged')", timeout=20_000)
+        assert read_review(out / "small" / "review.geojson").version == 1  # the refused save wrote nothing
+        assert b.state("wsiView.review.features.length") == 2 and b.state("wsiView.review.version") == 1
+        b.page.click("#review-save")
+        b.page.wait_for_function(f"{status}.includes('saved version 2')", timeout=20_000)
+        saved = read_review(out / "small" / "review.geojson")
+        assert sorted(f.classification for f in saved.features) == ["Exclude", "Tumor"]
+        # the queue (this slide has cells near the threshold): next zooms to its first area, says why
+        items = b.state("wsiView.queue.items")
+        assert items and items == json.loads(_get_json(srv.url + "data/small/queue.json"))["items"]
+        b.page.keyboard.press("j")
+        b.idle()
+        assert b.state("wsiView.queue.index") == 0
+        assert b.page.locator("#queue-detail").inner_text().startswith(f"1 of {len(items)}: {items[0]['reason']}")
+        x0, y0, x1, y1 = items[0]["bbox_l0"]
+        cx, cy = b.screen_xy((x0 + x1) / 2, (y0 + y1) / 2)
+        box = b.page.locator("#osd").bounding_box()
+        assert abs(cx - (box["x"] + box["width"] / 2)) < 5 and abs(cy - (box["y"] + box["height"] / 2)) < 5
+    finally:
+        context.close()
+        srv.stop()
+        catalogue.close()

@@ -20,6 +20,7 @@ __all__ = [
     "ConfigError",
     "NoPatchesError",
     "AnnotationError",
+    "ReviewConflictError",
     "ModelPackageError",
     "DetectionFileError",
     "one_line",
@@ -73,6 +74,16 @@ class NoPatchesError(ConfigError):
 
 class AnnotationError(WsiToolkitError, ValueError):
     """An annotation file (ASAP XML, GeoJSON) is malformed."""
+
+
+class ReviewConflictError(WsiToolkitError, RuntimeError):
+    """A review save based on a version that is no longer the current one (another tab or process saved
+    first). ``current_version`` and ``base_version`` say which; reload, merge and save again."""
+
+    def __init__(self, message: str, *, current_version: int, base_version: int):
+        self.current_version = current_version
+        self.base_version = base_version
+        super().__init__(message)
 
 
 class DetectionFileError(WsiToolkitError, ValueError):

@@ -8,6 +8,8 @@ QuPath use for their files. Masks are indexed ``[row, col]``.
 - :mod:`.raster`: :func:`rasterize`
 - :mod:`.asap`: :func:`read_asap_xml`, :func:`write_asap_xml`
 - :mod:`.geojson`: :func:`read_geojson`, :func:`write_geojson`
+- :mod:`.review`: a pathologist's review (``review.geojson``, wsi-view's review mode): :func:`read_review`,
+  :func:`validate_review`, :func:`save_review` (versioned, history, conflict check), :func:`import_review`
 
 Camelyon16 convention
 ---------------------
@@ -40,6 +42,16 @@ from wsi_toolkit.annotations.model import (
     Polygonal as Polygonal,
 )
 from wsi_toolkit.annotations.raster import rasterize
+from wsi_toolkit.annotations.review import (
+    REVIEW_CLASSES,
+    Review,
+    ReviewFeature,
+    import_review,
+    load_review,
+    read_review,
+    save_review,
+    validate_review,
+)
 
 __all__ = [
     "TUMOR_GROUPS",
@@ -55,4 +67,12 @@ __all__ = [
     "is_exclusion_group",
     "check_on_slide",
     "MAX_ANNOTATION_BYTES",
+    "REVIEW_CLASSES",
+    "Review",
+    "ReviewFeature",
+    "read_review",
+    "load_review",
+    "validate_review",
+    "save_review",
+    "import_review",
 ]

@@ -32,7 +32,7 @@ from wsi_toolkit.heatmap import MERGE_MODES, Heatmap, MergeMode, paint_cells
 from wsi_toolkit.records import RunRecord, RunRecordError
 from wsi_toolkit.view.tiles import DeepZoomGeometry, OpenSlideTiles, ReaderTiles, TileSource
 
-__all__ = ["Catalogue", "SlideEntry", "SlideView", "inside", "ViewerError"]
+__all__ = ["Catalogue", "SlideEntry", "SlideView", "inside", "ViewerError", "review_payload"]
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,24 @@ class SlideView:
     uncertainty: Heatmap | None = None
     uncertainty_error: str | None = None
     _info: dict[str, Any] | None = field(default=None, repr=False)
+    _queue: dict[str, Any] | None = field(default=None, repr=False)
+
+    def queue(self) -> dict[str, Any]:
+        """The review queue (:func:`wsi_toolkit.view.queue.review_queue`) as the page reads it:
+        ``items`` (best first; each ``bbox_l0``, ``score``, ``reason``, measurements), ``rule`` and
+        ``error`` (why there is none: no heatmap)."""
+        if self._queue is None:
+            from wsi_toolkit.view.queue import review_queue
+
+            if self.heatmap is None:
+                self._queue = {"items": [], "rule": None, "error": self.heatmap_error or "no heatmap"}
+            else:
+                threshold = self.info()["threshold"]
+                items = review_queue(self.heatmap, threshold=0.5 if threshold is None else threshold,
+                                     uncertainty=self.uncertainty)
+                self._queue = {"items": [it.to_json() for it in items],
+                               "rule": items[0].rule if items else None, "error": None}
+        return self._queue
 
     def info(self) -> dict[str, Any]:
         """Everything the page needs about this slide (JSON-ready); the heatmap as a PNG data URL."""
@@ -150,6 +168,20 @@ class SlideView:
     def close(self) -> None:
         if self.tiles is not None:
             self.tiles.close()
+
+
+def review_payload(entry: SlideEntry) -> dict[str, Any]:
+    """The slide's saved review (``review.geojson``, :mod:`wsi_toolkit.annotations.review`) as the page
+    reads it: the FeatureCollection with its ``wsi_toolkit`` block (version 0 and no features when none
+    is saved), and ``error`` when the file cannot be read."""
+    from wsi_toolkit.annotations.review import Review, load_review
+
+    if entry.results_dir is None:
+        return {**Review(features=(), version=0).to_geojson(), "error": None}
+    try:
+        return {**load_review(entry.results_dir).to_geojson(), "error": None}
+    except (WsiToolkitError, OSError) as exc:
+        return {**Review(features=(), version=0).to_geojson(), "error": one_line(exc)}
 
 
 def heatmap_png_data_url(heatmap: Heatmap) -> str:

@@ -1,6 +1,7 @@
 """``wsi-view OUT --export SITE``: the viewer as static files (page + Deep Zoom tiles + data).
 
-The site has the server's URL layout (:mod:`wsi_toolkit.view.server`) as files, so it works from
+The site has the server's URL layout (:mod:`wsi_toolkit.view.server`) as files (the saved reviews and
+review queues included, read-only: an export has no write endpoint and no token), so it works from
 any static web server and from a folder opened in a browser (the page loads its data with script
 tags, not ``fetch``). It is built in a temporary folder next to ``SITE`` (the toolkit's one
 temporary-name pattern, :func:`wsi_toolkit.atomic.partial_path`) and renamed into place when
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from wsi_toolkit.atomic import partial_path
-from wsi_toolkit.view.catalogue import Catalogue, SlideView, ViewerError
+from wsi_toolkit.view.catalogue import Catalogue, SlideView, ViewerError, review_payload
 from wsi_toolkit.view.server import js_payload, slides_payload, static_files
 from wsi_toolkit.view.tiles import TileRenderError, error_tile
 
@@ -86,6 +87,11 @@ def export_site(catalogue: Catalogue, site: str | os.PathLike[str], *, workers: 
             folder = tmp / "data" / entry.id
             report.bytes += _write(folder / "info.json", json.dumps(info))
             report.bytes += _write(folder / "info.js", js_payload(f"info:{entry.id}", info))
+            review, queue = review_payload(entry), view.queue()  # read-only: shown, not editable
+            report.bytes += _write(folder / "review.json", json.dumps(review))
+            report.bytes += _write(folder / "review.js", js_payload(f"review:{entry.id}", review))
+            report.bytes += _write(folder / "queue.json", json.dumps(queue))
+            report.bytes += _write(folder / "queue.js", js_payload(f"queue:{entry.id}", queue))
             if view.geometry is not None:
                 report.bytes += _write(folder / "slide.dzi", view.geometry.dzi("jpeg"))
                 views.append(view)

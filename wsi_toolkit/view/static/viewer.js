@@ -219,7 +219,7 @@
     const ex = item.imageToViewerElementCoordinates(new P(1e4, 0));
     const ey = item.imageToViewerElementCoordinates(new P(0, 1e4));
     const m = [(ex.x - o.x) / 1e4, (ex.y - o.y) / 1e4, (ey.x - o.x) / 1e4, (ey.y - o.y) / 1e4, o.x, o.y];
-    $('outline-group').setAttribute('transform', 'matrix(' + m.join(' ') + ')');
+    for (const g of ['outline-group', 'review-group', 'draft-group']) $(g).setAttribute('transform', 'matrix(' + m.join(' ') + ')');
   }
   function markRegions() {
     const paths = $('outline-group').children;
@@ -275,6 +275,291 @@
     return -1;
   }
 
+  // -- review mode: outlines drawn, labelled and saved (review.geojson); the review queue -------------------------
+  // Outlines are GeoJSON features in level-0 px, drawn in the SVG group that shares the region outlines'
+  // level-0 -> screen transform. A server started with --review lets the page edit and save them (PUT with the
+  // per-start token from the URL fragment, kept in sessionStorage); elsewhere they are shown read-only.
+  const SVG = 'http://www.w3.org/2000/svg';
+  const TOKEN_KEY = 'wsi-view-token';
+  const review = {
+    mode: false, token: '', classes: [], features: [], version: 0, dirty: new Set(), deleted: new Set(),
+    selected: null, draft: null, cls: 'Tumor', status: '', saving: false, pressAt: null,
+  };
+  const queue = { items: [], index: -1, rule: null };
+
+  function newId() {
+    if (window.crypto && crypto.randomUUID) return crypto.randomUUID();
+    const b = crypto.getRandomValues(new Uint8Array(16));
+    b[6] = (b[6] & 0x0f) | 0x40; b[8] = (b[8] & 0x3f) | 0x80;
+    const h = Array.from(b, (v) => v.toString(16).padStart(2, '0')).join('');
+    return h.slice(0, 8) + '-' + h.slice(8, 12) + '-' + h.slice(12, 16) + '-' + h.slice(16, 20) + '-' + h.slice(20);
+  }
+  const featurePolygons = (f) => f.geometry.type === 'Polygon' ? [f.geometry.coordinates] : f.geometry.coordinates;
+  const featureClass = (f) => ((f.properties || {}).classification || {}).name || '';
+  function featureRegion(f) {
+    const polygons = featurePolygons(f), xs = [], ys = [];
+    for (const poly of polygons) for (const ring of poly) for (const p of ring) { xs.push(p[0]); ys.push(p[1]); }
+    return { polygons, bbox_l0: [Math.min(...xs), Math.min(...ys), Math.max(...xs), Math.max(...ys)] };
+  }
+  function ringArea(ring) {
+    let a = 0;
+    for (let i = 0, j = ring.length - 1; i < ring.length; j = i++) a += (ring[j][0] + ring[i][0]) * (ring[j][1] - ring[i][1]);
+    return Math.abs(a) / 2;
+  }
+  function featureAreaMm2(f) {
+    const mpp = state.info && state.info.slide.mpp;
+    if (!mpp) return null;
+    let px2 = 0;
+    for (const poly of featurePolygons(f)) poly.forEach((ring, k) => { px2 += (k === 0 ? 1 : -1) * ringArea(ring); });
+    return px2 * mpp * mpp / 1e6;
+  }
+  const unsaved = () => review.dirty.size > 0 || review.deleted.size > 0;
+
+  function setReviewStatus(text) {
+    review.status = text;
+    $('review-status').textContent = text;
+    $('review-status').title = text;
+  }
+  function drawReview() {
+    const g = $('review-group');
+    g.replaceChildren(...review.features.map((f) => {
+      const p = document.createElementNS(SVG, 'path');
+      p.setAttribute('d', regionPath(featureRegion(f)));
+      p.setAttribute('class', 'review cls-' + featureClass(f) + (f.id === review.selected ? ' selected' : ''));
+      p.dataset.id = f.id;
+      return p;
+    }));
+    const d = $('draft-group');
+    d.replaceChildren();
+    if (review.draft && review.draft.length) {
+      const p = document.createElementNS(SVG, 'path');
+      p.setAttribute('d', 'M' + review.draft.map((q) => q[0] + ' ' + q[1]).join('L'));
+      p.setAttribute('class', 'draft cls-' + review.cls);
+      d.appendChild(p);
+    }
+    document.body.dataset.reviewCount = String(review.features.length);
+    document.body.dataset.reviewVersion = String(review.version);
+    buildReviewList();
+  }
+  function buildReviewList() {
+    const ol = $('review-list');
+    ol.replaceChildren(...review.features.map((f) => {
+      const li = document.createElement('li');
+      li.dataset.id = f.id;
+      li.textContent = featureClass(f);
+      li.classList.toggle('current', f.id === review.selected);
+      const meta = document.createElement('span');
+      meta.className = 'meta';
+      const props = f.properties || {};
+      meta.textContent = fmt(featureAreaMm2(f), 4) + ' mm²' + (props.author ? ' · ' + props.author : '') +
+        (review.dirty.has(f.id) ? ' · unsaved' : '');
+      li.appendChild(meta);
+      li.addEventListener('click', () => selectFeature(f.id, true));
+      return li;
+    }));
+    $('review-empty').hidden = review.features.length > 0;
+  }
+  function selectFeature(id, zoom) {
+    review.selected = id;
+    const f = review.features.find((x) => x.id === id);
+    if (f && review.mode) setClass(featureClass(f), false);
+    drawReview();
+    if (f && zoom) fitBox(featureRegion(f).bbox_l0);
+  }
+  function fitBox(b) {
+    if (!state.slideItem) return;
+    const w = b[2] - b[0], h = b[3] - b[1], m = Math.max(w, h) * 0.35 + 64;
+    state.viewer.viewport.fitBounds(state.slideItem.imageToViewportRectangle(b[0] - m, b[1] - m, w + 2 * m, h + 2 * m));
+  }
+  function featureAt(x, y) {
+    for (let i = review.features.length - 1; i >= 0; i--) {
+      if (pointInRegion(featureRegion(review.features[i]), x, y)) return review.features[i].id;
+    }
+    return null;
+  }
+
+  function setClass(name, apply) {
+    review.cls = name;
+    for (const b of document.querySelectorAll('#review-classes button')) {
+      b.setAttribute('aria-pressed', String(b.dataset.cls === name));
+    }
+    if (apply && review.selected) {
+      const f = review.features.find((x) => x.id === review.selected);
+      if (f && featureClass(f) !== name) {
+        f.properties = { ...(f.properties || {}), classification: { name } };
+        review.dirty.add(f.id);
+        setReviewStatus('unsaved changes');
+      }
+    }
+    drawReview();
+  }
+  function startDraft() {
+    if (!review.mode || !state.slideItem) return;
+    review.draft = [];
+    review.selected = null;
+    $('stage').classList.add('drawing');
+    $('review-draw').setAttribute('aria-pressed', 'true');
+    setReviewStatus('drawing: click the corners; double-click or Enter closes, Escape cancels');
+    drawReview();
+  }
+  function endDraft() {
+    review.draft = null;
+    $('stage').classList.remove('drawing');
+    $('review-draw').setAttribute('aria-pressed', 'false');
+    drawReview();
+  }
+  function addVertex(pos) {
+    const p = state.slideItem.viewerElementToImageCoordinates(pos);
+    const s = state.info.slide;
+    const q = [Math.min(s.width, Math.max(0, Math.round(p.x))), Math.min(s.height, Math.max(0, Math.round(p.y)))];
+    const last = review.draft[review.draft.length - 1];
+    if (last) {  // a double-click's two clicks are one corner
+      const a = state.slideItem.imageToViewerElementCoordinates(new OpenSeadragon.Point(last[0], last[1]));
+      if (Math.hypot(a.x - pos.x, a.y - pos.y) < 4) return;
+    }
+    review.draft.push(q);
+    drawReview();
+  }
+  function closeDraft() {
+    const pts = review.draft || [];
+    if (pts.length < 3) { setReviewStatus('an outline needs at least 3 corners'); endDraft(); return; }
+    const f = {
+      type: 'Feature', id: newId(),
+      geometry: { type: 'Polygon', coordinates: [pts.concat([pts[0]])] },
+      properties: { objectType: 'annotation', classification: { name: review.cls } },
+    };
+    review.features.push(f);
+    review.dirty.add(f.id);
+    review.selected = f.id;
+    endDraft();
+    setReviewStatus('unsaved changes');
+  }
+  function deleteSelected() {
+    if (!review.mode || !review.selected) return;
+    const id = review.selected;
+    review.features = review.features.filter((f) => f.id !== id);
+    review.dirty.delete(id);
+    review.deleted.add(id);
+    review.selected = null;
+    setReviewStatus('unsaved changes');
+    drawReview();
+  }
+
+  async function loadReview(id) {
+    let payload;
+    try {
+      payload = await loadData('review:' + id, dataUrl(id, 'review.js') + '?t=' + Date.now());
+    } catch (err) {
+      payload = null;  // an export written before review mode has none
+    }
+    review.features = (payload && payload.features) || [];
+    review.version = (payload && payload.wsi_toolkit && payload.wsi_toolkit.version) || 0;
+    review.dirty.clear(); review.deleted.clear(); review.selected = null; review.draft = null;
+    if (payload && payload.error) addMessage('review: ' + payload.error);
+    drawReview();
+  }
+  async function saveReview() {
+    if (!review.mode || review.saving || !state.info) return;
+    if (!review.token) { setReviewStatus('cannot save: open the URL wsi-view printed, with its #token=...'); return; }
+    const id = state.info.id;
+    review.saving = true;
+    setReviewStatus('saving...');
+    let resp, detail;
+    try {
+      resp = await fetch(dataUrl(id, 'review'), {
+        method: 'PUT', headers: { 'Content-Type': 'application/json', 'X-WSI-Token': review.token },
+        body: JSON.stringify({ type: 'FeatureCollection', features: review.features, base_version: review.version }),
+      });
+      detail = await resp.json().catch(() => ({}));
+    } catch (err) {
+      review.saving = false;
+      setReviewStatus('not saved: ' + err.message);
+      return;
+    }
+    review.saving = false;
+    if (resp.ok) {
+      await loadReview(id);
+      setReviewStatus('saved version ' + detail.version);
+    } else if (resp.status === 409) {
+      await mergeWithSaved(id);
+      setReviewStatus('not saved: version ' + review.version + ' was saved elsewhere first; your changes are merged ' +
+        'onto it: check and save again');
+    } else {
+      setReviewStatus('not saved (' + resp.status + '): ' + (detail.detail || resp.statusText));
+    }
+  }
+  /** After a conflict: the saved review, with this page's new, changed and deleted outlines applied on top. */
+  async function mergeWithSaved(id) {
+    const mine = new Map(review.features.filter((f) => review.dirty.has(f.id)).map((f) => [f.id, f]));
+    const dirty = new Set(review.dirty), deleted = new Set(review.deleted);
+    await loadReview(id);
+    const merged = review.features.filter((f) => !deleted.has(f.id)).map((f) => mine.get(f.id) || f);
+    for (const [fid, f] of mine) if (!merged.some((g) => g.id === fid)) merged.push(f);
+    review.features = merged;
+    review.dirty = dirty; review.deleted = deleted;
+    drawReview();
+  }
+
+  async function loadQueue(id) {
+    let payload;
+    try { payload = await loadData('queue:' + id, dataUrl(id, 'queue.js')); } catch (err) { payload = null; }
+    queue.items = (payload && payload.items) || [];
+    queue.rule = payload && payload.rule;
+    queue.index = -1;
+    const ol = $('queue');
+    ol.replaceChildren(...queue.items.map((it, i) => {
+      const li = document.createElement('li');
+      li.dataset.index = String(i);
+      li.textContent = 'score ' + fmt(it.score, 2);
+      const meta = document.createElement('span');
+      meta.className = 'meta';
+      meta.textContent = it.reason;
+      li.appendChild(meta);
+      li.addEventListener('click', () => gotoQueue(i));
+      return li;
+    }));
+    $('queue-detail').textContent = queue.items.length ? '' :
+      (payload && payload.error ? 'no queue: ' + payload.error : 'nothing uncertain to review');
+  }
+  function gotoQueue(i) {
+    if (!queue.items.length) return;
+    queue.index = ((i % queue.items.length) + queue.items.length) % queue.items.length;
+    const it = queue.items[queue.index];
+    for (const li of $('queue').children) li.classList.toggle('current', Number(li.dataset.index) === queue.index);
+    $('queue-detail').textContent = (queue.index + 1) + ' of ' + queue.items.length + ': ' + it.reason + ' · ' +
+      fmt(it.area_mm2, 4) + ' mm² · mean p ' + fmt(it.mean_prob, 3) +
+      (it.mean_std !== null && it.mean_std !== undefined ? ' · mean std ' + fmt(it.mean_std, 3) : '');
+    fitBox(it.bbox_l0);
+  }
+
+  function initReview(data) {
+    review.mode = Boolean(data.review_mode);
+    review.classes = (data.review_classes || []).map((c) => c.name);
+    const m = location.hash.match(/token=([^&]*)/);
+    if (m) {
+      try { sessionStorage.setItem(TOKEN_KEY, decodeURIComponent(m[1])); } catch (err) { /* storage off */ }
+      review.token = decodeURIComponent(m[1]);
+      history.replaceState(null, '', location.pathname + location.search);  // the token leaves the address bar
+    } else {
+      try { review.token = sessionStorage.getItem(TOKEN_KEY) || ''; } catch (err) { review.token = ''; }
+    }
+    $('review-tools').hidden = !review.mode;
+    if (!review.mode) return;
+    const box = $('review-classes');
+    box.replaceChildren(...review.classes.map((name) => {
+      const b = document.createElement('button');
+      b.type = 'button'; b.dataset.cls = name; b.textContent = name; b.className = 'cls-' + name;
+      b.addEventListener('click', () => setClass(name, true));
+      return b;
+    }));
+    setClass(review.classes[0] || 'Tumor', false);
+    $('review-draw').addEventListener('click', () => (review.draft ? closeDraft() : startDraft()));
+    $('review-delete').addEventListener('click', deleteSelected);
+    $('review-save').addEventListener('click', saveReview);
+    window.addEventListener('beforeunload', (e) => { if (unsaved()) { e.preventDefault(); e.returnValue = ''; } });
+    setReviewStatus(review.token ? 'review mode' : 'read-only: open the URL wsi-view printed, with its #token=..., to save');
+  }
+
   // -- scale bar ---------------------------------------------------------------------------------------------
   function updateScaleBar() {
     const item = state.slideItem;
@@ -315,6 +600,7 @@
   async function loadSlide(i) {
     if (!state.slides.length) return;
     i = ((i % state.slides.length) + state.slides.length) % state.slides.length;
+    if (review.mode && unsaved() && !window.confirm('This slide\'s review has unsaved changes. Leave it?')) return;
     const seq = ++state.loadSeq;
     state.index = i;
     state.loading = true;
@@ -342,6 +628,8 @@
     drawLegend();
     buildRegionList();
     buildOutlines();
+    await Promise.all([loadReview(entry.id), loadQueue(entry.id)]);
+    if (seq !== state.loadSeq) return;
     if (!info.slide.width) {
       state.viewer.close();
       state.slideItem = state.heatItem = state.uncItem = null;
@@ -421,9 +709,17 @@
       ']': () => selectRegion(state.region + 1, true), '[': () => selectRegion(state.region - 1, true),
       h: () => setHeatOn(!state.heatOn), o: () => setRegionsOn(!state.regionsOn),
       u: () => setUncertaintyOn(!state.uncOn),
+      j: () => gotoQueue(queue.index + 1), k: () => gotoQueue(queue.index - 1),
       0: () => state.viewer.viewport.goHome(), Home: () => state.viewer.viewport.goHome(),
       '?': () => { $('help').hidden = !$('help').hidden; },
     };
+    if (review.mode) {
+      Object.assign(actions, {
+        Enter: () => { if (review.draft) closeDraft(); },
+        Escape: () => { if (review.draft) { endDraft(); setReviewStatus('outline cancelled'); } },
+        Delete: deleteSelected, Backspace: deleteSelected,
+      });
+    }
     const act = actions[e.key];
     if (act) { e.preventDefault(); e.stopPropagation(); act(); }
   }
@@ -464,9 +760,30 @@
       if (!state.heatItem || e.tiledImage !== state.heatItem || !state.heat) return;
       await e.setData(renderHeatTile(e.tile.level, e.tile.x, e.tile.y), 'context2d');
     });
+    viewer.addHandler('canvas-double-click', (e) => {
+      if (review.draft) { e.preventDefaultAction = true; closeDraft(); }
+    });
     viewer.addHandler('update-viewport', () => { updateOutlineTransform(); updateScaleBar(); });
+    viewer.addHandler('canvas-press', (e) => { review.pressAt = e.position; });
     viewer.addHandler('canvas-click', (e) => {
+      if (review.draft && state.slideItem) {
+        // a corner where the button went down and up in one place (a drag pans); not OpenSeadragon's
+        // 'quick', which also needs the release within 300 ms and misses clicks on a busy machine
+        e.preventDefaultAction = true;
+        const a = review.pressAt || e.position;
+        if (Math.hypot(a.x - e.position.x, a.y - e.position.y) < 5) addVertex(e.position);
+        return;
+      }
       if (!e.quick) return;
+      if (state.slideItem && review.features.length) {
+        const q = state.slideItem.viewerElementToImageCoordinates(e.position);
+        const id = featureAt(q.x, q.y);
+        if (id !== null || review.selected !== null) {
+          if (id !== null) e.preventDefaultAction = true;
+          selectFeature(id, false);
+          if (id !== null) return;
+        }
+      }
       const rect = viewer.element.getBoundingClientRect();
       const i = regionAt(e.position.x + rect.left, e.position.y + rect.top);
       if (i >= 0) { e.preventDefaultAction = true; selectRegion(i, false); }
@@ -506,6 +823,8 @@
     $('regions-on').addEventListener('change', (e) => setRegionsOn(e.target.checked));
     $('uncertainty-on').addEventListener('change', (e) => setUncertaintyOn(e.target.checked));
     $('help-button').addEventListener('click', () => { $('help').hidden = !$('help').hidden; });
+    $('queue-next').addEventListener('click', () => gotoQueue(queue.index + 1));
+    $('queue-prev').addEventListener('click', () => gotoQueue(queue.index - 1));
     let data;
     try {
       data = await loadData('slides', 'data/slides.js');
@@ -515,6 +834,7 @@
     }
     state.slides = data.slides;
     state.lut = data.colormap.lut;
+    initReview(data);
     if (data.uncertainty_colormap) {
       state.uncLut = data.uncertainty_colormap.lut; state.uncMax = data.uncertainty_colormap.max;
     }
@@ -527,6 +847,7 @@
 
   window.wsiView = {
     state, loadSlide, selectRegion, setThreshold, setOpacity, setHeatOn, setRegionsOn, setUncertaintyOn, isIdle, tileBox,
+    review, queue, saveReview, gotoQueue, selectFeature,
   };
   main();
 })();
