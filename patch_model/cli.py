@@ -236,6 +236,10 @@ def _parse_assignments(items: tuple[str, ...]) -> dict[str, str]:
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--annotations", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Folder of <slide-stem>.xml (ASAP) [default: next to each slide]. No XML = normal slide.")
+@click.option("--reviews", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Label from a pathologist's review instead: the wsi-infer OUT folder in which wsi-view --review "
+                   "saved <slide>/review.geojson. Centre inside Tumor -> 1, inside Normal -> 0; patches touching "
+                   "Exclude or outside both are not sampled (docs/review.md).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Output folder (PCam HDF5 layout + meta CSVs + patches_summary.json).")
 @click.option("--per-slide", type=int, default=1000, help="At most this many patches per slide.")
@@ -255,8 +259,8 @@ def _parse_assignments(items: tuple[str, ...]) -> dict[str, str]:
                    "the level nearest 0.972 um/px; finer, a level at least 2x finer area-averaged to 96 px; level0 "
                    "(docs/frames.md).")
 @click.option("-v", "--verbose", count=True)
-def _patches_command(slides, annotations, out, per_slide, split_fractions, assign, no_balance, min_tissue, seed, mpp,
-                     read_from, verbose) -> int:
+def _patches_command(slides, annotations, reviews, out, per_slide, split_fractions, assign, no_balance, min_tissue,
+                     seed, mpp, read_from, verbose) -> int:
     """Cut a PCam-style patch set (96 px at 0.972 um/px, centre-region labels, slide-level splits)
     from annotated SLIDES (files or folders)."""
     from patch_model.patches import cut_pcam_patches
@@ -268,7 +272,8 @@ def _patches_command(slides, annotations, out, per_slide, split_fractions, assig
         raise click.UsageError(f"no slides found in {', '.join(map(str, slides))}")
     summary = cut_pcam_patches(paths, annotations=annotations, out=out, split_fractions=split_fractions,
                                per_slide=per_slide, balance=not no_balance, seed=seed, mpp=mpp,
-                               min_tissue_fraction=min_tissue, splits=assign or None, read_from=read_from)
+                               min_tissue_fraction=min_tissue, splits=assign or None, read_from=read_from,
+                               reviews=reviews)
     for split, info in summary.get("splits", {}).items():
         click.echo(f"{split}: {info['n']} patches ({info['n_pos']} tumour) from {len(info['slides'])} slide(s)")
     failed = summary.get("failed") or {}
