@@ -484,7 +484,8 @@ def _open_data(run: _Run) -> _Data:
     leaky = bool(getattr(splits["valid"], "leaky", False))
     if leaky:
         logger.warning("validation numbers of this run are %s", LEAKY_NOTE)
-    lineage_data = [_data_entry(config.data, len(splits["train"]), "new", _data_summary(config.data))]
+    summary = _data_summary(config.data)
+    lineage_data = [_data_entry(config.data, len(splits["train"]), "new", summary)]
     if config.replay is not None:
         splits["train"], entry = _with_replay(run, splits["train"])
         lineage_data.append(entry)
@@ -496,7 +497,6 @@ def _open_data(run: _Run) -> _Data:
         only = CLASS_NAMES[int(valid_labels[0])] if len(valid_labels) else "-"
         raise ConfigError(f"the valid split holds only class {only}"
                           f"; ROC AUC and the best-epoch choice need both classes")
-    summary = _data_summary(config.data)
     loaders = build_dataloaders(splits, size=config.size, mean=run.spec.mean, std=run.spec.std,
                                 batch_size=config.batch_size, device=run.device, workers=run.workers,
                                 augment=config.augment)
