@@ -217,7 +217,8 @@ def _find_review(slide: Path, reviews: Path) -> Path | None:
     """``reviews/<slide folder>/review.geojson`` whose review names this slide file: the folder
     ``wsi-infer`` writes (``<safe stem>``, or ``<safe stem>_<suffix>`` when two slides share a stem)."""
     name = safe_dir_name(slide.stem)
-    for folder in [reviews / name, *sorted(reviews.glob(f"{name}_*"))]:
+    suffixed = sorted(p for p in reviews.iterdir() if p.is_dir() and p.name.startswith(f"{name}_"))
+    for folder in [reviews / name, *suffixed]:
         path = folder / REVIEW_FILE
         if path.is_file() and _review_doc(path).get("slide") in (slide.name, None):
             return path

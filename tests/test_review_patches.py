@@ -127,3 +127,16 @@ def test_a_review_of_another_slide_is_not_used(synthetic_slides, tmp_path):
 def test_annotations_and_reviews_together_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="not both"):
         cut_pcam_patches([tmp_path / "a.tif"], annotations=tmp_path, reviews=tmp_path, out=tmp_path / "o")
+
+
+def test_review_in_a_suffixed_results_folder_is_found(synthetic_slides, tmp_path):
+    """wsi-infer names a second slide with the same stem <stem>_<suffix>: the review naming this slide
+    file is found there, the one in <stem>/ naming another slide is passed over."""
+    slide = synthetic_slides()
+    write_review(tmp_path / slide.path.stem / "review.geojson", _polygons(slide), slide="other.svs")
+    mine = write_review(tmp_path / f"{slide.path.stem}_tif" / "review.geojson", _polygons(slide),
+                        slide=slide.path.name, version=7)
+    summary = cut_pcam_patches([slide.path], annotations=None, reviews=tmp_path, out=tmp_path / "o", per_slide=10,
+                               split_fractions={"train": 1.0})
+    assert summary["slides"][slide.path.stem]["review"]["path"] == str(mine)
+    assert summary["slides"][slide.path.stem]["review"]["version"] == 7
