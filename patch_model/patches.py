@@ -2,18 +2,24 @@
 
 Patches are 96 x 96 px at 0.972 um/px, labelled 1 when annotated tumour (ASAP XML, see
 :func:`wsi_toolkit.annotations.tumor_region`) covers part of the centre 32 x 32 px, as in
-PatchCamelyon. Candidates are the cells of the toolkit's own PCam grid over the tissue, so a
-candidate's centre is exactly one heatmap cell. Splits are by slide, never by patch.
+PatchCamelyon. With ``reviews`` (``wsi-patches --reviews OUT``) the labels come instead from a
+pathologist's review in ``wsi-view OUT --review`` (``OUT/<slide>/review.geojson``): centre inside a
+``Tumor`` polygon -> 1, inside a ``Normal`` polygon -> 0, a patch touching an ``Exclude`` polygon or
+outside every labelled polygon is not sampled (:func:`review_labels`). Candidates are the cells of
+the toolkit's own PCam grid over the tissue, so a candidate's centre is exactly one heatmap cell.
+Splits are by slide, never by patch.
 
 Output (``out/``): the PCam HDF5 layout (:func:`patch_model.data.write_pcam_h5`), one
 ``camelyonpatch_level_2_split_{split}_meta.csv`` per split (``slide,l0_x,l0_y,label,split``) and
-``patches_summary.json``; the files in detail: docs/training.md, "wsi-patches".
+``patches_summary.json`` (with reviews, the meta CSVs also name each patch's review version and
+the review file's sha256); the files in detail: docs/training.md, "wsi-patches".
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 import math
 import zlib
@@ -28,16 +34,17 @@ import shapely
 from tqdm.auto import tqdm
 
 from patch_model.data import PCAM_MPP, PCAM_PATCH_PX, PCAM_SPLITS, _PCamWriter
-from wsi_toolkit.annotations import read_asap_xml, tumor_region
-from wsi_toolkit.atomic import write_json_atomic, write_text_atomic
-from wsi_toolkit.errors import ConfigError, WsiToolkitError
+from wsi_toolkit.annotations import read_asap_xml, read_geojson, tumor_region
+from wsi_toolkit.atomic import file_sha256, write_json_atomic, write_text_atomic
+from wsi_toolkit.errors import AnnotationError, ConfigError, WsiToolkitError
 from wsi_toolkit.inference.reading import PatchBlocks, single_patch_blocks
 from wsi_toolkit.limits import check_fraction, check_int, check_number
+from wsi_toolkit.pipeline.folders import safe_dir_name
 from wsi_toolkit.slide import READ_FROM, ReadFrom, open_slide
 from wsi_toolkit.tiling import GridConfig, make_grid
 from wsi_toolkit.tissue import TissueConfig, detect_tissue
 
-__all__ = ["patch_label", "cut_pcam_patches", "DEFAULT_SPLIT_FRACTIONS"]
+__all__ = ["patch_label", "review_labels", "cut_pcam_patches", "DEFAULT_SPLIT_FRACTIONS", "REVIEW_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +52,11 @@ logger = logging.getLogger(__name__)
 DEFAULT_SPLIT_FRACTIONS: Mapping[str, float] = MappingProxyType({"train": 0.7, "valid": 0.15, "test": 0.15})
 
 _SUMMARY = "patches_summary.json"
+#: A slide's review in wsi-infer's results folder: ``OUT/<slide folder>/review.geojson`` (wsi-view --review).
+REVIEW_FILE = "review.geojson"
+#: Review classes (``properties.classification.name``, case-insensitive) -> PCam label; ``Exclude`` -> not sampled.
+_REVIEW_LABELS = MappingProxyType({"tumor": 1, "tumour": 1, "normal": 0})
+_REVIEW_EXCLUDE = frozenset({"exclude", "exclusion"})
 _META = "camelyonpatch_level_2_split_{split}_meta.csv"
 
 
@@ -73,6 +85,51 @@ def _patch_labels(tumor_l0: Any, l0_xy: np.ndarray, *, patch_l0: float) -> np.nd
         # Touching along an edge or at a point is no tumour pixel: require some area.
         area = shapely.area(shapely.intersection(tumor_l0, boxes[hit]))
         out[np.flatnonzero(hit)] = area > 0
+    return out
+
+
+def review_labels(tumor_l0: Any, normal_l0: Any, exclude_l0: Any, l0_xy: np.ndarray, *,
+                  patch_l0: float) -> np.ndarray:
+    """Labels from a pathologist's review: int64 (N,), 1, 0 or -1 (not sampled), for patch top-lefts
+    ``l0_xy`` (N, 2) in level-0 px, from the unions of the review's ``Tumor``, ``Normal`` and ``Exclude``
+    polygons (shapely, level-0 px; empty or None = none drawn).
+
+    - -1 when the patch (its whole ``patch_l0`` square) overlaps an ``Exclude`` polygon with some area;
+    - 1 when its centre third lies inside ``Tumor``;
+    - 0 when its centre third lies inside ``Normal`` and overlaps no ``Tumor``;
+    - -1 otherwise: unlike ASAP tumour annotations (where tissue outside the tumour is negative), what
+      the pathologist did not label is not learned from.
+
+    >>> t, n = shapely.box(0, 0, 400, 400), shapely.box(400, 0, 800, 400)
+    >>> review_labels(t, n, None, np.array([[0, 0], [400, 0], [200, 0], [0, 400]]), patch_l0=384.0).tolist()
+    [1, 0, -1, -1]
+    """
+    l0_xy = np.asarray(l0_xy, np.float64).reshape(-1, 2)
+    out = np.full(len(l0_xy), -1, np.int64)
+    if not len(l0_xy):
+        return out
+    centre = _centre_boxes(l0_xy, patch_l0)
+
+    def usable(geom: Any) -> bool:
+        return geom is not None and not geom.is_empty
+
+    if usable(normal_l0):
+        shapely.prepare(normal_l0)
+        normal = shapely.within(centre, normal_l0)
+        if usable(tumor_l0):
+            shapely.prepare(tumor_l0)
+            normal &= ~(shapely.intersects(tumor_l0, centre)
+                        & (shapely.area(shapely.intersection(tumor_l0, centre)) > 0))
+        out[normal] = 0
+    if usable(tumor_l0):
+        shapely.prepare(tumor_l0)
+        out[shapely.within(centre, tumor_l0)] = 1
+    if usable(exclude_l0):
+        whole = shapely.box(l0_xy[:, 0], l0_xy[:, 1], l0_xy[:, 0] + patch_l0, l0_xy[:, 1] + patch_l0)
+        shapely.prepare(exclude_l0)
+        hit = shapely.intersects(exclude_l0, whole)
+        hit[hit] = shapely.area(shapely.intersection(exclude_l0, whole[hit])) > 0
+        out[hit] = -1
     return out
 
 
@@ -112,6 +169,7 @@ class _SlidePlan:
     path: Path
     stem: str
     annotation: Path | None = None
+    review: dict[str, Any] | None = None
     mpp: float = math.nan
     synthetic: bool = False
     tumor_mm2: float = 0.0
@@ -141,11 +199,69 @@ def _find_annotation(slide: Path, annotations: Path | None) -> Path | None:
     return xml if xml.is_file() else None
 
 
-def _plan_slide(path: Path, *, annotations: Path | None, mpp: float | None, min_tissue_fraction: float) -> _SlidePlan:
+def _review_doc(path: Path) -> dict[str, Any]:
+    """The ``wsi_toolkit`` object of a review.geojson (kind, version, slide, saved)."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise AnnotationError(f"{path}: not readable JSON ({exc}); save the review again in wsi-view --review"
+                              ) from None
+    meta = doc.get("wsi_toolkit") if isinstance(doc, dict) else None
+    if not isinstance(meta, dict) or meta.get("kind") != "review":
+        raise AnnotationError(f"{path}: no \"wsi_toolkit\": {{\"kind\": \"review\", ...}} object; it is not a review "
+                              "written by wsi-view --review")
+    return meta
+
+
+def _find_review(slide: Path, reviews: Path) -> Path | None:
+    """``reviews/<slide folder>/review.geojson`` whose review names this slide file: the folder
+    ``wsi-infer`` writes (``<safe stem>``, or ``<safe stem>_<suffix>`` when two slides share a stem)."""
+    name = safe_dir_name(slide.stem)
+    suffixed = sorted(p for p in reviews.iterdir() if p.is_dir() and p.name.startswith(f"{name}_"))
+    for folder in [reviews / name, *suffixed]:
+        path = folder / REVIEW_FILE
+        if path.is_file() and _review_doc(path).get("slide") in (slide.name, None):
+            return path
+    return None
+
+
+def _read_review(path: Path, l0_size: tuple[int, int]) -> tuple[dict[str, Any], Any, Any, Any]:
+    """(provenance, Tumor, Normal, Exclude unions in level-0 px) of a review.geojson."""
+    meta = _review_doc(path)
+    version = meta.get("version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise AnnotationError(f"{path}: wsi_toolkit.version is {version!r}, not an integer; save the review again "
+                              "in wsi-view --review")
+    parts: dict[str, list[Any]] = {"tumor": [], "normal": [], "exclude": []}
+    counts = {"tumor": 0, "normal": 0, "exclude": 0, "ignored": 0}
+    for ann in read_geojson(path, l0_size=l0_size):
+        key = ann.group.strip().casefold()
+        cls = "exclude" if key in _REVIEW_EXCLUDE else {1: "tumor", 0: "normal"}.get(_REVIEW_LABELS.get(key, -1))
+        if cls is None:
+            counts["ignored"] += 1
+            logger.warning("%s: a polygon of class %r is neither Tumor, Normal nor Exclude; ignored", path, ann.group)
+            continue
+        parts[cls].append(ann.polygon)
+        counts[cls] += 1
+    unions = {k: shapely.union_all(v) if v else shapely.Polygon() for k, v in parts.items()}
+    prov = {"path": str(path), "version": version, "sha256": file_sha256(path), "saved": meta.get("saved"),
+            "polygons": counts}
+    return prov, unions["tumor"], unions["normal"], unions["exclude"]
+
+
+def _plan_slide(path: Path, *, annotations: Path | None, mpp: float | None, min_tissue_fraction: float,
+                reviews: Path | None = None) -> _SlidePlan:
     """Open the slide, find tissue, list the PCam grid candidates and label them (no patch reads)."""
     plan = _SlidePlan(path=path, stem=path.stem)
-    plan.annotation = _find_annotation(path, annotations)
-    if plan.annotation is None and path.stem.lower().startswith("tumor"):
+    review_path = None
+    if reviews is not None:
+        review_path = _find_review(path, reviews)
+        if review_path is None:
+            raise ConfigError(f"no {REVIEW_FILE} for {path.name} in {reviews / safe_dir_name(path.stem)}; review it "
+                              f"first (wsi-view {reviews} --review) or leave it out of the slides")
+    else:
+        plan.annotation = _find_annotation(path, annotations)
+    if reviews is None and plan.annotation is None and path.stem.lower().startswith("tumor"):
         # Camelyon16 naming: a tumour slide without its XML would give mislabelled negatives.
         raise ConfigError(f"{path.name} is named like a Camelyon16 tumour slide but has no annotation "
                           f"{path.stem}.xml in {annotations or path.parent}; its patches cannot be labelled")
@@ -153,8 +269,11 @@ def _plan_slide(path: Path, *, annotations: Path | None, mpp: float | None, min_
     with open_slide(path, mpp=mpp) as slide:
         # Outlines off the slide or around all of it are refused, ones reaching past it warned of:
         # either would label patches by a drawing that does not belong to this slide.
-        tumor = (tumor_region(read_asap_xml(plan.annotation, l0_size=slide.dimensions)) if plan.annotation
-                  else shapely.Polygon())
+        if review_path is not None:
+            plan.review, tumor, normal, exclude = _read_review(review_path, slide.dimensions)
+        else:
+            tumor = (tumor_region(read_asap_xml(plan.annotation, l0_size=slide.dimensions)) if plan.annotation
+                     else shapely.Polygon())
         plan.mpp = slide.mpp
         plan.synthetic = slide.is_synthetic
         thumb = slide.thumbnail(mpp=tissue_cfg.thumb_mpp)
@@ -163,7 +282,14 @@ def _plan_slide(path: Path, *, annotations: Path | None, mpp: float | None, min_
                          config=GridConfig(min_tissue_fraction=min_tissue_fraction),
                          tissue_mask=tissue.mask, mask_l0_per_px=tissue.l0_per_px, require_patches=False)
         plan.cand_xy = grid.patch_l0_xy()
-        plan.cand_label = _patch_labels(tumor, plan.cand_xy, patch_l0=grid.patch_l0)
+        if review_path is not None:
+            labels = review_labels(tumor, normal, exclude, plan.cand_xy, patch_l0=grid.patch_l0)
+            plan.cand_xy, plan.cand_label = plan.cand_xy[labels >= 0], labels[labels >= 0]
+            if not len(labels[labels >= 0]):
+                logger.warning("%s: the review's Tumor/Normal polygons hold no tissue patch's centre; no patch "
+                               "from this slide", path.name)
+        else:
+            plan.cand_label = _patch_labels(tumor, plan.cand_xy, patch_l0=grid.patch_l0)
     plan.tumor_mm2 = float(tumor.area) * plan.mpp**2 / 1e6
     if plan.annotation is not None and not tumor.is_empty and plan.n_pos == 0:
         logger.warning("%s: annotated tumour (%.3f mm2) covers no centre region of a tissue patch; "
@@ -309,6 +435,7 @@ def cut_pcam_patches(
     min_tissue_fraction: float = 0.5,
     splits: Mapping[str, str] | None = None,
     read_from: ReadFrom = "finer",
+    reviews: Path | None = None,
 ) -> dict:
     """Cut a PCam-style, slide-split patch set from annotated slides; returns the summary.
 
@@ -344,6 +471,12 @@ def cut_pcam_patches(
         The pyramid level patches are read from (:data:`wsi_toolkit.slide.ReadFrom`), by the reader
         ``wsi-infer`` uses (:class:`wsi_toolkit.inference.reading.PatchBlocks`), so a model trained on
         these patches sees what ``wsi-infer --read-from`` the same value hands it.
+    reviews
+        A ``wsi-infer`` results folder in which ``wsi-view --review`` saved each slide's review
+        (``<slide folder>/review.geojson``): labels from its ``Tumor``/``Normal``/``Exclude`` polygons
+        (:func:`review_labels`) instead of ASAP annotations (``annotations`` must then be None). A slide
+        without a review is recorded as failed. Each patch's review version and the file's sha256 go
+        into the meta CSVs, each slide's review into the summary.
 
     Raises
     ------
@@ -358,6 +491,12 @@ def cut_pcam_patches(
         raise ConfigError(f"read_from must be one of {', '.join(READ_FROM)}; got {read_from!r}")
     out = Path(out)
     ann_dir = None if annotations is None else Path(annotations)
+    rev_dir = None if reviews is None else Path(reviews)
+    if ann_dir is not None and rev_dir is not None:
+        raise ConfigError("pass annotations (ASAP XML) or reviews (wsi-view review.geojson), not both")
+    if rev_dir is not None and not rev_dir.is_dir():
+        raise ConfigError(f"reviews folder {rev_dir} does not exist; pass the wsi-infer OUT folder in which "
+                          "wsi-view --review saved <slide>/review.geojson")
     if ann_dir is not None and not ann_dir.is_dir():
         raise ConfigError(f"annotations folder {ann_dir} does not exist; pass the folder of <slide-stem>.xml files")
     paths = [Path(p) for p in slides]
@@ -372,7 +511,8 @@ def cut_pcam_patches(
     failed: dict[str, dict[str, str]] = {}
     for path in tqdm(paths, desc="wsi-patches: finding tissue", unit="slide"):
         try:
-            plans.append(_plan_slide(path, annotations=ann_dir, mpp=mpp, min_tissue_fraction=min_tissue_fraction))
+            plans.append(_plan_slide(path, annotations=ann_dir, mpp=mpp, min_tissue_fraction=min_tissue_fraction,
+                                     reviews=rev_dir))
         except Exception as exc:  # noqa: BLE001 - one bad slide must not stop a batch; recorded below
             logger.error("%s: skipped (%s: %s)", path, type(exc).__name__, exc)
             logger.debug("traceback", exc_info=True)
@@ -402,7 +542,8 @@ def cut_pcam_patches(
         split_fractions=fractions, per_slide=int(per_slide), balance=bool(balance), seed=int(seed),
         mpp=mpp, read_from=read_from, min_tissue_fraction=float(min_tissue_fraction),
         explicit_splits=dict(splits or {}),
-        annotations=None if ann_dir is None else str(ann_dir), patch_px=PCAM_PATCH_PX, spacing_um_px=PCAM_MPP,
+        annotations=None if ann_dir is None else str(ann_dir), reviews=None if rev_dir is None else str(rev_dir),
+        patch_px=PCAM_PATCH_PX, spacing_um_px=PCAM_MPP,
         tissue=TissueConfig().to_dict(),
     ))
     write_json_atomic(out / _SUMMARY, summary)
@@ -414,7 +555,7 @@ def _write_split(out: Path, split: str, members: list[_SlidePlan], *, seed: int,
     """Read and write one split; a slide whose patches cannot be read is dropped and recorded. Patches are
     read by ``wsi-infer``'s reader (one block per patch), from the level ``read_from`` picks."""
     writer = _PCamWriter(out, split, expected=sum(p.take_pos + p.take_neg for p in members))
-    rows: list[tuple[str, float, float, int]] = []
+    rows: list[tuple[str, float, float, int, dict | None]] = []
     try:
         for plan in members:
             xy, labels = _sample(plan, seed)
@@ -431,16 +572,18 @@ def _write_split(out: Path, split: str, members: list[_SlidePlan], *, seed: int,
                 plan.take_pos = plan.take_neg = 0
                 continue
             writer.append(patches, labels)
-            rows.extend((plan.stem, float(x), float(y), int(lab)) for (x, y), lab in zip(xy, labels))
+            rows.extend((plan.stem, float(x), float(y), int(lab), plan.review) for (x, y), lab in zip(xy, labels))
         writer.commit()
     except BaseException:
         writer.abort()
         raise
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["slide", "l0_x", "l0_y", "label", "split"])
-    for stem, x, y, lab in rows:
-        w.writerow([stem, f"{x:.2f}", f"{y:.2f}", lab, split])
+    reviewed = any(r[4] is not None for r in rows)
+    w.writerow(["slide", "l0_x", "l0_y", "label", "split", *(("review_version", "review_sha256") if reviewed else ())])
+    for stem, x, y, lab, review in rows:
+        prov = (review["version"], review["sha256"]) if review else ("", "")
+        w.writerow([stem, f"{x:.2f}", f"{y:.2f}", lab, split, *(prov if reviewed else ())])
     write_text_atomic(out / _META.format(split=split), buf.getvalue())
     n_pos = sum(r[3] for r in rows)
     return {"n": len(rows), "n_pos": n_pos, "n_neg": len(rows) - n_pos}
@@ -456,6 +599,7 @@ def _summary(plans: list[_SlidePlan], failed: dict, written: dict, *, out: Path,
             "mpp": p.mpp, "tumor_mm2": round(p.tumor_mm2, 6), "synthetic": p.synthetic,
             "candidates": len(p.cand_label), "candidates_pos": p.n_pos,
             "n_pos": p.take_pos, "n_neg": p.take_neg,
+            **({"review": p.review} if p.review is not None else {}),
         }
     split_info: dict[str, Any] = {}
     for split, counts in written.items():
@@ -472,7 +616,10 @@ def _summary(plans: list[_SlidePlan], failed: dict, written: dict, *, out: Path,
     synthetic = any(p.synthetic for p in plans)
     return {
         "format": "PCam HDF5 (camelyonpatch_level_2_split_{split}_{x,y}.h5) + meta CSV",
-        "label": "1 iff annotated tumour covers part of the patch's centre 32x32 px (PCam convention)",
+        "label": ("reviewed (wsi-view --review): 1 = centre 32x32 px inside a Tumor polygon, 0 = inside a Normal "
+                  "polygon and touching no Tumor; patches touching Exclude or outside both not sampled"
+                  if settings.get("reviews") else
+                  "1 iff annotated tumour covers part of the patch's centre 32x32 px (PCam convention)"),
         "split_by": "slide",
         "synthetic": synthetic,
         "out": str(out),

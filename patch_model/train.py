@@ -62,6 +62,15 @@ from patch_model.augment import (
 from patch_model.callbacks import History, KeepBest, finite_or_none
 from patch_model.data import CLASS_NAMES, PCAM_PATCH_PX, TUMOR_INDEX, check_split_fractions, detect_layout, open_splits
 from patch_model.export import export_learner, learner_config
+from patch_model.finetune import (
+    ParentPackage,
+    ReplayMix,
+    check_parent,
+    init_from_parent,
+    lineage,
+    read_parent,
+    replay_count,
+)
 from patch_model.loaders import PatchData, build_dataloaders, labels_of
 from patch_model.patch_eval import LEAKY_NOTE, binary_metrics, plot_confusion_matrix
 from patch_model.reports import gradcam, plot_losses, plot_lr_find, plot_top_losses_gradcam
@@ -122,6 +131,9 @@ class TrainConfig:
     (bf16 where supported, else fp16) on CUDA, fp32 elsewhere. ``calibrate``: after training, fit a
     temperature on the kept epoch's valid logits (minimum NLL) and record it in the package
     (``wsi_toolkit.calibration``), which every inference path then applies.
+    ``init_from``: fine-tune, starting from this model package's weights (body and head; same
+    ``arch`` and ``size``; :mod:`patch_model.finetune`); ``replay``: a patch folder (the parent's data)
+    whose training patches are mixed into the training split, ``replay_fraction`` of the mix.
     """
 
     data: Path
@@ -149,12 +161,16 @@ class TrainConfig:
     overwrite: bool = False
     progress: bool = True
     calibrate: bool = True
+    init_from: Path | None = None
+    replay: Path | None = None
+    replay_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data", Path(self.data))
         object.__setattr__(self, "out", Path(self.out))
-        if self.weights is not None:
-            object.__setattr__(self, "weights", Path(self.weights))
+        for name in ("weights", "init_from", "replay"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
 
         def need(ok: bool, msg: str) -> None:
             if not ok:
@@ -190,6 +206,14 @@ class TrainConfig:
              "--weights FILE and --no-pretrained contradict each other; pass one of them")
         if self.weights is not None:
             need(self.weights.is_file(), f"weights file {self.weights} does not exist")
+        need(not (self.weights is not None and self.init_from is not None),
+             "--weights FILE and --init-from PACKAGE both initialise the model; pass one of them")
+        if self.init_from is not None:
+            need(self.init_from.is_dir(), f"--init-from {self.init_from}: no such model package folder")
+        if self.replay is not None:
+            need(self.replay.is_dir(), f"--replay {self.replay}: no such patch folder (PCam HDF5 or Kaggle layout)")
+        check_number(self.replay_fraction, "replay_fraction", bounds=(0.0, 1.0))
+        need(self.replay_fraction < 1, f"replay_fraction must be in [0, 1); got {self.replay_fraction!r}")
         resolve_device(self.device)  # validates
 
     def n_workers(self) -> int:
@@ -199,7 +223,7 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("data", "out", "weights"):
+        for k in ("data", "out", "weights", "init_from", "replay"):
             d[k] = None if d[k] is None else str(d[k])
         return d
 
@@ -312,7 +336,11 @@ def train_model(config: TrainConfig) -> TrainResult:
     if package_dir.exists() and any(package_dir.iterdir()) and not config.overwrite:
         raise ConfigError(f"{package_dir} already holds a model package; pass --overwrite or another --out")
     spec = resolve_arch(config.arch)
-    if config.pretrained and config.weights is None:
+    parent = None
+    if config.init_from is not None:
+        parent = read_parent(config.init_from)
+        check_parent(parent, arch=spec.name, size=config.size, class_names=CLASS_NAMES)
+    elif config.pretrained and config.weights is None:
         check_pretrained_cached(spec)  # fail before anything is read
     if world > 1 and (config.lr is None or config.lr_unfrozen is None):
         raise ConfigError("under torchrun/accelerate (WORLD_SIZE > 1) pass --lr and --lr-unfrozen: lr_find would "
@@ -322,7 +350,7 @@ def train_model(config: TrainConfig) -> TrainResult:
     world_env = os.environ.get("WORLD_SIZE")
     try:
         with _log_to(out / "train.log" if is_main else None):
-            return _train(config, spec, world=world, rank=rank, t_start=t_start)
+            return _train(config, spec, world=world, rank=rank, t_start=t_start, parent=parent)
     finally:
         if world_env is not None:
             os.environ["WORLD_SIZE"] = world_env
@@ -340,6 +368,7 @@ class _Run:
     world: int
     rank: int
     t_start: float
+    parent: ParentPackage | None = None
 
     @property
     def is_main(self) -> bool:
@@ -360,6 +389,7 @@ class _Data:
     counts: dict[str, dict]
     summary: dict
     loaders: PatchData
+    lineage_data: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def synthetic(self) -> bool:
@@ -391,8 +421,10 @@ class _Eval:
     logits: np.ndarray | None = None
 
 
-def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_start: float) -> TrainResult:
+def _train(config: TrainConfig, spec: ArchSpec, *, world: int, rank: int, t_start: float,
+           parent: ParentPackage | None = None) -> TrainResult:
     run = _start(config, spec, world=world, rank=rank, t_start=t_start)
+    run.parent = parent
     data = _open_data(run)
     learn = _make_learner(run, data.loaders)
     dist_ctx = ((lambda: _distributed(learn, run.device)) if world > 1 else contextlib.nullcontext)
@@ -452,6 +484,11 @@ def _open_data(run: _Run) -> _Data:
     leaky = bool(getattr(splits["valid"], "leaky", False))
     if leaky:
         logger.warning("validation numbers of this run are %s", LEAKY_NOTE)
+    summary = _data_summary(config.data)
+    lineage_data = [_data_entry(config.data, len(splits["train"]), "new", summary)]
+    if config.replay is not None:
+        splits["train"], entry = _with_replay(run, splits["train"])
+        lineage_data.append(entry)
     counts = {name: _split_counts(ds) for name, ds in splits.items()}
     for name, c in counts.items():
         logger.info("%s: %s", name, c["description"])
@@ -460,18 +497,52 @@ def _open_data(run: _Run) -> _Data:
         only = CLASS_NAMES[int(valid_labels[0])] if len(valid_labels) else "-"
         raise ConfigError(f"the valid split holds only class {only}"
                           f"; ROC AUC and the best-epoch choice need both classes")
-    summary = _data_summary(config.data)
     loaders = build_dataloaders(splits, size=config.size, mean=run.spec.mean, std=run.spec.std,
                                 batch_size=config.batch_size, device=run.device, workers=run.workers,
                                 augment=config.augment)
-    return _Data(layout, splits, leaky, counts, summary, loaders)
+    return _Data(layout, splits, leaky, counts, summary, loaders, lineage_data)
+
+
+def _data_entry(root: Path, n: int, role: str, summary: Mapping[str, Any]) -> dict[str, Any]:
+    """One ``lineage.data`` row: the folder, the training patches taken from it and their role; for a
+    ``wsi-patches --reviews`` set, each slide's review version and sha256."""
+    entry: dict[str, Any] = {"path": str(root.resolve()), "n_patches": int(n), "role": role}
+    reviews = {stem: {k: s["review"][k] for k in ("version", "sha256")}
+               for stem, s in (summary.get("slides") or {}).items() if isinstance(s, dict) and s.get("review")}
+    if reviews:
+        entry["reviews"] = reviews
+    return entry
+
+
+def _with_replay(run: _Run, train: Any) -> tuple[ReplayMix, dict[str, Any]]:
+    """The new training split with old patches mixed in, and its lineage row. The old set is split as
+    the parent's recipe split it when the parent was trained on it (a Kaggle folder's random split:
+    its held-back patches stay out of the mix), else with this run's settings."""
+    config = run.config
+    old_root = Path(config.replay)
+    recipe = dict(run.parent.recipe) if run.parent is not None else {}
+    same = run.parent is not None and run.parent.training_data is not None and \
+        Path(run.parent.training_data).resolve() == old_root.resolve()
+    split = {"valid_fraction": recipe.get("valid_fraction", config.valid_fraction) if same else config.valid_fraction,
+             "test_fraction": recipe.get("test_fraction", config.test_fraction) if same else config.test_fraction,
+             "seed": recipe.get("seed", config.seed) if same else config.seed}
+    old_train = open_splits(old_root, **split)["train"]
+    n = replay_count(len(train), config.replay_fraction, len(old_train))
+    mixed = ReplayMix(train, old_train, n, seed=config.seed, old_name=str(old_root))
+    logger.info("replay: %s", mixed.description)
+    entry = {"path": str(old_root.resolve()), "n_patches": n, "role": "replay", "of": len(old_train),
+             "fraction": float(config.replay_fraction), "split": split}
+    return mixed, entry
 
 
 def _make_learner(run: _Run, loaders: PatchData) -> Learner:
     """``vision_learner`` on the backbone, with mixed precision, channels-last and DDP callbacks where they apply."""
     config, spec = run.config, run.spec
-    learn = build_learner(loaders, spec, pretrained=config.pretrained, weights=config.weights, wd=config.wd,
-                          path=run.out)
+    learn = build_learner(loaders, spec, pretrained=config.pretrained and run.parent is None, weights=config.weights,
+                          wd=config.wd, path=run.out)
+    if run.parent is not None:
+        init_from_parent(learn.model, run.parent)
+        learn.body_init = "package"
     if run.precision != "fp32":
         learn.add_cb(MixedPrecision(amp_mode=run.precision))
     if run.device.type == "cpu" and spec.weights_wheel:
@@ -616,6 +687,7 @@ def _records(run: _Run, learn: Learner, data: _Data, fit: _Fit, ev: _Eval,
             "weights_file": None if learn.weights_path is None else str(learn.weights_path),
             "weights_sha256": None if learn.weights_path is None else file_sha256(learn.weights_path),
             "weights_wheel": spec.weights_wheel if learn.body_init == "imagenet" else None,
+            "init_from_sha256": None if run.parent is None else run.parent.sha256,
             "mean": list(spec.mean), "std": list(spec.std), "device": str(run.device), "precision": run.precision,
             "workers": run.workers, "world_size": max(run.world, 1), "layout": data.layout, "lr": lr_info,
             "lr_find_iters": fit.lr_iters, "train_batches_per_epoch": fit.n_batches,
@@ -643,6 +715,7 @@ def _records(run: _Run, learn: Learner, data: _Data, fit: _Fit, ev: _Eval,
         "seconds": {"fit": round(fit.seconds, 2)},
         "plots": fit.plots,
         "synthetic_data": data.synthetic,
+        "lineage": lineage(run.parent, data.lineage_data),
     }
     summary = data.summary
     extra = {
@@ -657,6 +730,7 @@ def _records(run: _Run, learn: Learner, data: _Data, fit: _Fit, ev: _Eval,
                        "monitor": config.monitor, "augmentation": config.augment, "precision": run.precision},
             "best": metrics["best"],
         },
+        "lineage": metrics["lineage"],
         "metrics": {"valid": _headline(ev.valid),
                     "test": None if ev.test is None else _headline(ev.test),
                     "leaky": data.leaky},
