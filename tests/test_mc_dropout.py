@@ -20,7 +20,7 @@ import torch
 from wsi_toolkit.cli.infer import main
 from wsi_toolkit.errors import ConfigError, ModelPackageError
 from wsi_toolkit.inference import InferenceConfig, head_dropout_ps, run_inference, split_for_mc_dropout
-from wsi_toolkit.model_package import Preprocess, load_model_package, pcam_config, save_model_package
+from wsi_toolkit.model_package import Preprocess, load_model_package, pcam_config, save_model_package, set_calibration
 from wsi_toolkit.slide import open_slide
 from wsi_toolkit.synthetic import ALIGNMENT_SPEC, write_synthetic_slide
 from wsi_toolkit.tiling import GridConfig, make_grid
@@ -182,8 +182,11 @@ def test_inference_config_refuses_impossible_mc_dropout(kwargs, match):
         InferenceConfig(**kwargs)
 
 
-def test_run_inference_mc_dropout_is_the_mean_and_spread_of_the_samples(align_slide, mc_package_dir):
-    package = load_model_package(mc_package_dir)
+def test_run_inference_mc_dropout_is_the_mean_and_spread_of_the_samples(align_slide, mc_package_dir, tmp_path):
+    calibrated = tmp_path / "calibrated"
+    shutil.copytree(mc_package_dir, calibrated)
+    set_calibration(calibrated, {"method": "temperature", "temperature": 2.0, "fitted_on": "test: set by hand"})
+    package = load_model_package(calibrated)
     with open_slide(align_slide.path) as slide:
         tissue = detect_tissue(slide.thumbnail(mpp=8.0), l0_mpp=slide.mpp)
         grid = make_grid(l0_size=slide.dimensions, l0_mpp=slide.mpp, config=GridConfig(stride_px=96),
@@ -194,16 +197,17 @@ def test_run_inference_mc_dropout_is_the_mean_and_spread_of_the_samples(align_sl
                           config=InferenceConfig(workers=0, progress=False, device="cpu", read_from="nearest",
                                                  batch_size=bs, mc_dropout=8, mc_dropout_seed=2))
             for bs in (7, 64)]
-    # the reference: the split model on the same patches, indexed by their place in the grid, at T = 1
+    # the reference: the split model on the same patches, indexed by their place in the grid, each sample
+    # at the package's temperature (2) before the mean
     mc = split_for_mc_dropout(package.model, samples=8, seed=2)
     with torch.no_grad():
         x = Preprocess(package.config)(torch.from_numpy(patches))
-        p = torch.softmax(mc(x, torch.from_numpy(idx)).reshape(8, len(idx), 2), dim=-1)[..., 1].double()
+        p = torch.softmax(mc(x, torch.from_numpy(idx)).reshape(8, len(idx), 2) / 2.0, dim=-1)[..., 1].double()
     for r in runs:
         assert r.runtime["runtime"] == "torch"
         assert np.abs(r.probs[idx, 1] - p.mean(0).numpy()).max() < 1e-5
         assert np.abs(r.probs_std[idx, 1] - p.std(0, unbiased=False).numpy()).max() < 1e-5
-        assert r.extra["mc_dropout_samples"] == 8 and r.extra["temperature_applied"] == 1.0
+        assert r.extra["mc_dropout_samples"] == 8 and r.extra["temperature_applied"] == 2.0
     # batch size does not change a patch's samples (float rounding of other matrix shapes aside)
     assert np.abs(runs[0].probs - runs[1].probs).max() < 1e-6
     assert p.std(0).max() > 0.02
