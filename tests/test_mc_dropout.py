@@ -310,3 +310,17 @@ def ev_labels(data) -> np.ndarray:
 
     with h5py.File(data / "camelyonpatch_level_2_split_test_y.h5") as f:
         return np.asarray(f["y"][:]).reshape(-1).astype(int)
+
+
+def test_a_torch_export_package_is_sampled_through_its_torchscript(align_slide, mc_package_dir):
+    exported = load_model_package(mc_package_dir, prefer_export=True)
+    if exported.format != "torch.export":
+        pytest.skip("this torch did not write or read model.pt2 for the test model")
+    with pytest.raises(ModelPackageError, match="model.pt2"):  # its graph has no dropout left to sample
+        split_for_mc_dropout(exported.model, samples=2, source=exported.path)
+    corners = np.array([[2000.0, 2000.0], [2400.0, 2400.0], [2800.0, 2000.0]])  # level-0 (x, y)
+    config = InferenceConfig(workers=0, progress=False, device="cpu", mc_dropout=4, read_from="nearest")
+    got = run_inference(align_slide.path, corners, exported, config=config)
+    want = run_inference(align_slide.path, corners, load_model_package(mc_package_dir), config=config)
+    assert np.abs(got.probs - want.probs).max() < 1e-5 and np.abs(got.probs_std - want.probs_std).max() < 1e-5
+    assert want.probs_std.max() > 0
