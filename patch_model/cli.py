@@ -159,6 +159,12 @@ def train_main(argv: list[str] | None = None) -> int:
               help="PCam HDF5 folder or Kaggle folder.")
 @click.option("--split", type=click.Choice(["train", "valid", "test"]), default="test")
 @click.option("--tta", is_flag=True, help="Average the 8 dihedral views (flips, 90-degree rotations) of each patch.")
+@click.option("--mc-dropout", "mc_dropout", type=click.IntRange(min=0), default=0, metavar="K",
+              help="Monte-Carlo dropout instead of TTA (K >= 2 samples; 0: off): the body once per patch, the "
+                   "head K times with its dropout on; the mean of the samples is scored and their spread is "
+                   "an uncertainty (as wsi-infer --mc-dropout). Torch only.")
+@click.option("--mc-dropout-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the MC-dropout masks (with each patch's index in the split).")
 @click.option("--out", "out", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="Output folder for eval.json and roc.png [default: PACKAGE/eval_<split>/].")
 @click.option("--batch-size", type=int, default=128)
@@ -184,10 +190,11 @@ def train_main(argv: list[str] | None = None) -> int:
                    "evaluate test.")
 @click.option("--no-progress", is_flag=True)
 @click.option("-v", "--verbose", count=True)
-def _eval_command(package, data, split, tta, out, batch_size, device, workers, valid_fraction, seed, runtime,
-                  precision, calibration, cache_dir, fit_temperature, no_progress, verbose) -> int:
+def _eval_command(package, data, split, tta, mc_dropout, mc_dropout_seed, out, batch_size, device, workers,
+                  valid_fraction, seed, runtime, precision, calibration, cache_dir, fit_temperature, no_progress,
+                  verbose) -> int:
     """Accuracy, ROC AUC, confusion matrix and ROC plot of model PACKAGE on a split of a patch set,
-    through the same preprocessing as wsi-infer; optionally with 8-view dihedral TTA. Also the
+    through the same preprocessing as wsi-infer; optionally with 8-view dihedral TTA or MC-dropout. Also the
     calibration (ECE, reliability diagram, before and after the package's temperature) and
     selective prediction (accuracy when the most uncertain patches are referred, risk-coverage curve,
     error-detection AUROC)."""
@@ -197,14 +204,15 @@ def _eval_command(package, data, split, tta, out, batch_size, device, workers, v
     r = evaluate_package(package, data, split=split, tta=tta, batch_size=batch_size, device=device, workers=workers,
                          valid_fraction=valid_fraction, seed=seed, out=out, progress=not no_progress,
                          runtime=runtime, precision=precision, calibration=calibration, cache_dir=cache_dir,
-                         fit_temperature=fit_temperature)
+                         fit_temperature=fit_temperature, mc_dropout=mc_dropout, mc_dropout_seed=mc_dropout_seed)
     m = r.metrics
     leaky = " LEAKY (random split without slide ids; optimistic)" if r.leaky else ""
     cm = m["confusion_matrix"]
     rt = r.runtime
     shown = rt.get("runtime") != "torch" or "fallback" in rt
     ran = f" [{rt['runtime']} {rt.get('precision', 'fp32')}]" if shown else ""
-    click.echo(f"{split}{' +TTA(8)' if tta else ''}{ran}{leaky}: accuracy {_fmt(m['accuracy'])}, "
+    how = " +TTA(8)" if tta else f" +MC-dropout({mc_dropout}, seed {mc_dropout_seed})" if mc_dropout else ""
+    click.echo(f"{split}{how}{ran}{leaky}: accuracy {_fmt(m['accuracy'])}, "
                f"ROC AUC {_fmt(m['roc_auc'])}, "
                f"sensitivity {_fmt(m['sensitivity'])}, specificity {_fmt(m['specificity'])} ({m['n']} patches)")
     click.echo(f"confusion matrix (rows true {m['class_names']}, cols predicted): {cm}")

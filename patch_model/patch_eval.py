@@ -7,6 +7,14 @@ numbers are the numbers of the model that runs on slides, not of a training-time
 ``tta=True`` averages the class probabilities over the 8 dihedral views of each patch
 (identity, flips, 90-degree rotations): tissue has no orientation.
 
+``mc_dropout=K`` (K >= 2) is Monte-Carlo dropout instead
+(:mod:`wsi_toolkit.inference.mc_dropout`, as ``wsi-infer --mc-dropout``): the package's body runs
+once per patch and its head K times with its dropout layers sampled (masks seeded by
+``mc_dropout_seed`` and the patch's index in the split); the prediction is the mean of the K
+samples' probabilities and ``"mc_dropout_spread"`` their standard deviation, so MC-dropout and TTA
+are scored on the same patches by the same metrics. Torch only; not with ``tta`` or
+``fit_temperature``.
+
 ``runtime="openvino"`` runs the model with OpenVINO on the CPU (:mod:`wsi_toolkit.runtime`) at
 ``precision`` fp32, bf16 or int8: the accuracy of the model as that runtime computes it. INT8 is
 calibrated on patches of the ``train`` split of the same data, or of ``calibration`` (a PCam folder).
@@ -23,7 +31,7 @@ Calibration and selective prediction (:mod:`wsi_toolkit.reliability`): the ECE o
 the accuracy when the 5, 10 and 20 % most uncertain patches are referred, the risk-coverage curve
 and the ROC AUC of the uncertainty for telling errors from right answers. The uncertainty is
 ``1 - |2p - 1|`` of the evaluated P(tumour); with TTA also the spread of the views (the standard
-deviation of P(tumour) over the 8 views).
+deviation of P(tumour) over the 8 views), with MC-dropout that of the samples.
 
 Outputs (``out``, default ``PACKAGE/eval_<split>/``): ``eval.json`` (accuracy, ROC AUC,
 confusion matrix, counts, leaky flag, ``calibration``, ``selective``), ``roc.png``,
@@ -48,7 +56,7 @@ from tqdm import tqdm
 from wsi_toolkit import plots, reliability
 from wsi_toolkit.atomic import write_json_atomic
 from wsi_toolkit.errors import ConfigError
-from wsi_toolkit.inference import probabilities, resolve_device
+from wsi_toolkit.inference import probabilities, resolve_device, split_for_mc_dropout
 from wsi_toolkit.limits import check_int
 from wsi_toolkit.model_package import ModelConfig, load_model_package, set_calibration
 
@@ -133,14 +141,16 @@ def dihedral_views(patches: torch.Tensor) -> list[torch.Tensor]:
 
 def uncertainty_report(view_probs: np.ndarray, labels: np.ndarray, *, tumor_index: int = 1,
                        uncalibrated_view_probs: np.ndarray | None = None, temperature: float = 1.0,
-                       n_bins: int = reliability.ECE_BINS) -> tuple[dict[str, Any], dict[str, Any]]:
+                       n_bins: int = reliability.ECE_BINS, spread: str = "tta",
+                       ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(calibration, selective)`` sections of ``eval.json`` from per-view class probabilities.
 
     ``view_probs``: float ``(N, V, C)``, the package's probabilities of each of ``V`` views (``V = 1``
     without TTA; the prediction is their mean over views); ``uncalibrated_view_probs`` the same at
     temperature 1 when the package has another (for the "before" ECE). The uncertainty
-    ``"margin"`` is ``1 - |2p - 1|`` of the mean P(tumour); with ``V > 1`` also ``"tta_spread"``, the
-    standard deviation of P(tumour) over the views.
+    ``"margin"`` is ``1 - |2p - 1|`` of the mean P(tumour); with ``V > 1`` also ``"<spread>_spread"``
+    (``spread``: ``"tta"``, the views, or ``"mc_dropout"``, ``V`` MC-dropout samples of each patch), the
+    standard deviation of P(tumour) over the ``V``.
     """
     labels = np.asarray(labels, np.int64).reshape(-1)
     vp = np.asarray(view_probs, np.float64)
@@ -169,13 +179,15 @@ def uncertainty_report(view_probs: np.ndarray, labels: np.ndarray, *, tumor_inde
         })
     correct = probs.argmax(1) == labels
     selective: dict[str, Any] = {
-        "margin": {"uncertainty": "1 - |2p - 1| of P(tumour)" + (" (the TTA mean)" if vp.shape[1] > 1 else ""),
+        "margin": {"uncertainty": "1 - |2p - 1| of P(tumour)" + (
+            (" (the TTA mean)" if spread == "tta" else " (the MC-dropout mean)") if vp.shape[1] > 1 else ""),
                    **reliability.selective_report(correct, reliability.binary_uncertainty(np.clip(p, 0, 1)))},
     }
     if vp.shape[1] > 1:
-        spread = vp[:, :, tumor_index].std(1)
-        selective["tta_spread"] = {"uncertainty": f"standard deviation of P(tumour) over the {vp.shape[1]} views",
-                                   **reliability.selective_report(correct, spread)}
+        over = "views" if spread == "tta" else "MC-dropout samples"
+        selective[f"{spread}_spread"] = {
+            "uncertainty": f"standard deviation of P(tumour) over the {vp.shape[1]} {over}",
+            **reliability.selective_report(correct, vp[:, :, tumor_index].std(1))}
     return calibration, selective
 
 
@@ -297,11 +309,12 @@ class EvalResult:
     runtime: dict = field(default_factory=lambda: {"runtime": "torch"})
     calibration: dict = field(default_factory=dict)
     selective: dict = field(default_factory=dict)
+    mc_dropout: dict | None = None  # samples, seed, the head's dropout p; None without MC-dropout
 
     def to_dict(self) -> dict:
         return {
             "package": str(self.package), "data": str(self.data), "split": self.split, "tta": self.tta,
-            "tta_views": 8 if self.tta else 1, "leaky": self.leaky,
+            "tta_views": 8 if self.tta else 1, "mc_dropout": self.mc_dropout, "leaky": self.leaky,
             "leaky_note": LEAKY_NOTE if self.leaky else None,
             **self.metrics, "calibration": self.calibration, "selective": self.selective,
             "seconds": round(self.seconds, 3), "runtime": self.runtime,
@@ -345,6 +358,8 @@ def evaluate_package(
     calibration: str | os.PathLike | None = None,
     ov_preprocess: Literal["graph", "torch"] = "graph",
     fit_temperature: bool = False,
+    mc_dropout: int = 0,
+    mc_dropout_seed: int = 0,
 ) -> EvalResult:
     """Evaluate the model package at ``package`` on ``split`` of the patch set at ``data``.
 
@@ -356,11 +371,20 @@ def evaluate_package(
     ``ov_preprocess``: OpenVINO with the preprocessing in its graph (``graph``) or in torch (``torch``).
     ``calibration`` is INT8's calibration patches; ``fit_temperature`` fits the package's temperature
     on this split and writes it into its ``config.json`` before the metrics are computed (module docstring).
+    ``mc_dropout``: samples of Monte-Carlo dropout per patch (0: off), ``mc_dropout_seed`` their seed
+    (module docstring).
     """
     from wsi_toolkit.runtime import calibration_from_dataset, calibration_from_pcam, select_runtime
 
     t0 = time.perf_counter()
     batch_size = check_int(batch_size, "batch_size")
+    if mc_dropout:
+        if tta or fit_temperature:
+            raise ConfigError("--mc-dropout is an uncertainty method of its own: drop --tta and --fit-temperature "
+                              "(fit the temperature in a run without --mc-dropout)")
+        if runtime == "openvino" or precision not in ("auto", "fp32"):
+            raise ConfigError("MC-dropout runs on the torch runtime: use --runtime torch (fp32)")
+        runtime = "torch"
     dev = resolve_device(device)
     pkg = load_model_package(package, device=dev)
     cfg = pkg.config
@@ -388,18 +412,34 @@ def evaluate_package(
     if choice.model is None and choice.precision not in ("auto", "fp32"):
         raise ConfigError(f"pcam-eval runs torch in fp32; precision {choice.precision} needs --runtime openvino")
     predict_logits = choice.model.predict_logits if choice.model is not None else pkg.predict_logits
+    mc = None
+    if mc_dropout:
+        mc = split_for_mc_dropout(pkg.load_torchscript().eval(), samples=mc_dropout, seed=mc_dropout_seed,
+                                  input_size=cfg.input_size, source=pkg.path)
+
+        def predict_samples(patches: torch.Tensor, index: torch.Tensor) -> np.ndarray:
+            """(B, K, C) logits of the K MC-dropout samples of each patch."""
+            with torch.inference_mode():
+                out = mc(pkg.preprocess(patches.to(dev)), index).float().cpu()
+            return out.reshape(mc_dropout, len(index), -1).transpose(0, 1).numpy()
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=int(workers),
                                          collate_fn=_collate)
     logits, labels = [], []
-    with tqdm(total=len(ds), desc=f"pcam-eval {split}{' +TTA' if tta else ''}", unit="patch",
+    done = 0
+    how = ' +TTA' if tta else f' +MC-dropout({mc_dropout})' if mc_dropout else ''
+    with tqdm(total=len(ds), desc=f"pcam-eval {split}{how}", unit="patch",
               disable=not progress or None, leave=False) as bar:
         for x, y in loader:
-            views = dihedral_views(x) if tta else [x]
-            # (B, V, C): the logits of every view; view 0 is the patch as it is
-            logits.append(np.stack([np.asarray(predict_logits(v), np.float32) for v in views], axis=1))
+            if mc is not None:  # (B, K, C): the K samples of each patch, indexed by its place in the split
+                logits.append(predict_samples(x, torch.arange(done, done + len(y))).astype(np.float32))
+            else:
+                views = dihedral_views(x) if tta else [x]
+                # (B, V, C): the logits of every view; view 0 is the patch as it is
+                logits.append(np.stack([np.asarray(predict_logits(v), np.float32) for v in views], axis=1))
             labels.append(y.numpy())
+            done += len(y)
             bar.update(len(y))
-    n_views = 8 if tta else 1
+    n_views = 8 if tta else mc_dropout or 1
     logits_a = np.concatenate(logits) if logits else np.zeros((0, n_views, cfg.num_classes), np.float32)
     labels_a = np.concatenate(labels) if labels else np.zeros(0, np.int64)
     if fit_temperature:
@@ -422,14 +462,17 @@ def evaluate_package(
     probs_a = vp.mean(1).astype(np.float32)
     metrics = binary_metrics(probs_a, labels_a, tumor_index=tumor, class_names=cfg.class_names)
     cal, selective = uncertainty_report(vp, labels_a, tumor_index=tumor, uncalibrated_view_probs=raw,
-                                        temperature=temperature)
+                                        temperature=temperature, spread="mc_dropout" if mc else "tta")
     cal["package"] = cfg.to_dict()["wsi_toolkit"].get("calibration")
     result = EvalResult(package=Path(package), data=Path(data), split=split, tta=tta, leaky=leaky, metrics=metrics,
                         probs=probs_a, labels=labels_a, seconds=time.perf_counter() - t0,
-                        runtime=choice.info, calibration=cal, selective=selective)
+                        runtime=choice.info, calibration=cal, selective=selective,
+                        mc_dropout=None if mc is None else {"samples": mc_dropout, "seed": mc_dropout_seed,
+                                                            "dropout_p": mc.dropout_ps})
     out_dir = Path(out) if out is not None else Path(package) / f"eval_{split}"
     out_dir.mkdir(parents=True, exist_ok=True)
     label = f"{split}{' (LEAKY)' if leaky else ''}{', 8-view TTA' if tta else ''}"
+    label += f", MC-dropout x{mc_dropout}" if mc else ""
     acc = metrics["accuracy"]
     p_tumor = probs_a[:, tumor] if len(probs_a) else np.zeros(0)
     is_tumor = labels_a == tumor
@@ -442,6 +485,8 @@ def evaluate_package(
     uncertainties = {"1 - |2p - 1|": reliability.binary_uncertainty(np.clip(p_tumor, 0, 1))}
     if tta:
         uncertainties["TTA spread (std of 8 views)"] = vp[:, :, tumor].std(1)
+    if mc is not None:
+        uncertainties[f"MC-dropout spread (std of {mc_dropout} samples)"] = vp[:, :, tumor].std(1)
     plot_risk_coverage(correct, uncertainties, out_dir / "risk_coverage.png",
                        title=f"{Path(package).name} on {label}: referring the most uncertain")
     write_json_atomic(out_dir / "eval.json", result.to_dict())

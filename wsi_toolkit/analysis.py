@@ -105,7 +105,8 @@ class SlideAnalysis:
     ran the model at which precision (:attr:`wsi_toolkit.inference.InferenceResult.runtime`).
     With test-time augmentation (``settings.inference.tta``), ``p_tumor`` is the mean over the views,
     ``p_tumor_std`` (n,) their standard deviation and ``uncertainty`` that stitched like ``heatmap``
-    (same cells, same merge); both None without.
+    (same cells, same merge); both None without. With MC-dropout (``settings.inference.mc_dropout``)
+    the same over the dropout samples.
     """
 
     slide_path: Path
@@ -131,11 +132,23 @@ class SlideAnalysis:
 
     def uncertainty_summary(self) -> dict[str, Any] | None:
         """Tissue area (mm^2) confidently tumour / confidently normal / uncertain
-        (:func:`wsi_toolkit.heatmap.uncertainty_summary`), None without TTA."""
+        (:func:`wsi_toolkit.heatmap.uncertainty_summary`) and the method that made the spread
+        (``"tta"`` with its mode, or ``"mc-dropout"`` with its samples and seed); None without one."""
         if self.uncertainty is None:
             return None
-        return {"tta": self.settings.inference.tta,
+        inf = self.settings.inference
+        method: dict[str, Any] = {"method": "tta", "tta": inf.tta}
+        if inf.mc_dropout:
+            method = {"method": "mc-dropout", "mc_dropout_samples": inf.mc_dropout,
+                      "mc_dropout_seed": inf.mc_dropout_seed}
+        return {**method,
                 **uncertainty_summary(self.heatmap, self.uncertainty, threshold=self.settings.threshold)}
+
+    @property
+    def std_name(self) -> str:
+        """Name of the spread in tiles.csv (``<std_name>_<class>``) and the regions' measurements
+        (``max_<std_name>``): ``tta_std`` (TTA views) or ``mc_dropout_std`` (MC-dropout samples)."""
+        return "mc_dropout_std" if self.settings.inference.mc_dropout else "tta_std"
 
     @property
     def synthetic(self) -> bool:
@@ -230,7 +243,8 @@ def analyse_slide(slide: str | Path | SlideReader, package: ModelPackage | str |
     if result.probs_std is not None:
         p_std = result.probs_std[:, tumor_idx] if result.probs_std.shape[1] > 1 else result.probs_std[:, 0]
         uncertainty = stitch(grid, p_std, merge=merge)
-    regions = tumor_regions(heatmap, threshold=settings.threshold, uncertainty=uncertainty)
+    regions = tumor_regions(heatmap, threshold=settings.threshold, uncertainty=uncertainty,
+                            std_name="mc_dropout_std" if settings.inference.mc_dropout else "tta_std")
     stages = {"seconds_open_thumbnail": t_thumb - t0, "seconds_tissue_detect": t_tissue - t_thumb,
               "seconds_grid": t_grid - t_tissue, "seconds_tissue": t_grid - t0,
               "seconds_stitch_regions": time.perf_counter() - t_stitch}
@@ -259,7 +273,7 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | Path, *, worker: dict[
         probs_by_class = {names[cfg.tumor_index()]: a.probs[:, 0]}
     else:
         probs_by_class = {name: a.probs[:, i] for i, name in enumerate(names)}
-    extra = None if a.p_tumor_std is None else {f"tta_std_{names[cfg.tumor_index()]}": a.p_tumor_std}
+    extra = None if a.p_tumor_std is None else {f"{a.std_name}_{names[cfg.tumor_index()]}": a.p_tumor_std}
     write_tiles_csv(out_dir / "tiles.csv", a.grid, probs_by_class, extra_columns=extra)
     write_heatmap_tiff(out_dir / "heatmap.tif", a.heatmap)
     outputs = list(OUTPUT_FILES)
@@ -272,7 +286,9 @@ def write_outputs(analysis: SlideAnalysis, out_dir: str | Path, *, worker: dict[
         f"{a.slide_path.name}: tumour probability ({cfg.architecture}), max {a.slide_score:.2f}, "
         f"{len(a.regions)} region(s) >= {a.settings.threshold:g}")
     render_overlay(a.thumbnail, a.tissue.l0_per_px, a.heatmap, tissue_polygons_l0=a.tissue.polygons(), title=title,
-                   threshold=a.settings.threshold, path=out_dir / "overlay.png", uncertainty=a.uncertainty)
+                   threshold=a.settings.threshold, path=out_dir / "overlay.png", uncertainty=a.uncertainty,
+                   uncertainty_over=(f"{a.settings.inference.mc_dropout} MC-dropout samples"
+                                     if a.settings.inference.mc_dropout else "TTA views"))
     seconds_export = time.perf_counter() - t0
     grid = a.grid
     record = RunRecord(
@@ -330,7 +346,8 @@ def output_key(slide_path: str | Path, package: ModelPackage, config: RunConfig)
     int8 run's calibration: its
     ``--calibration`` path, or ``"auto"``, the package's cached graph) and graph
     optimisation, and test-time augmentation (``tta``, present only when not ``"none"``, so folders
-    written before the option still resume). Batch size, reader workers, the conversion cache and
+    written before the option still resume) or MC-dropout (``mc_dropout``: samples and seed, present
+    only when on). Batch size, reader workers, the conversion cache and
     progress bars do not change outputs and are not in it.
     """
     slide_path = Path(slide_path)
@@ -355,6 +372,8 @@ def output_key(slide_path: str | Path, package: ModelPackage, config: RunConfig)
     }
     if inf.tta != "none":
         key["tta"] = inf.tta
+    if inf.mc_dropout:
+        key["mc_dropout"] = {"samples": inf.mc_dropout, "seed": inf.mc_dropout_seed}
     return key
 
 

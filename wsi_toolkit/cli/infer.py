@@ -9,7 +9,8 @@ from typing import NoReturn
 import click
 
 from wsi_toolkit.cli._common import check_mpp_option, console, run_click, setup_logging
-from wsi_toolkit.inference import InferenceConfig
+from wsi_toolkit.inference import InferenceConfig, head_dropout_ps
+from wsi_toolkit.model_package import ModelPackage, load_model_package
 from wsi_toolkit.pipeline import RunConfig, run_batch
 from wsi_toolkit.slide import READ_FROM, find_slides
 
@@ -84,6 +85,13 @@ class _BatchSize(click.ParamType):
                    "heatmap the mean of the views' probabilities; adds uncertainty.tif (the views' standard "
                    "deviation), a tta_std column in tiles.csv and an uncertainty summary in run.json. The slide is "
                    "read once; the model runs views x longer.")
+@click.option("--mc-dropout", "mc_dropout", type=click.IntRange(min=0), default=0, metavar="K",
+              help="Monte-Carlo dropout instead of TTA (K >= 2 samples; 0: off): the backbone runs once per patch, "
+                   "the classifier head K times with its dropout on (fastai vision_learner packages); the heatmap "
+                   "is the samples' mean, uncertainty.tif their standard deviation (an mc_dropout_std column in "
+                   "tiles.csv). Runs on torch (--runtime auto picks it); not with --tta.")
+@click.option("--mc-dropout-seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed of the MC-dropout masks (with the patch's index): the same seed gives the same outputs.")
 @click.option("--profile", is_flag=True,
               help="Print where the time went, stage by stage (process start and imports, package load, "
                    "INT8 graph, tissue, grid, model set-up, model, reads, stitching, exports) and write it "
@@ -106,8 +114,9 @@ class _BatchSize(click.ParamType):
 @click.option("--no-progress", is_flag=True)
 @click.option("-v", "--verbose", count=True)
 def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_tissue, batch_size, workers, device,
-             runtime, precision, calibration, ov_requests, ov_preprocess, read_from, tta, profile, cache_dir,
-             check_precision, ray_address, cpus_per_worker, backend, overwrite, no_progress, verbose) -> int:
+             runtime, precision, calibration, ov_requests, ov_preprocess, read_from, tta, mc_dropout, mc_dropout_seed,
+             profile, cache_dir, check_precision, ray_address, cpus_per_worker, backend, overwrite, no_progress,
+             verbose) -> int:
     """Tumour-probability heatmaps for SLIDES (files and folders mixed).
 
     Per slide, in OUT/<slide-stem>/ (the stem made a safe, unique folder name): heatmap.tif,
@@ -141,11 +150,18 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
                                 cache_dir=None if cache_dir is None else str(cache_dir),
                                 calibration=None if calibration is None else str(calibration),
                                 ov_requests=None if ov_requests == "auto" else ov_requests,
-                                ov_preprocess=ov_preprocess, read_from=read_from, tta=tta)
+                                ov_preprocess=ov_preprocess, read_from=read_from, tta=tta, mc_dropout=mc_dropout,
+                                mc_dropout_seed=mc_dropout_seed)
     config = RunConfig(
         mpp_override=mpp, stride_px=stride_px, merge=merge, threshold=threshold, min_tissue_fraction=min_tissue,
         overwrite=overwrite, backend=backend, inference=inference,
     )
+    model: Path | ModelPackage = model_dir
+    if mc_dropout and paths:
+        t = time.perf_counter()
+        model = load_model_package(model_dir)  # loaded once: the check and the batch share it
+        batch_timings["seconds_package_load"] = time.perf_counter() - t
+        head_dropout_ps(model.load_torchscript(), source=model.path)  # a package MC-dropout cannot sample: refused now
     if check_precision:
         return _check_precision(paths, model_dir, out_dir, config)
     if ray_address is not None:
@@ -155,7 +171,7 @@ def _command(slides, model_dir, out_dir, mpp, stride_px, merge, threshold, min_t
         results = run_batch_ray(paths, model_dir, out_dir, config, settings=settings, failures=failures,
                                 on_int8=lambda graph: click.echo(graph.describe(), err=True))
     else:
-        results = run_batch(paths, model_dir, out_dir, config, failures=failures, timings=batch_timings,
+        results = run_batch(paths, model, out_dir, config, failures=failures, timings=batch_timings,
                             on_int8=lambda graph: click.echo(graph.describe(), err=True))
     for r in results:
         if r.status == "failed":

@@ -238,13 +238,14 @@ def _draw_legend(draw: ImageDraw.ImageDraw, img: Image.Image, *, top: int, width
         draw.text((kx + 36, y), label, fill=_LEGEND_FG, font=font)
 
 
-def _draw_uncertainty_legend(draw: ImageDraw.ImageDraw, img: Image.Image, *, top: int, x0: int) -> None:
+def _draw_uncertainty_legend(draw: ImageDraw.ImageDraw, img: Image.Image, *, top: int, x0: int,
+                             over: str = "TTA views") -> None:
     """The uncertainty panel's colour bar: 0..UNCERTAINTY_MAX in :data:`VIRIDIS_LUT`."""
     font = _font(13)
     bar_top, bar_h = top + 14, 16
     bar = np.repeat(VIRIDIS_LUT[np.arange(_BAR_PX) * 256 // _BAR_PX][None], bar_h, axis=0)
     img.paste(Image.fromarray(np.ascontiguousarray(bar), "RGB"), (x0, bar_top))
-    draw.text((x0 + _BAR_PX + 10, bar_top), "uncertainty: std of tumour probability over TTA views", fill=_LEGEND_FG,
+    draw.text((x0 + _BAR_PX + 10, bar_top), f"uncertainty: std of tumour probability over {over}", fill=_LEGEND_FG,
               font=font)
     for tick in (0.0, 0.1, 0.2, 0.3, 0.4, 0.5):
         x = x0 + min(round(tick / UNCERTAINTY_MAX * _BAR_PX), _BAR_PX - 1)
@@ -266,6 +267,7 @@ def render_overlay(
     path: str | os.PathLike[str] | None = None,
     min_width: int = 1000,
     uncertainty: Heatmap | None = None,
+    uncertainty_over: str = "TTA views",
 ) -> np.ndarray:
     """Render the overlay picture (layout in the module docstring); write it as PNG if ``path``.
 
@@ -292,6 +294,8 @@ def render_overlay(
     uncertainty : Heatmap, optional
         The uncertainty map (TTA views' standard deviation) on the heatmap's cells: drawn as a
         second panel right of the first (module docstring).
+    uncertainty_over : str
+        What the spread is over, for its legend (``"TTA views"``, ``"8 MC-dropout samples"``).
 
     Returns
     -------
@@ -340,7 +344,7 @@ def render_overlay(
     _draw_legend(draw, img, top=TITLE_BAR_PX + ph, width=pw, threshold=threshold, tissue=bool(tissue),
                  line_px=line_px)
     if uncertainty is not None:
-        _draw_uncertainty_legend(draw, img, top=TITLE_BAR_PX + ph, x0=pw + _BAR_X0)
+        _draw_uncertainty_legend(draw, img, top=TITLE_BAR_PX + ph, x0=pw + _BAR_X0, over=uncertainty_over)
 
     out = np.asarray(img, dtype=np.uint8).copy()
     if path is not None:

@@ -12,7 +12,8 @@ Measurements
   hull (the region's caliper diameter, as Camelyon16's "longest axis"), x ``l0_mpp``.
 - ``max_tta_std``, ``mean_tta_std`` (only with an uncertainty map, ``wsi-infer --tta``): the
   maximum and mean over the component's cells of the test-time-augmentation views' standard
-  deviation.
+  deviation; ``max_mc_dropout_std``, ``mean_mc_dropout_std`` the same of the MC-dropout samples'
+  (``wsi-infer --mc-dropout``).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class TumorRegion:
     max_std, mean_std : float or None
         Maximum and mean of the uncertainty map (the TTA views' standard deviation) over the
         region's cells; None without one.
+    std_name : str
+        What the spread is called in :meth:`measurements` (``max_<std_name>``, ``mean_<std_name>``):
+        ``tta_std`` or ``mc_dropout_std``.
     """
 
     polygon_l0: shapely.Polygon | shapely.MultiPolygon
@@ -68,6 +72,7 @@ class TumorRegion:
     longest_diameter_um: float
     max_std: float | None = None
     mean_std: float | None = None
+    std_name: str = "tta_std"
 
     def measurements(self) -> dict[str, float]:
         """QuPath-style measurements, as written to GeoJSON."""
@@ -78,7 +83,7 @@ class TumorRegion:
             "longest_diameter_um": self.longest_diameter_um,
         }
         if self.max_std is not None and self.mean_std is not None:
-            out.update(max_tta_std=self.max_std, mean_tta_std=self.mean_std)
+            out.update({f"max_{self.std_name}": self.max_std, f"mean_{self.std_name}": self.mean_std})
         return out
 
 
@@ -91,7 +96,7 @@ def _longest_diameter_l0(geom: shapely.Geometry) -> float:
 
 
 def tumor_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: float = 0.0,
-                  uncertainty: Heatmap | None = None) -> list[TumorRegion]:
+                  uncertainty: Heatmap | None = None, std_name: str = "tta_std") -> list[TumorRegion]:
     """Tumour regions: 8-connected components of predicted cells with ``prob >= threshold``.
 
     Parameters
@@ -104,6 +109,8 @@ def tumor_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: flo
     uncertainty : Heatmap, optional
         The uncertainty map on the same cells (TTA views' standard deviation): each region gets
         its maximum and mean over the region's cells.
+    std_name : str
+        The spread's name in the regions' measurements (:attr:`TumorRegion.std_name`).
 
     Returns
     -------
@@ -141,6 +148,7 @@ def tumor_regions(heatmap: Heatmap, *, threshold: float = 0.5, min_area_um2: flo
                 longest_diameter_um=_longest_diameter_l0(poly) * l0_mpp,
                 max_std=None if cell_std is None else float(cell_std.max()),
                 mean_std=None if cell_std is None else float(cell_std.mean()),
+                std_name=std_name,
             )
         )
     regions.sort(key=lambda reg: (-reg.max_prob, -reg.area_mm2))
