@@ -140,3 +140,34 @@ def test_slide_path_runs_the_mosaic_through_wsi_infer(model_dir, colour_set, tmp
     assert slide["returncode"] == 0 and slide["n_scored"] == N and slide["n_missing"] == 0
     assert slide["flips_vs_direct"] == combined["flips_vs_direct"]
     assert abs(slide["mean_abs_dp_vs_direct"] - combined["mean_abs_dp_vs_direct"]) < 0.002
+
+
+def _result(path: Path, package: str, rows: list[tuple[str, str, float, int]], *, seed: int = 0) -> Path:
+    """A bench_robustness.py result with the given (family, strength, accuracy, flips) rows; the first is clean."""
+    clean = rows[0][2]
+    record = {"package": package, "data": "/d", "splits": ["test"], "seed": seed, "n_patches": 10,
+              "rows": [{"family": f, "strength": s, "accuracy": a, "roc_auc": 0.9, "flips_vs_direct": n,
+                        "accuracy_change_points": round(100 * (a - clean), 2)} for f, s, a, n in rows]}
+    path.write_text(json.dumps(record))
+    return path
+
+
+def test_compare_robustness_puts_each_row_side_by_side(tmp_path):
+    base = _result(tmp_path / "a.json", "/p/base", [("clean", "-", 0.9, 0), ("jpeg", "Q=70", 0.85, 5),
+                                                      ("blur", "sigma 1 px", 0.6, 30)])
+    after = _result(tmp_path / "b.json", "/p/robust", [("clean", "-", 0.88, 0), ("jpeg", "Q=70", 0.87, 2),
+                                                         ("blur", "sigma 1 px", 0.86, 3)])
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_robustness.py"),
+                          str(base), str(after), "--names", "before", "after"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    blur = next(line for line in out.stdout.splitlines() if line.startswith("| blur |"))
+    assert "0.6000 (-30.00)" in blur and "0.8600 (-2.00)" in blur and "| 30 |" in blur
+    assert "before: -30.00, after: -2.00" in out.stdout  # the worst moderate-strength change of each
+
+
+def test_compare_robustness_refuses_results_on_other_patches(tmp_path):
+    a = _result(tmp_path / "a.json", "/p/a", [("clean", "-", 0.9, 0)])
+    b = _result(tmp_path / "b.json", "/p/b", [("clean", "-", 0.9, 0)], seed=1)
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_robustness.py"),
+                          str(a), str(b)], capture_output=True, text=True)
+    assert out.returncode != 0 and "not on the same patches" in out.stderr
