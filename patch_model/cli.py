@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from wsi_toolkit.cli._common import check_mpp_option, run_click, setup_logging
+from wsi_toolkit.runtime.names import EVAL_PRECISIONS, RUNTIMES, TORCH_PRECISIONS
 from wsi_toolkit.slide import READ_FROM
 
 __all__ = ["train_main", "eval_main", "patches_main", "main"]
@@ -79,7 +80,7 @@ def _fmt(v) -> str:
               help="lr_find iterations; 0 skips lr_find (needs --lr) [default: 100, fewer (>= 50) for tiny sets].")
 @click.option("--workers", type=int, default=None, help="DataLoader processes [default: min(8, cpus - 1)].")
 @click.option("--device", default="auto", help="auto | cpu | cuda | cuda:N | mps")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "fp16", "bf16"]), default="auto",
+@click.option("--precision", type=click.Choice(TORCH_PRECISIONS), default="auto",
               help="auto: mixed precision (bf16, else fp16) on CUDA, fp32 elsewhere.")
 @click.option("--top-losses", type=int, default=9, help="Patches in top_losses_gradcam.png.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT/model if it exists.")
@@ -175,10 +176,10 @@ def train_main(argv: list[str] | None = None) -> int:
                    "[default: the package's training value].")
 @click.option("--seed", type=int, default=None,
               help="Kaggle layout: split seed [default: the package's training seed].")
-@click.option("--runtime", type=click.Choice(["auto", "torch", "openvino"]), default="torch",
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="torch",
               help="torch: the package's model as loaded; openvino: OpenVINO on the CPU (wsi-toolkit[openvino]); "
                    "auto: OpenVINO on a CPU where installed.")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "int8"]), default="auto",
+@click.option("--precision", type=click.Choice(EVAL_PRECISIONS), default="auto",
               help="OpenVINO: fp32 (auto), bf16 (CPUs with native bf16), int8 (calibrated); torch runs fp32.")
 @click.option("--calibration", type=click.Path(path_type=Path, exists=True, file_okay=False), default=None,
               help="int8: calibrate on this PCam folder (HDF5 or Kaggle layout) [default: the train split of --data].")

@@ -79,6 +79,7 @@ from wsi_toolkit.errors import ConfigError, WsiToolkitError
 from wsi_toolkit.inference import resolve_device
 from wsi_toolkit.limits import check_int, check_number
 from wsi_toolkit.reliability import temperature_calibration
+from wsi_toolkit.runtime.names import TORCH_PRECISIONS, TorchPrecision
 
 __all__ = [
     "CLASS_NAMES",
@@ -105,10 +106,8 @@ _REEXPORTED = (ARCH_SOURCES, SYMMETRIES)
 
 logger = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "fp16", "bf16"]
 Monitor = Literal["roc_auc_score", "valid_loss", "accuracy"]
 _MONITORS = ("roc_auc_score", "valid_loss", "accuracy")
-_PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +155,7 @@ class TrainConfig:
     lr_find_iters: int | None = None
     workers: int | None = None
     device: str = "auto"
-    precision: Precision = "auto"
+    precision: TorchPrecision = "auto"
     top_losses: int = 9
     overwrite: bool = False
     progress: bool = True
@@ -200,7 +199,7 @@ class TrainConfig:
              "lr_find is off (lr_find_iters=0): pass --lr-unfrozen (or --lr) for the unfrozen fit")
         if self.workers is not None:
             check_int(self.workers, "workers", minimum=0)
-        need(self.precision in _PRECISIONS, f"precision must be one of {_PRECISIONS}; got {self.precision!r}")
+        need(self.precision in TORCH_PRECISIONS, f"precision must be one of {TORCH_PRECISIONS}; got {self.precision!r}")
         check_int(self.top_losses, "top_losses", minimum=0)
         need(not (self.weights is not None and not self.pretrained),
              "--weights FILE and --no-pretrained contradict each other; pass one of them")

@@ -44,6 +44,8 @@ from pathlib import Path
 from bench_harness import cpu_flags, loadavg, openvino_installed, run_measured
 from bench_read import READER_DESIGNS, compare_readers, decode_floor, grid_blocks, read_only
 
+from wsi_toolkit.runtime.names import RUNTIMES
+
 
 def precision_diff(slide_path: Path, n: int, device: str, batch_size: int, workers: int, runtime: str = "torch",
                    cache_dir: Path | None = None) -> dict:
@@ -185,7 +187,7 @@ def main() -> int:
     ap.add_argument("--strides", type=int, nargs="+", default=[96, 32])
     ap.add_argument("--precision", nargs="+", default=["auto"],
                     help="wsi-infer --precision values (auto fp32 bf16 fp16 int8), each with each --runtime")
-    ap.add_argument("--runtime", nargs="+", default=["auto"], choices=["auto", "torch", "openvino"],
+    ap.add_argument("--runtime", nargs="+", default=["auto"], choices=RUNTIMES,
                     help="wsi-infer --runtime values (int8 runs with openvino only)")
     ap.add_argument("--cache-dir", type=Path, default=None,
                     help="OpenVINO's converted models [default: DATA/ov_cache]; filled before the timed runs")

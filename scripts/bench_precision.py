@@ -32,6 +32,8 @@ import numpy as np
 import torch
 from bench_harness import cpu_flags, loadavg
 
+from wsi_toolkit.runtime.names import OV_PRECISIONS
+
 
 def _cpu() -> dict:
     c = cpu_flags()
@@ -107,7 +109,7 @@ def main() -> int:
     ap.add_argument("--data", type=Path, default=Path(real) / "pcam_kaggle" if real else None,
                     help="the real PCam patches the model was trained on [default: $WSI_TOOLKIT_REALDATA/pcam_kaggle]")
     ap.add_argument("--split", default="test", choices=["train", "valid", "test"])
-    ap.add_argument("--precisions", nargs="+", default=["fp32", "bf16", "int8"], choices=["fp32", "bf16", "int8"])
+    ap.add_argument("--precisions", nargs="+", default=list(OV_PRECISIONS), choices=OV_PRECISIONS)
     ap.add_argument("--calibration", type=Path, default=None, help="PCam folder for INT8 [default: train split]")
     ap.add_argument("--cache-dir", type=Path, default=None)
     ap.add_argument("--repeats", type=int, default=5, help="rounds of the interleaved model-speed comparison")

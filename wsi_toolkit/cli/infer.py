@@ -12,6 +12,7 @@ from wsi_toolkit.cli._common import check_mpp_option, console, run_click, setup_
 from wsi_toolkit.inference import InferenceConfig, head_dropout_ps
 from wsi_toolkit.model_package import ModelPackage, load_model_package
 from wsi_toolkit.pipeline import RunConfig, run_batch
+from wsi_toolkit.runtime.names import PRECISIONS, RUNTIMES
 from wsi_toolkit.slide import READ_FROM, find_slides
 
 
@@ -52,10 +53,10 @@ class _BatchSize(click.ParamType):
               help="Reader threads (sharing one slide handle; 0 = read between forward passes) [default: 1 on "
                    "CPU (the network is the bottleneck there), min(4, cpus - 1) on a GPU].")
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N | mps")
-@click.option("--runtime", type=click.Choice(["auto", "torch", "openvino"]), default="auto", show_default=True,
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True,
               help="auto: OpenVINO on a CPU where installed (wsi-toolkit[openvino]; its fp32 agrees with torch "
                    "within 1e-4), torch on CUDA/MPS; a model OpenVINO cannot convert runs on torch (logged).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16", "int8"]), default="auto",
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto",
               show_default=True,
               help="auto: mixed precision (bf16, else fp16) on CUDA; fp32 on CPU and MPS, so every CPU gives the "
                    "same heatmap. bf16 on a CPU is opt-in (fast with AVX512-BF16/AMX; probabilities move ~1e-2). "

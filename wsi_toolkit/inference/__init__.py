@@ -20,7 +20,6 @@ from __future__ import annotations
 from wsi_toolkit.inference.device import (
     CPU_BATCH_SIZE,
     CpuGraph,
-    Precision,
     autocast_dtype,
     batch_for_memory,
     cpu_has_fast_bf16,
@@ -34,7 +33,7 @@ from wsi_toolkit.inference.reading import Block, PatchBlocks, cut_patches, plan_
 from wsi_toolkit.inference.tta import TTA_MODES, TtaMode, combine_views, make_views, n_views
 
 __all__ = ["CPU_BATCH_SIZE", "TTA_MODES", "Block", "CpuGraph", "InferenceConfig", "InferenceResult", "McDropoutModel",
-           "PatchBlocks", "Precision", "TtaMode", "autocast_dtype", "batch_for_memory", "combine_views",
+           "PatchBlocks", "TtaMode", "autocast_dtype", "batch_for_memory", "combine_views",
            "cpu_has_fast_bf16", "cuda_batch_size", "cut_patches", "head_dropout_ps", "make_views", "n_views",
            "plan_blocks", "prepare_model", "probabilities", "resolve_device", "run_inference", "single_patch_blocks",
            "split_for_mc_dropout"]

@@ -9,20 +9,19 @@ model is frozen and fused (:class:`CpuGraph`) and fp32 is the default on every C
 from __future__ import annotations
 
 import logging
-from typing import Literal
 
 import torch
 
 from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.model_package.torchscript import quiet_torchscript_deprecation
 from wsi_toolkit.runtime.cpu import cpu_has_fast_bf16
+from wsi_toolkit.runtime.names import TorchPrecision
 
-__all__ = ["CPU_BATCH_SIZE", "CpuGraph", "Precision", "autocast_dtype", "batch_for_memory", "cpu_has_fast_bf16",
+__all__ = ["CPU_BATCH_SIZE", "CpuGraph", "autocast_dtype", "batch_for_memory", "cpu_has_fast_bf16",
            "cuda_batch_size", "prepare_model", "resolve_device"]
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 #: ``batch_size="auto"`` off CUDA; why this size: BENCHMARKS.md ("Batch size, by measurement").
 CPU_BATCH_SIZE = 64
@@ -53,7 +52,7 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def autocast_dtype(device: torch.device, precision: Precision) -> torch.dtype | None:
+def autocast_dtype(device: torch.device, precision: TorchPrecision) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device``; None for fp32. ``auto`` is fp32 on a CPU
     and on MPS (so results do not depend on the CPU model), bf16 on CUDA where supported, else fp16."""
     if precision == "fp32":

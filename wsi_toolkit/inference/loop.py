@@ -26,7 +26,6 @@ from tqdm import tqdm
 from wsi_toolkit.errors import ConfigError, ModelPackageError
 from wsi_toolkit.inference.device import (
     CPU_BATCH_SIZE,
-    Precision,
     autocast_dtype,
     cuda_batch_size,
     prepare_model,
@@ -38,7 +37,8 @@ from wsi_toolkit.inference.tta import TTA_MODES, TtaMode, combine_views, make_vi
 from wsi_toolkit.limits import check_int
 from wsi_toolkit.model_package.logits import probabilities
 from wsi_toolkit.model_package.preprocess import Preprocess
-from wsi_toolkit.runtime import PRECISIONS, RUNTIMES, select_runtime
+from wsi_toolkit.runtime import select_runtime
+from wsi_toolkit.runtime.names import PRECISIONS, RUNTIMES, Precision
 from wsi_toolkit.slide import READ_FROM, ReadFrom
 from wsi_toolkit.tiling import PatchGrid
 
@@ -113,7 +113,7 @@ class InferenceConfig:
     batch_size: int | Literal["auto"] = "auto"
     workers: int | None = None
     device: str = "auto"
-    precision: Precision | Literal["int8"] = "auto"
+    precision: Precision = "auto"
     progress: bool = True
     block_cells: int | None = None
     block_px: int = 1536

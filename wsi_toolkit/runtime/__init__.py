@@ -19,8 +19,6 @@ Nothing here imports OpenVINO or NNCF until a model is converted; ``pip install
 
 from __future__ import annotations
 
-from typing import Literal
-
 import numpy as np
 
 from wsi_toolkit.runtime.cache import CACHE_ENV, CacheKey, default_cache_dir
@@ -34,27 +32,23 @@ from wsi_toolkit.runtime.calibration import (
     save_calibration,
 )
 from wsi_toolkit.runtime.cpu import cpu_has_fast_bf16
+from wsi_toolkit.runtime.names import OV_PRECISIONS, PRECISIONS, RUNTIMES, OvPrecision, Precision, Runtime
 from wsi_toolkit.runtime.openvino import (
     FP32_TOLERANCE,
-    OV_PRECISIONS,
     ConversionError,
     OpenVinoModel,
-    OvPrecision,
     check_precision_supported,
     load_openvino_model,
     openvino_available,
     openvino_versions,
 )
-from wsi_toolkit.runtime.select import PRECISIONS, RUNTIMES, RuntimeChoice, resolve_runtime, select_runtime
+from wsi_toolkit.runtime.select import RuntimeChoice, resolve_runtime, select_runtime
 
 __all__ = ["CACHE_ENV", "CALIBRATION_PATCHES", "FP32_TOLERANCE", "OV_PRECISIONS", "PRECISIONS", "RUNTIMES", "CacheKey",
-           "CalibrationSet", "ConversionError", "OpenVinoModel", "OvPrecision", "Runtime", "RuntimeChoice",
+           "CalibrationSet", "ConversionError", "OpenVinoModel", "OvPrecision", "Precision", "Runtime", "RuntimeChoice",
            "calibration_from_dataset", "calibration_from_pcam", "calibration_from_slides", "check_precision_supported",
            "compare_probabilities", "cpu_has_fast_bf16", "default_cache_dir", "load_calibration", "load_openvino_model",
            "openvino_available", "openvino_versions", "resolve_runtime", "save_calibration", "select_runtime"]
-
-Runtime = Literal["auto", "torch", "openvino"]
-
 
 def compare_probabilities(reference: np.ndarray, other: np.ndarray, *, threshold: float = 0.5) -> dict:
     """How far ``other`` moved from ``reference`` (same patches, tumour probabilities, (N,)):

@@ -36,18 +36,17 @@ from wsi_toolkit.model_package.torchscript import quiet_torchscript_deprecation
 from wsi_toolkit.runtime import cpu  # cpu.cpu_has_fast_bf16 looked up when called (tests patch it there)
 from wsi_toolkit.runtime.cache import MODEL_XML, CacheKey, default_cache_dir, get_or_build
 from wsi_toolkit.runtime.calibration import CALIBRATION_PATCHES, CalibrationSet
+from wsi_toolkit.runtime.names import OV_PRECISIONS, OvPrecision
 
 if TYPE_CHECKING:
     from wsi_toolkit.model_package import ModelPackage
     from wsi_toolkit.model_package.config import ModelConfig
 
-__all__ = ["AUTO_CALIBRATION", "FP32_TOLERANCE", "OV_PRECISIONS", "ConversionError", "OpenVinoModel", "OvPrecision",
+__all__ = ["AUTO_CALIBRATION", "FP32_TOLERANCE", "ConversionError", "OpenVinoModel",
            "load_openvino_model", "openvino_available", "openvino_versions", "prepare_openvino_graph"]
 
 log = logging.getLogger(__name__)
 
-OvPrecision = Literal["fp32", "bf16", "int8"]
-OV_PRECISIONS = ("fp32", "bf16", "int8")
 #: Largest |probability difference| from torch fp32 accepted for an OpenVINO fp32 graph.
 FP32_TOLERANCE = 1e-4
 #: The cache key's ``calibration`` of an INT8 graph calibrated automatically (no ``--calibration``):

@@ -21,18 +21,16 @@ import torch
 from wsi_toolkit.errors import ConfigError
 from wsi_toolkit.runtime import cpu  # cpu.cpu_has_fast_bf16 looked up when called (tests patch it there)
 from wsi_toolkit.runtime.calibration import CalibrationSet
+from wsi_toolkit.runtime.names import PRECISIONS, RUNTIMES
 from wsi_toolkit.runtime.openvino import ConversionError, OpenVinoModel, load_openvino_model, openvino_available
 
 if TYPE_CHECKING:
     from wsi_toolkit.model_package import ModelPackage
 
-__all__ = ["RUNTIMES", "PRECISIONS", "RuntimeChoice", "resolve_runtime", "select_runtime"]
+__all__ = ["RuntimeChoice", "resolve_runtime", "select_runtime"]
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "torch", "openvino")
-#: Every precision a run may ask for; int8 runs on OpenVINO only, fp16 on torch only.
-PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 def resolve_runtime(runtime: str, device: torch.device) -> str:
