@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from patch_model.data import PCAM_MPP, PCAM_PATCH_PX, PCAM_SPLITS, _PCamWriter
 from wsi_toolkit.annotations import read_asap_xml, read_geojson, tumor_region
+from wsi_toolkit.annotations.review import REVIEW_FILE, review_class
 from wsi_toolkit.atomic import file_sha256, write_json_atomic, write_text_atomic
 from wsi_toolkit.errors import AnnotationError, ConfigError, WsiToolkitError
 from wsi_toolkit.inference.reading import PatchBlocks, single_patch_blocks
@@ -53,10 +54,7 @@ DEFAULT_SPLIT_FRACTIONS: Mapping[str, float] = MappingProxyType({"train": 0.7, "
 
 _SUMMARY = "patches_summary.json"
 #: A slide's review in wsi-infer's results folder: ``OUT/<slide folder>/review.geojson`` (wsi-view --review).
-REVIEW_FILE = "review.geojson"
 #: Review classes (``properties.classification.name``, case-insensitive) -> PCam label; ``Exclude`` -> not sampled.
-_REVIEW_LABELS = MappingProxyType({"tumor": 1, "tumour": 1, "normal": 0})
-_REVIEW_EXCLUDE = frozenset({"exclude", "exclusion"})
 _META = "camelyonpatch_level_2_split_{split}_meta.csv"
 
 
@@ -235,8 +233,8 @@ def _read_review(path: Path, l0_size: tuple[int, int]) -> tuple[dict[str, Any], 
     parts: dict[str, list[Any]] = {"tumor": [], "normal": [], "exclude": []}
     counts = {"tumor": 0, "normal": 0, "exclude": 0, "ignored": 0}
     for ann in read_geojson(path, l0_size=l0_size):
-        key = ann.group.strip().casefold()
-        cls = "exclude" if key in _REVIEW_EXCLUDE else {1: "tumor", 0: "normal"}.get(_REVIEW_LABELS.get(key, -1))
+        named = review_class(ann.group)  # the viewer's own class vocabulary (synonyms included)
+        cls = None if named is None else named.casefold()
         if cls is None:
             counts["ignored"] += 1
             logger.warning("%s: a polygon of class %r is neither Tumor, Normal nor Exclude; ignored", path, ann.group)

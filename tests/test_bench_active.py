@@ -19,16 +19,6 @@ sys.path.insert(0, str(SCRIPT.parent))
 import bench_active as ba  # noqa: E402
 
 
-def _need_lite0():
-    pytest.importorskip("timm", reason="timm is not installed: pip install 'wsi-toolkit[pretrained]'")
-    from patch_model.pretrained import MissingWeightsError, find_lite_weights
-
-    try:
-        return find_lite_weights("efficientnet_lite0")
-    except MissingWeightsError as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture(scope="module")
 def kaggle(tmp_path_factory) -> Path:
     """120 SYNTHETIC patches: tumour texture (label 1) and normal texture (label 0), a few labels flipped."""
@@ -53,8 +43,7 @@ def kaggle(tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow  # two runs of the script: ~25 s of CPU
-def test_bench_active_writes_curves_table_and_plot(kaggle, tmp_path):
-    _need_lite0()
+def test_bench_active_writes_curves_table_and_plot(kaggle, tmp_path, lite0_weights):
     out = tmp_path / "out"
     cmd = [sys.executable, str(SCRIPT), "--data", str(kaggle), "--out", str(out), "--size", "64", "--start", "10",
            "--per-round", "10", "--max-labels", "30", "--seeds", "0", "1"]
@@ -79,8 +68,7 @@ def test_bench_active_writes_curves_table_and_plot(kaggle, tmp_path):
 
 
 @pytest.mark.slow  # pcam-train twice per strategy
-def test_bench_active_finetune_mode_chains_packages(kaggle, tmp_path):
-    _need_lite0()
+def test_bench_active_finetune_mode_chains_packages(kaggle, tmp_path, lite0_weights):
     out = tmp_path / "out"
     cmd = [sys.executable, str(SCRIPT), "--data", str(kaggle), "--out", str(out), "--mode", "finetune", "--size", "64",
            "--start", "40", "--per-round", "20", "--max-labels", "60", "--seeds", "0", "--pool-sample", "30",

@@ -90,30 +90,18 @@ def _short_run(kaggle: Path, out: Path, *pretraining: str) -> Path:
     return out
 
 
-def _need_lite0() -> None:
-    pytest.importorskip("timm", reason="timm is not installed: pip install 'wsi-toolkit[pretrained]'")
-    from patch_model.pretrained import MissingWeightsError, find_lite_weights
-
-    try:
-        find_lite_weights("efficientnet_lite0")
-    except MissingWeightsError as e:
-        pytest.skip(str(e))
-
-
 @pytest.fixture(scope="module")
-def real_model(kaggle, tmp_path_factory):
+def real_model(kaggle, tmp_path_factory, lite0_weights):
     """The article's transfer learning, short: ImageNet EfficientNet-Lite0 (the pretrained extra's
     wheel), 1 epoch body frozen, then 2 unfrozen with discriminative rates. Its package is reused
     by the slide tests below."""
-    _need_lite0()
     return _short_run(kaggle, tmp_path_factory.mktemp("real_train") / "run",
                       "--epochs-frozen", "1", "--epochs", "2", "--lr", "2e-3", "--lr-unfrozen", "1e-3")
 
 
 @pytest.fixture(scope="module")
-def scratch_model(kaggle, tmp_path_factory):
+def scratch_model(kaggle, tmp_path_factory, lite0_weights):
     """The same network, split, augmentation and number of epochs (3), from random weights."""
-    _need_lite0()
     return _short_run(kaggle, tmp_path_factory.mktemp("real_scratch") / "run",
                       "--no-pretrained", "--epochs-frozen", "0", "--epochs", "3", "--lr-unfrozen", "2e-3")
 

